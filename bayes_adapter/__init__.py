@@ -1,0 +1,45 @@
+"""bayes-adapter: Bayesian LoRA for Hugging Face PEFT.
+
+`import bayes_adapter` registers `BayesLoraConfig` and its tuner with PEFT, so that `get_peft_model`,
+diffusers' `add_adapter`, `save_pretrained` and `PeftModel.from_pretrained` accept Bayesian LoRA adapters.
+"""
+
+from . import _peft_compat
+
+
+_peft_compat.check_peft_version()
+
+from .bayes import gaussian_kl, posterior_std, softplus_inverse  # noqa: E402
+from .config import PEFT_TYPE_NAME, BayesLoraConfig  # noqa: E402
+from .layer import (  # noqa: E402
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesEmbedding,
+    BayesLinear,
+    BayesLoraLayer,
+)
+from .model import BayesLoraModel, bayes_layers, kl_divergence, kl_loss, posterior_std_stats  # noqa: E402
+
+
+__version__ = "0.1.0"
+
+_peft_compat.register(PEFT_TYPE_NAME.lower(), BayesLoraConfig, BayesLoraModel, prefix=BayesLoraModel.prefix)
+
+__all__ = [
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesEmbedding",
+    "BayesLinear",
+    "BayesLoraConfig",
+    "BayesLoraLayer",
+    "BayesLoraModel",
+    "bayes_layers",
+    "gaussian_kl",
+    "kl_divergence",
+    "kl_loss",
+    "posterior_std",
+    "posterior_std_stats",
+    "softplus_inverse",
+]

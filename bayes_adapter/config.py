@@ -1,0 +1,116 @@
+"""`BayesLoraConfig`: a `LoraConfig` whose LoRA factors carry a Gaussian posterior."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import LoraConfig
+
+from . import _peft_compat
+from .bayes import ESTIMATORS
+
+
+PEFT_TYPE_NAME = "BAYES_LORA"
+BAYESIAN_FACTORS = ("A", "B", "AB")
+
+
+def _check_positive_float(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass
+class BayesLoraConfig(LoraConfig):
+    """Configuration of a Bayesian LoRA adapter.
+
+    Every `LoraConfig` field keeps its meaning. On top of them, the LoRA factors named by `bayesian_factors` get a
+    mean-field Gaussian posterior `N(mean, posterior_std^2)`, the mean being the usual LoRA weight; training samples
+    weights from it, and `bayes_adapter.kl_divergence(model)` gives the KL to the prior `N(0, prior_std^2)`. In eval
+    mode the adapter is its mean: exactly a plain LoRA.
+
+    Weighting the KL: the loss to minimise is `diffusion_loss + kl_weight * kl_divergence(model) / num_examples`,
+    with `num_examples` the number of training images (the KL is spread over the data set, as in Bayes by Backprop).
+    The paper's released scripts use `kl_weight=0`: learned weight noise without a pull towards the prior.
+    """
+
+    bayesian_factors: Literal["A", "B", "AB"] = field(
+        default="B",
+        metadata={
+            "help": (
+                "Which LoRA factors are Bayesian: 'B' (the up matrix, the paper's choice: with B initialised to zero, "
+                "its noise perturbs the output from the first step), 'A' (the down matrix, as BLoB), or 'AB' (both)."
+            ),
+            "is_lora_variant": True,
+        },
+    )
+    posterior_std_init: float = field(
+        default=0.01,
+        metadata={"help": "Initial posterior standard deviation of every Bayesian weight (the paper uses 0.01)."},
+    )
+    prior_std: float = field(
+        default=0.01,
+        metadata={"help": "Standard deviation of the zero-mean Gaussian prior on every Bayesian weight."},
+    )
+    estimator: Literal["weight", "local", "flipout"] = field(
+        default="weight",
+        metadata={
+            "help": (
+                "How training samples the posterior: 'weight' (one weight sample per layer per forward, shared by the "
+                "batch: the paper's), 'local' (local reparameterisation: the adapter's output sampled per example and "
+                "element from its Gaussian), 'flipout' (one shared perturbation with per-example sign flips, as BLoB)."
+            )
+        },
+    )
+    sample_at_inference: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep sampling weights in eval mode (for predictive uncertainty); by default eval uses the mean."
+        },
+    )
+    train_posterior_std: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Learn the posterior standard deviations. False freezes them at `posterior_std_init`: plain "
+                "fixed-scale weight noise, the control that tells Bayesian learning from noise injection."
+            )
+        },
+    )
+    kl_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Weight of the KL term, recorded with the adapter and used by `bayes_adapter.kl_loss`: the training "
+                "loss adds `kl_weight * KL / num_examples`. 0 reproduces the paper's released setting."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = _peft_compat.peft_type_member(PEFT_TYPE_NAME)
+        if self.bayesian_factors not in BAYESIAN_FACTORS:
+            raise ValueError(f"bayesian_factors must be one of {BAYESIAN_FACTORS}, got {self.bayesian_factors!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        _check_positive_float("posterior_std_init", self.posterior_std_init)
+        _check_positive_float("prior_std", self.prior_std)
+        if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be a number >= 0, got {self.kl_weight!r}")
+        for name in ("sample_at_inference", "train_posterior_std"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        variants = _peft_compat.enabled_lora_variants(self)
+        if variants:
+            name, value = next(iter(variants.items()))
+            raise ValueError(
+                f"{name}={value!r} is a LoRA variant that BayesLoraConfig does not support; Bayesian LoRA only "
+                "combines with plain LoRA (leave it at its default)."
+            )
+        if self.target_parameters:
+            raise ValueError(
+                f"target_parameters={self.target_parameters!r} is not supported by BayesLoraConfig: target modules "
+                "(target_modules) instead."
+            )

@@ -1,0 +1,164 @@
+"""`BayesLoraModel`, the PEFT tuner, and the model-level Bayesian functions (KL, KL loss, posterior statistics)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ._peft_compat import LoraLayer, PluginLoraModel
+from .config import BayesLoraConfig
+from .layer import BayesLoraLayer, bayes_layer_class
+
+
+_QUANTISATION_KWARGS = ("loaded_in_8bit", "loaded_in_4bit")
+
+
+class BayesLoraModel(PluginLoraModel):
+    """The PEFT tuner for `BayesLoraConfig`: PEFT's `LoraModel`, creating Bayesian LoRA layers.
+
+    Reached through PEFT's own entry points once `bayes_adapter` is imported: `get_peft_model(model, config)`,
+    `inject_adapter_in_model`, diffusers' `model.add_adapter(config)`, `PeftModel.from_pretrained`.
+    """
+
+    prefix: str = "lora_"
+
+    def check_target(self, target: nn.Module, module_name: str) -> None:
+        if isinstance(target, LoraLayer) and not isinstance(target, BayesLoraLayer):
+            raise ValueError(
+                f"Module {module_name!r} already holds a plain LoRA adapter ({type(target).__name__}); a Bayesian "
+                "adapter cannot be added to it. Add the Bayesian adapter first, or use a separate model."
+            )
+
+    def create_layer(self, lora_config: BayesLoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        target_name = kwargs.get("target_name", "")
+        if any(kwargs.get(key) for key in _QUANTISATION_KWARGS) or any(
+            key.endswith("_quantization_config") and value is not None for key, value in kwargs.items()
+        ):
+            raise ValueError(
+                f"Module {target_name!r}: quantised base models are not supported by Bayesian LoRA; load the base "
+                "model unquantised."
+            )
+        weight = getattr(base_layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
+            raise ValueError(
+                f"Module {target_name!r} has a {weight.dtype} weight (quantised?); Bayesian LoRA needs a floating "
+                "point base layer."
+            )
+        layer_cls = bayes_layer_class(base_layer)
+        if layer_cls is None:
+            raise ValueError(
+                f"Module {target_name!r} is a {type(base_layer).__name__}, which has no Bayesian LoRA layer. "
+                "Supported: torch.nn.Linear, Embedding, Conv1d, Conv2d, Conv3d and transformers' Conv1D."
+            )
+        if isinstance(base_layer, Conv1D):
+            if not lora_config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out is False but the target module is `Conv1D`; setting it to True.")
+                lora_config.fan_in_fan_out = True
+            kwargs["is_target_conv_1d_layer"] = True
+        elif isinstance(base_layer, nn.Linear) and lora_config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is True but the target module is `torch.nn.Linear`; setting it to False.")
+            lora_config.fan_in_fan_out = False
+        return layer_cls(target, adapter_name, config=lora_config, **kwargs)
+
+    def after_mark_trainable(self, model: nn.Module) -> None:
+        for layer in bayes_layers(model):
+            layer.freeze_fixed_posterior_std()
+
+    def kl_divergence(self, adapter_names: Iterable[str] | None = None) -> torch.Tensor:
+        """See `bayes_adapter.kl_divergence`."""
+        return kl_divergence(self.model, adapter_names)
+
+
+def bayes_layers(model: nn.Module) -> Iterator[BayesLoraLayer]:
+    """The Bayesian LoRA layers of a model (a PeftModel, a diffusers model with an adapter, any module)."""
+    return (module for module in model.modules() if isinstance(module, BayesLoraLayer))
+
+
+def _selected_adapters(layer: BayesLoraLayer, adapter_names: Iterable[str] | None) -> list[str]:
+    names = layer.active_adapters if adapter_names is None else adapter_names
+    return [name for name in names if layer.is_bayesian(name)]
+
+
+def _zero_like_model(model: nn.Module) -> torch.Tensor:
+    parameter = next(model.parameters(), None)
+    return torch.zeros((), device=None if parameter is None else parameter.device)
+
+
+def _check_adapter_names(model: nn.Module, adapter_names: Iterable[str] | None) -> list[str] | None:
+    if adapter_names is None:
+        return None
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
+    adapter_names = list(adapter_names)
+    known = {name for layer in bayes_layers(model) for name in layer.bayes_settings}
+    unknown = [name for name in adapter_names if name not in known]
+    if unknown:
+        raise ValueError(f"adapter_names={unknown!r} are not Bayesian adapters of this model; it has {sorted(known)}")
+    return adapter_names
+
+
+def kl_divergence(model: nn.Module, adapter_names: Iterable[str] | str | None = None) -> torch.Tensor:
+    """Closed-form KL(q || p) summed over every Bayesian LoRA parameter of the model.
+
+    Args:
+        model: A model holding Bayesian LoRA layers (a PeftModel, or a diffusers model with `add_adapter`).
+        adapter_names: The adapters to include; by default the active ones.
+
+    Returns:
+        A 0-dim tensor with gradients to the means and standard deviations; zero if nothing is Bayesian.
+    """
+    adapter_names = _check_adapter_names(model, adapter_names)
+    total = _zero_like_model(model)
+    for layer in bayes_layers(model):
+        for name in _selected_adapters(layer, adapter_names):
+            total = total + layer.kl_divergence(name)
+    return total
+
+
+def kl_loss(model: nn.Module, num_examples: int, adapter_names: Iterable[str] | str | None = None) -> torch.Tensor:
+    """The KL term to add to a training loss: `sum over adapters of kl_weight * KL / num_examples`.
+
+    Args:
+        model: A model holding Bayesian LoRA layers.
+        num_examples: Number of training examples (images) the KL is spread over.
+        adapter_names: The adapters to include; by default the active ones.
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"num_examples must be an integer >= 1, got {num_examples!r}")
+    adapter_names = _check_adapter_names(model, adapter_names)
+    total = _zero_like_model(model)
+    for layer in bayes_layers(model):
+        for name in _selected_adapters(layer, adapter_names):
+            weight = layer.bayes_settings[name].kl_weight
+            if weight:
+                total = total + weight * layer.kl_divergence(name)
+    return total / num_examples
+
+
+@torch.no_grad()
+def posterior_std_stats(model: nn.Module, adapter_names: Iterable[str] | str | None = None) -> dict[str, float]:
+    """Mean, min and max posterior standard deviation over the Bayesian weights, and how many there are.
+
+    Args:
+        model: A model holding Bayesian LoRA layers.
+        adapter_names: The adapters to include; by default the active ones.
+    """
+    adapter_names = _check_adapter_names(model, adapter_names)
+    total, count, low, high = 0.0, 0, float("inf"), float("-inf")
+    for layer in bayes_layers(model):
+        for name in _selected_adapters(layer, adapter_names):
+            for factor in layer.bayes_settings[name].factors:
+                std = layer.posterior_std(name, factor).float()
+                total += std.sum().item()
+                count += std.numel()
+                low, high = min(low, std.min().item()), max(high, std.max().item())
+    if count == 0:
+        return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "count": 0}
+    return {"mean": total / count, "min": low, "max": high, "count": count}
