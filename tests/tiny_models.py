@@ -1,0 +1,100 @@
+"""Tiny diffusers models and pipelines built from configs in code, so that no test touches the Hub."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+CROSS_ATTENTION_DIM = 8
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    """The tiny UNet diffusers' own tests use (block_out_channels=(4, 8)), with random weights."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CROSS_ATTENTION_DIM,
+        norm_num_groups=2,
+    )
+
+
+def _byte_level_codepoints() -> list[int]:
+    """GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to code points from 256 on."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = iter(range(256, 512))
+    return [b if b in printable else next(extra) for b in range(256)]
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer built in memory: the 256 bytes (also with `</w>`) and the two special tokens."""
+    characters = [chr(code) for code in _byte_level_codepoints()]
+    tokens = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=[], model_max_length=16)
+
+
+def tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=2,
+        hidden_size=CROSS_ATTENTION_DIM,
+        intermediate_size=16,
+        layer_norm_eps=1e-05,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        pad_token_id=1,
+        vocab_size=len(tiny_tokenizer()),
+        max_position_embeddings=16,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=32,
+    )
+
+
+def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A whole StableDiffusionPipeline (32 px images, 16 px latents) with random weights."""
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=tiny_unet(seed),
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(seed),
+        tokenizer=tiny_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(path, seed: int = 0) -> StableDiffusionPipeline:
+    """Builds the tiny pipeline and saves it with `save_pretrained`, as a local stand-in for a Hub model id."""
+    pipe = tiny_pipeline(seed)
+    pipe.save_pretrained(str(path))
+    return pipe
