@@ -59,7 +59,7 @@ class BayesLoraModel(PluginLoraModel):
             )
         if isinstance(base_layer, Conv1D):
             if not lora_config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out is False but the target module is `Conv1D`; setting it to True.")
+                warnings.warn("fan_in_fan_out is False but the target module is `Conv1D`; setting it to True.", stacklevel=2)
                 lora_config.fan_in_fan_out = True
             kwargs["is_target_conv_1d_layer"] = True
         elif isinstance(base_layer, nn.Linear) and lora_config.fan_in_fan_out:
