@@ -1,0 +1,157 @@
+"""Procedural, texture-rich 32x32 images: several object kinds on plain, gradient and textured backgrounds.
+
+Everything is drawn with torch from a seeded ``torch.Generator``, so a dataset is a pure function of its seed.
+Images are float tensors in [-1, 1], shape (3, H, W).
+
+Pretraining sees the object kinds in ``KINDS`` with random colours and textures. The fine-tuning "subject" is an
+object the base model never saw: a *cross* (a kind held out of pretraining) with one fixed two-colour checker
+texture, shown at a few positions, sizes and backgrounds (a DreamBooth-style subject).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+KINDS = ("circle", "square", "triangle", "diamond", "ring", "star")
+SUBJECT_KIND = "cross"
+# Condition tokens: one per pretraining kind, then the null token (classifier-free guidance) and the subject's
+# rare token, which pretraining never uses (its embedding stays at its random initialisation, like "sks").
+NULL_TOKEN = len(KINDS)
+SUBJECT_TOKEN = len(KINDS) + 1
+NUM_TOKENS = len(KINDS) + 2
+
+_SS = 2  # supersampling factor for anti-aliased edges
+
+
+def _rand(g: torch.Generator, lo: float = 0.0, hi: float = 1.0, n: int | None = None) -> float | torch.Tensor:
+    x = torch.rand(n if n is not None else 1, generator=g) * (hi - lo) + lo
+    return x if n is not None else float(x)
+
+
+def _colour(g: torch.Generator) -> torch.Tensor:
+    return torch.rand(3, generator=g) * 2 - 1
+
+
+def _texture(g: torch.Generator, yy: torch.Tensor, xx: torch.Tensor, kind: str, c1, c2, period: float, angle: float):
+    """A two-colour texture over the grid; returns (3, H, W)."""
+    if kind == "solid":
+        m = torch.zeros_like(xx)
+    elif kind == "stripes":
+        u = xx * math.cos(angle) + yy * math.sin(angle)
+        m = (torch.sin(2 * math.pi * u / period) > 0).float()
+    elif kind == "checker":
+        m = ((torch.floor(xx / period) + torch.floor(yy / period)) % 2).float()
+    elif kind == "dots":
+        fx = torch.remainder(xx, period) - period / 2
+        fy = torch.remainder(yy, period) - period / 2
+        m = ((fx**2 + fy**2) < (period * 0.3) ** 2).float()
+    elif kind == "waves":
+        m = (torch.sin(2 * math.pi * xx / period + 2.0 * torch.sin(2 * math.pi * yy / (2 * period))) > 0).float()
+    else:
+        raise ValueError(f"texture must be one of solid/stripes/checker/dots/waves, got {kind!r}")
+    return c1[:, None, None] * (1 - m) + c2[:, None, None] * m
+
+
+TEXTURES = ("solid", "stripes", "checker", "dots", "waves")
+
+
+def _shape_mask(kind: str, yy: torch.Tensor, xx: torch.Tensor, cy: float, cx: float, r: float, rot: float):
+    dy, dx = yy - cy, xx - cx
+    c, s = math.cos(rot), math.sin(rot)
+    u, v = c * dx + s * dy, -s * dx + c * dy  # rotated coordinates
+    if kind == "circle":
+        return (u**2 + v**2) < r**2
+    if kind == "square":
+        return (u.abs() < r * 0.85) & (v.abs() < r * 0.85)
+    if kind == "diamond":
+        return (u.abs() + v.abs()) < r
+    if kind == "ring":
+        d2 = u**2 + v**2
+        return (d2 < r**2) & (d2 > (0.55 * r) ** 2)
+    if kind == "triangle":
+        # equilateral triangle pointing "up" in the rotated frame
+        return (v < r * 0.5) & (v > -r + math.sqrt(3) * u.abs() * 1.0 - r * 0.0 - 0.0 * r) & (v > -r)
+    if kind == "star":
+        ang = torch.atan2(v, u)
+        rad = torch.sqrt(u**2 + v**2)
+        edge = r * (0.55 + 0.45 * torch.cos(5 * ang).clamp(min=0) ** 0.6)
+        return rad < edge
+    if kind == "cross":
+        w = 0.36 * r
+        return ((u.abs() < w) & (v.abs() < r)) | ((v.abs() < w) & (u.abs() < r))
+    raise ValueError(f"kind must be one of {KINDS + (SUBJECT_KIND,)}, got {kind!r}")
+
+
+def _background(g: torch.Generator, yy: torch.Tensor, xx: torch.Tensor, size: float) -> torch.Tensor:
+    style = int(torch.randint(3, (1,), generator=g))
+    c1 = _colour(g)
+    if style == 0:  # plain
+        return c1[:, None, None].expand(3, *xx.shape).clone()
+    if style == 1:  # linear gradient
+        c2 = _colour(g)
+        a = _rand(g, 0, 2 * math.pi)
+        t = ((xx - size / 2) * math.cos(a) + (yy - size / 2) * math.sin(a)) / size + 0.5
+        t = t.clamp(0, 1)
+        return c1[:, None, None] * (1 - t) + c2[:, None, None] * t
+    # low-contrast texture
+    c2 = (c1 + 0.35 * _colour(g)).clamp(-1, 1)
+    tex = TEXTURES[1 + int(torch.randint(len(TEXTURES) - 1, (1,), generator=g))]
+    return _texture(g, yy, xx, tex, c1, c2, _rand(g, 3, 7), _rand(g, 0, math.pi))
+
+
+def render(
+    g: torch.Generator,
+    kind: str,
+    size: int = 32,
+    texture: str | None = None,
+    colours: tuple[torch.Tensor, torch.Tensor] | None = None,
+    period: float | None = None,
+    angle: float | None = None,
+) -> torch.Tensor:
+    """Draws one image of an object of ``kind``; unspecified appearance is drawn at random from ``g``."""
+    n = size * _SS
+    coords = (torch.arange(n, dtype=torch.float32) + 0.5) / _SS
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    img = _background(g, yy, xx, size)
+    r = _rand(g, 0.22, 0.38) * size
+    cy, cx = _rand(g, r * 0.8, size - r * 0.8), _rand(g, r * 0.8, size - r * 0.8)
+    rot = _rand(g, 0, 2 * math.pi)
+    if texture is None:
+        texture = TEXTURES[int(torch.randint(len(TEXTURES), (1,), generator=g))]
+    if colours is None:
+        colours = (_colour(g), _colour(g))
+    if period is None:
+        period = _rand(g, 2.5, 5.0)
+    if angle is None:
+        angle = _rand(g, 0, math.pi)
+    fg = _texture(g, yy, xx, texture, colours[0], colours[1], period, angle)
+    mask = _shape_mask(kind, yy, xx, cy, cx, r, rot).float()
+    img = img * (1 - mask) + fg * mask
+    img = torch.nn.functional.avg_pool2d(img[None], _SS)[0]
+    return img.clamp(-1, 1)
+
+
+def make_pretraining_set(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random images of the pretraining kinds and their kind labels (condition tokens)."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(len(KINDS), (n,), generator=g)
+    images = torch.stack([render(g, KINDS[int(k)], size) for k in labels])
+    return images, labels
+
+
+SUBJECT_COLOURS = (torch.tensor([0.9, -0.6, -0.7]), torch.tensor([0.95, 0.85, -0.8]))  # red / yellow
+
+
+def make_subject_set(n: int, seed: int = 1234, size: int = 32) -> torch.Tensor:
+    """``n`` images of the held-out subject: a red/yellow checkered cross, varying pose and background."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack(
+        [render(g, SUBJECT_KIND, size, texture="checker", colours=SUBJECT_COLOURS, period=3.0) for _ in range(n)]
+    )

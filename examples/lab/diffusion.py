@@ -1,0 +1,95 @@
+"""Diffusion utilities for the lab: the training loss, DDIM sampling with classifier-free guidance, and the
+model's implied width of the learned distribution around a training image."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+
+from bayes_adapter.monitor import implied_width
+
+from . import data
+from .models import LabModel, build_scheduler
+
+
+def diffusion_loss(
+    model: LabModel,
+    latents: torch.Tensor,
+    tokens: torch.Tensor,
+    generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The epsilon-prediction MSE at random timesteps (DDPM training objective)."""
+    sched = _train_schedule(model)
+    n = latents.shape[0]
+    if timesteps is None:
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    ab = sched.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+    pred = model.unet(noisy, timesteps, model.cond(tokens)).sample
+    return torch.nn.functional.mse_loss(pred, noise)
+
+
+_SCHEDULES: dict[int, DDIMScheduler] = {}
+
+
+def _train_schedule(model: LabModel) -> DDIMScheduler:
+    key = model.cfg.num_train_timesteps
+    if key not in _SCHEDULES:
+        _SCHEDULES[key] = build_scheduler(model.cfg)
+    return _SCHEDULES[key]
+
+
+@torch.no_grad()
+def sample(
+    model: LabModel,
+    token: int,
+    n: int,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 3.0,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Draws ``n`` images for condition ``token`` with DDIM (``eta`` = 0: deterministic given the seed) and
+    classifier-free guidance; returns images in [-1, 1]. The UNet is used in whatever mode it is in."""
+    sched = build_scheduler(model.cfg)
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    c = model.cfg
+    x = torch.randn((n, c.latent_channels, c.latent_size, c.latent_size), generator=g)
+    cond = model.cond(torch.full((n,), token, dtype=torch.long))
+    uncond = model.cond(torch.full((n,), data.NULL_TOKEN, dtype=torch.long))
+    emb = torch.cat([uncond, cond])
+    for t in sched.timesteps:
+        eps = model.unet(torch.cat([x, x]), t, emb).sample
+        eu, ec = eps.chunk(2)
+        eps = eu + guidance * (ec - eu)
+        x = sched.step(eps, t, x, eta=eta, generator=g).prev_sample
+    return model.decode(x)
+
+
+@torch.no_grad()
+def learned_width(
+    model: LabModel,
+    latents: torch.Tensor,
+    token: int,
+    timesteps: list[int],
+    n_noise: int = 8,
+    seed: int = 0,
+) -> list[float]:
+    """For each timestep, the std (in latent units) of the Gaussian around the training latents that the
+    denoiser implies (see ``bayes_adapter.monitor.implied_width``); fixed noise from ``seed``."""
+    sched = _train_schedule(model)
+    g = torch.Generator().manual_seed(seed)
+    x0 = latents.repeat_interleave(n_noise, 0)
+    noise = torch.randn(x0.shape, generator=g)
+    emb = model.cond(torch.full((x0.shape[0],), token, dtype=torch.long))
+    out = []
+    for t in timesteps:
+        ab = sched.alphas_cumprod[t]
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        eps = model.unet(xt, torch.full((x0.shape[0],), t), emb).sample
+        x0_hat = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+        out.append(float(implied_width(x0, x0_hat, noise, float(ab))))
+    return out

@@ -1,0 +1,298 @@
+"""The corruption-stage experiment: few-shot LoRA fine-tuning of the lab model on an unseen subject, one arm per
+regulariser, with the monitor's metrics measured every ``eval_every`` iterations from fixed sampling seeds."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import peft
+import torch
+from tqdm.auto import tqdm
+
+import bayes_adapter
+from bayes_adapter import BayesLoraConfig, kl_divergence
+from bayes_adapter.monitor import corruption_report
+
+from . import data
+from .diffusion import diffusion_loss, learned_width, sample
+from .models import LabModel
+
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+
+ARMS = ("lora", "bayes_paper", "bayes_kl", "fixed_noise", "lora_dropout", "l2")
+ARM_LABELS = {
+    "lora": "plain LoRA",
+    "bayes_paper": "Bayesian B, KL weight 0 (paper)",
+    "bayes_kl": "Bayesian B + KL (ours)",
+    "fixed_noise": "fixed-sigma weight noise",
+    "lora_dropout": "LoRA dropout 0.1",
+    "l2": "L2 pull to pretrained",
+}
+
+
+@dataclass
+class ExperimentConfig:
+    arms: tuple[str, ...] = ("lora", "bayes_paper", "bayes_kl")
+    n_images: tuple[int, ...] = (1,)
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 600
+    eval_every: int = 50
+    lr: float = 1e-3
+    batch: int = 4
+    rank: int = 4
+    sigma: float = 0.01  # posterior std init (all Bayesian arms) and prior std
+    kl_weight: float | None = None  # None: 2 / (latent dims * T), see kl_weight_default
+    dropout: float = 0.1
+    n_eval: int = 12  # samples per evaluation (fixed seeds)
+    sample_steps: int = 25
+    guidance: float = 3.0
+    width_timesteps: tuple[int, ...] = (20, 100, 250, 500, 750)
+    copy_threshold: float | None = None  # None: 2 x the autoencoder's reconstruction RMSE of the subject images
+    subject_seed: int = 1234
+    eval_seed: int = 10_000
+    grid_seed: int = 0  # the training seed whose samples are kept for the figure's grids
+    grid_n: int = 6
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"arms must be among {ARMS}, got {bad}")
+        if not self.n_images or any(n < 1 or n > 5 for n in self.n_images):
+            raise ValueError(f"n_images must be values in 1..5, got {self.n_images}")
+        if self.steps < 1 or self.eval_every < 1:
+            raise ValueError(f"steps and eval_every must be positive, got {self.steps} and {self.eval_every}")
+        if self.n_eval < 2:
+            raise ValueError(f"n_eval must be >= 2 (diversity needs pairs), got {self.n_eval}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+def kl_weight_default(model: LabModel) -> float:
+    """``2 / (D * T)``: the weight that makes ``mse + w * KL / N`` proportional to the negative ELBO when the
+    simple loss is read as a unit-variance Gaussian likelihood of the noise, summed over the D latent numbers and
+    the T timesteps of the variational bound. Chosen a priori, not tuned on the lab's results."""
+    c = model.cfg
+    d = c.latent_channels * c.latent_size**2
+    return 2.0 / (d * c.num_train_timesteps)
+
+
+def make_adapter_config(arm: str, cfg: ExperimentConfig, kl_weight: float):
+    common = {"r": cfg.rank, "lora_alpha": cfg.rank, "target_modules": TARGETS}
+    if arm in ("lora", "l2"):
+        return peft.LoraConfig(**common)
+    if arm == "lora_dropout":
+        return peft.LoraConfig(lora_dropout=cfg.dropout, **common)
+    bayes = {
+        "bayesian_factors": "B",
+        "posterior_std_init": cfg.sigma,
+        "prior_std": cfg.sigma,
+        "estimator": "weight",
+        "sample_at_inference": False,
+    }
+    if arm == "bayes_paper":
+        return BayesLoraConfig(train_posterior_std=True, kl_weight=0.0, **bayes, **common)
+    if arm == "bayes_kl":
+        return BayesLoraConfig(train_posterior_std=True, kl_weight=kl_weight, **bayes, **common)
+    if arm == "fixed_noise":
+        return BayesLoraConfig(train_posterior_std=False, kl_weight=0.0, **bayes, **common)
+    raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+
+
+def _lora_b_params(unet: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for n, p in unet.named_parameters() if "lora_B" in n and p.requires_grad]
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def run_arm(
+    base: LabModel,
+    arm: str,
+    train_images: torch.Tensor,
+    seed: int,
+    cfg: ExperimentConfig,
+    copy_threshold: float,
+    keep_samples: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Fine-tunes one adapter and returns its measured curves (and, if asked, the evaluation samples)."""
+    n_img = train_images.shape[0]
+    kl_w = cfg.kl_weight if cfg.kl_weight is not None else kl_weight_default(base)
+    model = copy.copy(base)
+    model.unet = copy.deepcopy(base.unet)
+    torch.manual_seed(seed)
+    model.unet.add_adapter(make_adapter_config(arm, cfg, kl_w))
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    with torch.no_grad():
+        latents = model.encode(train_images)
+    g = torch.Generator().manual_seed(seed)
+    token = torch.full((cfg.batch,), data.SUBJECT_TOKEN, dtype=torch.long)
+    # L2 control: the KL's own pull on the means of B (its mu^2 / 2 prior^2 term), without the noise.
+    l2_coef = kl_w / (2 * cfg.sigma**2 * n_img)
+
+    curves: dict[str, list] = {k: [] for k in ("iteration", "loss", "posterior_std", "kl", "flicker", "width")}
+    samples_kept = []
+    prev = None
+    run_loss, run_n = 0.0, 0
+
+    def evaluate(it: int) -> None:
+        nonlocal prev, run_loss, run_n
+        model.unet.eval()
+        imgs = sample(
+            model, data.SUBJECT_TOKEN, cfg.n_eval, seed=cfg.eval_seed, steps=cfg.sample_steps, guidance=cfg.guidance
+        )
+        rep = corruption_report(imgs, train_images, copy_threshold=copy_threshold)
+        for k, v in rep.items():
+            curves.setdefault(k, []).append(v)
+        curves["iteration"].append(it)
+        curves["loss"].append(run_loss / run_n if run_n else float("nan"))
+        run_loss, run_n = 0.0, 0
+        curves["flicker"].append(float((imgs - prev).pow(2).mean().sqrt()) if prev is not None else float("nan"))
+        prev = imgs
+        curves["width"].append(learned_width(model, latents, data.SUBJECT_TOKEN, list(cfg.width_timesteps)))
+        if arm.startswith("bayes") or arm == "fixed_noise":
+            curves["posterior_std"].append(bayes_adapter.posterior_std_stats(model.unet)["mean"])
+            curves["kl"].append(float(kl_divergence(model.unet)))
+        else:
+            curves["posterior_std"].append(float("nan"))
+            curves["kl"].append(float("nan"))
+        if keep_samples:
+            samples_kept.append(_to_uint8(imgs[: cfg.grid_n]))
+        model.unet.train()
+
+    evaluate(0)
+    for it in range(1, cfg.steps + 1):
+        idx = torch.randint(n_img, (cfg.batch,), generator=g)
+        loss = diffusion_loss(model, latents[idx], token, generator=g)
+        total = loss
+        if arm == "bayes_kl":
+            total = total + kl_w * kl_divergence(model.unet) / n_img
+        elif arm == "l2":
+            total = total + l2_coef * sum(p.pow(2).sum() for p in _lora_b_params(model.unet))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        run_loss += float(loss.detach())
+        run_n += 1
+        if it % cfg.eval_every == 0 or it == cfg.steps:
+            evaluate(it)
+        if progress:
+            progress(1)
+    out = {
+        "arm": arm,
+        "seed": seed,
+        "n_images": n_img,
+        "kl_weight": kl_w if arm == "bayes_kl" else 0.0,
+        "l2_coef": l2_coef if arm == "l2" else 0.0,
+        "curves": curves,
+    }
+    if keep_samples:
+        out["samples"] = torch.stack(samples_kept)  # (n_evals, grid_n, 3, H, W) uint8
+    return out
+
+
+def run_experiment(base: LabModel, cfg: ExperimentConfig) -> dict:
+    """Every arm x training-set size x seed; returns a JSON-ready dict (samples for the grids kept aside)."""
+    t0 = time.time()
+    subject = data.make_subject_set(max(cfg.n_images), seed=cfg.subject_seed, size=base.cfg.image_size)
+    with torch.no_grad():
+        recon = base.decode(base.encode(subject))
+    recon_rmse = (recon - subject).pow(2).flatten(1).mean(1).sqrt()
+    copy_threshold = cfg.copy_threshold if cfg.copy_threshold is not None else 2.0 * float(recon_rmse.mean())
+    kl_w = cfg.kl_weight if cfg.kl_weight is not None else kl_weight_default(base)
+    # Reference points for the metrics: the autoencoder's reconstructions of the training images (the best a
+    # copy can be) and the base model's samples of an unrelated pretraining kind.
+    runs, grids = [], {}
+    total = len(cfg.arms) * len(cfg.n_images) * len(cfg.seeds) * cfg.steps
+    with tqdm(total=total, desc="fine-tuning", mininterval=2.0) as bar:
+        for n_img in cfg.n_images:
+            train = subject[:n_img]
+            for arm in cfg.arms:
+                for seed in cfg.seeds:
+                    bar.set_postfix(arm=arm, n=n_img, seed=seed)
+                    keep = seed == cfg.grid_seed
+                    r = run_arm(base, arm, train, seed, cfg, copy_threshold, keep_samples=keep, progress=bar.update)
+                    if keep:
+                        grids[f"{arm}/{n_img}"] = r.pop("samples")
+                    runs.append(r)
+    refs = {}
+    for n_img in cfg.n_images:
+        train = subject[:n_img]
+        rep = corruption_report(recon[:n_img].repeat(2, 1, 1, 1), train, copy_threshold=copy_threshold)
+        refs[f"autoencoder_reconstruction/{n_img}"] = rep
+    return {
+        "config": {**asdict(cfg), "kl_weight_used": kl_w, "copy_threshold_used": copy_threshold},
+        "subject_reconstruction_rmse": [float(v) for v in recon_rmse],
+        "references": refs,
+        "runs": runs,
+        "seconds": round(time.time() - t0, 1),
+        "torch_threads": torch.get_num_threads(),
+        "_grids": grids,
+        "_subject": _to_uint8(subject),
+    }
+
+
+def summarise(result: dict) -> dict:
+    """Per arm and training-set size: mean/std over seeds of each curve, plus the stage statistics used in the
+    report (peak fidelity and when, the deepest later dip, final values, peak corruption)."""
+    out: dict = {}
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in result["runs"]:
+        groups.setdefault((r["arm"], r["n_images"]), []).append(r)
+    for (arm, n_img), rs in groups.items():
+        its = rs[0]["curves"]["iteration"]
+        entry: dict = {"iteration": its, "n_seeds": len(rs)}
+        for key in (
+            "fidelity",
+            "corruption",
+            "diversity",
+            "copy_rate",
+            "nn_distance",
+            "flicker",
+            "loss",
+            "posterior_std",
+        ):
+            m = torch.tensor([r["curves"][key] for r in rs], dtype=torch.float64)
+            entry[key] = {"mean": m.mean(0).tolist(), "std": m.std(0, unbiased=False).tolist()}
+        w = torch.tensor([r["curves"]["width"] for r in rs], dtype=torch.float64)  # seeds x evals x timesteps
+        entry["width"] = {"mean": w.mean(0).tolist(), "std": w.std(0, unbiased=False).tolist()}
+        stages = []
+        for r in rs:
+            f = r["curves"]["fidelity"]
+            c = r["curves"]["corruption"]
+            ip = max(range(len(f)), key=lambda i: f[i])
+            after = f[ip:]
+            jd = ip + min(range(len(after)), key=lambda i: after[i])
+            stages.append(
+                {
+                    "seed": r["seed"],
+                    "peak_fidelity": f[ip],
+                    "peak_iteration": its[ip],
+                    "min_fidelity_after_peak": f[jd],
+                    "dip_iteration": its[jd],
+                    "dip_depth": f[ip] - f[jd],
+                    "final_fidelity": f[-1],
+                    "final_corruption": c[-1],
+                    "max_corruption": max(c),
+                    "max_corruption_iteration": its[max(range(len(c)), key=lambda i: c[i])],
+                    "final_copy_rate": r["curves"]["copy_rate"][-1],
+                    "final_diversity": r["curves"]["diversity"][-1],
+                    "mean_flicker": _nanmean(r["curves"]["flicker"]),
+                }
+            )
+        entry["per_seed"] = stages
+        out[f"{arm}/{n_img}"] = entry
+    return out
+
+
+def _nanmean(xs: list[float]) -> float:
+    v = [x for x in xs if not math.isnan(x)]
+    return sum(v) / len(v) if v else float("nan")
