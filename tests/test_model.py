@@ -1,0 +1,201 @@
+"""BayesLoraModel and the model-level functions, on plain modules and on a diffusers UNet."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import CROSS_ATTENTION_DIM, tiny_unet
+from torch import nn
+
+import bayes_adapter
+from bayes_adapter import BayesLoraConfig, BayesLoraLayer, kl_loss, posterior_std_stats
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+
+
+def unet_batch(batch_size=2, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch_size, 4, 16, 16, generator=generator)
+    text = torch.randn(batch_size, 3, CROSS_ATTENTION_DIM, generator=generator)
+    return latents, text
+
+
+def posterior_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "posterior" in n}
+
+
+def train_steps(model, steps, lr=1e-2):
+    """A few denoising-style steps towards a fixed target; returns the losses."""
+    latents, text = unet_batch()
+    target = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        out = model(latents, 10, encoder_hidden_states=text).sample
+        loss = F.mse_loss(out, target) + kl_loss(model, num_examples=2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("wrap", ["get_peft_model", "add_adapter"])
+def test_unet_trains_and_moves_means_and_stds(wrap):
+    unet = tiny_unet()
+    config = BayesLoraConfig(target_modules=UNET_TARGETS, r=4, lora_alpha=4, kl_weight=1e-3)
+    model = get_peft_model(unet, config) if wrap == "get_peft_model" else unet
+    if wrap == "add_adapter":
+        unet.add_adapter(config)
+    layers = list(bayes_adapter.bayes_layers(model))
+    kinds = {type(layer).__name__ for layer in layers}
+    assert kinds == {"BayesLinear", "BayesConv2d"}
+    expected = sum(1 for name, _ in tiny_unet().named_modules() if any(name.endswith(t) for t in UNET_TARGETS))
+    assert len(layers) == expected
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    means_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    stds_before = posterior_params(model)
+    losses = train_steps(model, 8)
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(p, means_before[n]) for n, p in model.named_parameters() if "lora_B" in n)
+    stds_after = posterior_params(model)
+    assert stds_after.keys() == stds_before.keys()
+    assert all(not torch.equal(stds_after[n], stds_before[n]) for n in stds_before)
+
+
+def test_add_adapter_and_get_peft_model_agree_in_eval():
+    config = dict(target_modules=UNET_TARGETS, r=4, init_lora_weights=False)
+    wrapped = get_peft_model(tiny_unet(), BayesLoraConfig(**config))
+    unet = tiny_unet()
+    unet.add_adapter(BayesLoraConfig(**config))
+    unet.load_state_dict({k.removeprefix("base_model.model."): v for k, v in wrapped.state_dict().items()})
+    latents, text = unet_batch()
+    wrapped.eval()
+    unet.eval()
+    assert torch.equal(wrapped(latents, 10, text).sample, unet(latents, 10, text).sample)
+
+
+def test_kl_loss_and_std_stats():
+    model = get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q"], kl_weight=3.0, prior_std=0.1))
+    kl = bayes_adapter.kl_divergence(model)
+    torch.testing.assert_close(kl_loss(model, num_examples=4), 3.0 * kl / 4)
+    torch.testing.assert_close(model.kl_divergence(), kl)
+    stats = posterior_std_stats(model)
+    assert stats["count"] == sum(p.numel() for n, p in model.named_parameters() if "posterior" in n)
+    assert stats["min"] == pytest.approx(0.01) and stats["max"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="num_examples must be an integer >= 1, got 0"):
+        kl_loss(model, num_examples=0)
+
+
+FRESH_PROCESS_LOAD = textwrap.dedent(
+    """
+    import sys, json, torch
+    sys.path.insert(0, {tests!r})
+    import bayes_adapter
+    from peft import PeftModel, PeftConfig
+    from tiny_models import tiny_unet
+    assert type(PeftConfig.from_pretrained({path!r})).__name__ == "BayesLoraConfig"
+    model = PeftModel.from_pretrained(tiny_unet(), {path!r})
+    torch.save({{k: v for k, v in model.state_dict().items() if "lora_" in k}}, {out!r})
+    """
+)
+
+
+def test_save_pretrained_and_fresh_process_load_are_bit_exact(tmp_path):
+    model = get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=UNET_TARGETS, bayesian_factors="AB"))
+    train_steps(model, 2)
+    model.save_pretrained(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    assert not any(f.endswith(".bin") for f in files)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BAYES_LORA" and config["bayesian_factors"] == "AB"
+    script = FRESH_PROCESS_LOAD.format(
+        tests=str(Path(__file__).parent), path=str(tmp_path / "adapter"), out=str(tmp_path / "sd.pt")
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=120)
+    loaded = torch.load(tmp_path / "sd.pt", weights_only=True)
+    expected = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert loaded.keys() == expected.keys()
+    assert any("lora_posterior_rho_A" in k for k in loaded) and any("lora_posterior_rho_B" in k for k in loaded)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_is_trainable_resumes_training(tmp_path):
+    model = get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=UNET_TARGETS))
+    model.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_unet(), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    resumed = PeftModel.from_pretrained(tiny_unet(), tmp_path, is_trainable=True)
+    trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
+    assert any("posterior" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    before = posterior_params(resumed)
+    train_steps(resumed, 2)
+    assert any(not torch.equal(p, before[n]) for n, p in posterior_params(resumed).items())
+
+
+def test_loading_into_a_model_with_other_shapes_names_the_module(tmp_path):
+    get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q"], r=4)).save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError) as error:
+        PeftModel.from_pretrained(_unet_with_wider_blocks(), tmp_path)
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert f"size mismatch for base_model.model.{module}.lora_posterior_rho_B" in str(error.value)
+
+
+def _unet_with_wider_blocks():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CROSS_ATTENTION_DIM,
+        norm_num_groups=2,
+    )
+
+
+def test_unsupported_module_type_is_an_error_not_a_plain_lora():
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(8, 2)
+    with pytest.raises(ValueError, match="Module 'attn' is a MultiheadAttention, which has no Bayesian LoRA layer"):
+        get_peft_model(model, BayesLoraConfig(target_modules=["attn"]))
+
+
+def test_quantised_weight_is_an_error():
+    model = nn.Module()
+    model.proj = nn.Linear(4, 4)
+    model.proj.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="Module 'proj' has a torch.int8 weight"):
+        get_peft_model(model, BayesLoraConfig(target_modules=["proj"]))
+
+
+def test_bayesian_adapter_on_a_plain_lora_layer_is_an_error():
+    model = nn.Module()
+    model.proj = nn.Linear(4, 4)
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["proj"]))
+    with pytest.raises(ValueError):
+        peft_model.add_adapter("bayes", BayesLoraConfig(target_modules=["proj"]))
+
+
+def test_plain_lora_adapter_beside_a_bayesian_one_stays_plain():
+    unet = tiny_unet()
+    unet.add_adapter(BayesLoraConfig(target_modules=["to_q"]), adapter_name="bayes")
+    unet.add_adapter(LoraConfig(target_modules=["to_q"]), adapter_name="plain")
+    layer = next(bayes_adapter.bayes_layers(unet))
+    assert layer.is_bayesian("bayes") and not layer.is_bayesian("plain")
+    assert "plain" not in layer.lora_variant and "bayes" in layer.lora_variant
+    assert isinstance(layer, BayesLoraLayer)
