@@ -32,7 +32,9 @@ def test_lora_fields_keep_working():
 def test_every_new_field_has_help():
     import dataclasses
 
-    new_fields = {f.name for f in dataclasses.fields(BayesLoraConfig)} - {f.name for f in dataclasses.fields(LoraConfig)}
+    new_fields = {f.name for f in dataclasses.fields(BayesLoraConfig)} - {
+        f.name for f in dataclasses.fields(LoraConfig)
+    }
     assert new_fields >= {"bayesian_factors", "posterior_std_init", "prior_std", "estimator", "sample_at_inference"}
     for field in dataclasses.fields(BayesLoraConfig):
         if field.name in new_fields:
