@@ -199,3 +199,30 @@ def test_plain_lora_adapter_beside_a_bayesian_one_stays_plain():
     assert layer.is_bayesian("bayes") and not layer.is_bayesian("plain")
     assert "plain" not in layer.lora_variant and "bayes" in layer.lora_variant
     assert isinstance(layer, BayesLoraLayer)
+
+
+def test_diffusers_adapter_controls_work_on_bayesian_layers():
+    unet = tiny_unet()
+    unet.add_adapter(BayesLoraConfig(target_modules=UNET_TARGETS, init_lora_weights=False), adapter_name="bayes")
+    unet.eval()
+    latents, text = unet_batch()
+    with torch.no_grad():
+        full = unet(latents, 10, text).sample
+        unet.disable_adapters()
+        base = unet(latents, 10, text).sample
+        unet.enable_adapters()
+        unet.set_adapters(["bayes"], weights=[0.5])
+        half = unet(latents, 10, text).sample
+        unet.set_adapters(["bayes"], weights=[1.0])
+        unet.fuse_lora()
+        fused = unet(latents, 10, text).sample
+        unet.unfuse_lora()
+        unfused = unet(latents, 10, text).sample
+    assert not torch.allclose(full, base)
+    assert not torch.allclose(half, full) and not torch.allclose(half, base)
+    torch.testing.assert_close(fused, full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unfused, full, rtol=1e-4, atol=1e-5)
+    unet.delete_adapters("bayes")
+    assert not list(bayes_adapter.bayes_layers(unet)) or all(
+        not layer.bayes_settings for layer in bayes_adapter.bayes_layers(unet)
+    )
