@@ -69,7 +69,9 @@ def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.5) -> torch.Te
     """Per-image energy of the high spatial frequencies.
 
     The mean power (per pixel and channel) of the 2-D Fourier components whose radial frequency is above
-    ``cutoff`` times the Nyquist frequency. Additive pixel noise raises it; blur lowers it.
+    ``cutoff`` times the Nyquist frequency. Additive pixel noise raises it; blur lowers it. Each image is first
+    multiplied by a 2-D Hann window (normalised to unit mean square) so that the jump between opposite borders,
+    which a plain FFT sees as an edge, does not count as high-frequency content.
 
     Args:
         images (`torch.Tensor`): images of shape ``(N, C, H, W)``.
@@ -84,6 +86,9 @@ def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.5) -> torch.Te
         raise ValueError(f"cutoff must be in (0, 1), got {cutoff}")
     x = images.float()
     h, w = x.shape[-2:]
+    win = torch.outer(torch.hann_window(h, periodic=False), torch.hann_window(w, periodic=False)).to(x)
+    win = win / win.pow(2).mean().sqrt()
+    x = (x - x.mean(dim=(-2, -1), keepdim=True)) * win
     spec = torch.fft.fft2(x, norm="ortho").abs() ** 2
     fy = torch.fft.fftfreq(h, device=x.device).abs() * 2  # 1.0 == Nyquist
     fx = torch.fft.fftfreq(w, device=x.device).abs() * 2
