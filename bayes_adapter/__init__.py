@@ -20,6 +20,7 @@ from .layer import (  # noqa: E402
     BayesLoraLayer,
 )
 from .model import BayesLoraModel, bayes_layers, kl_divergence, kl_loss, posterior_std_stats  # noqa: E402
+from .export import export_lora, load_bayesian_adapter  # noqa: E402
 
 
 __version__ = "0.1.0"
@@ -36,9 +37,11 @@ __all__ = [
     "BayesLoraLayer",
     "BayesLoraModel",
     "bayes_layers",
+    "export_lora",
     "gaussian_kl",
     "kl_divergence",
     "kl_loss",
+    "load_bayesian_adapter",
     "posterior_std",
     "posterior_std_stats",
     "softplus_inverse",
