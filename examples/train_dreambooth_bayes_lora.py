@@ -1,0 +1,949 @@
+#!/usr/bin/env python
+"""DreamBooth-style few-shot fine-tuning of a Stable Diffusion (1.x, 2.x or XL) UNet with Bayesian LoRA.
+
+The structure follows diffusers' `examples/dreambooth/train_dreambooth_lora.py`: instance images and an instance
+prompt, optional prior preservation with class images, accelerate for devices, processes, mixed precision,
+checkpoints and trackers. The differences: the LoRA adapters are `bayes_adapter.BayesLoraConfig` adapters (a learnt
+posterior standard deviation per Bayesian LoRA weight, sampled while training), the loss adds the weighted KL to the
+prior, and the final output is the posterior *mean* as a plain LoRA that `pipe.load_lora_weights(output_dir)` loads
+without this package. The whole Bayesian adapter (means and standard deviations) is kept next to it.
+
+SDXL is detected from the UNet's config (`addition_embed_type="text_time"`): same script, two text encoders.
+
+Example (see examples/README.md for the paper's setting):
+
+    accelerate launch examples/train_dreambooth_bayes_lora.py \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --instance_data_dir ./dog --instance_prompt "a photo of sks dog" \
+        --output_dir ./bayes-lora-dog --resolution 512 --rank 4 --learning_rate 1e-4 --max_train_steps 2400
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+
+try:  # the corruption monitor, logged with the validation images when available
+    from bayes_adapter.monitor import corruption_report
+except ImportError:  # pragma: no cover
+    corruption_report = None
+
+LORA_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "init_lora_weights")
+BAYES_ADAPTER_DIR = "bayesian_adapter"
+DEFAULT_UNET_TARGETS = "to_k,to_q,to_v,to_out.0"
+DEFAULT_TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    """Parses and checks the command line; every check runs before any model is loaded.
+
+    Args:
+        input_args (`list[str]`, *optional*): The arguments; `sys.argv[1:]` by default.
+
+    Raises:
+        `ValueError`: an argument is missing or wrong; the message names the argument, the value and what was expected.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of a diffusers Stable Diffusion (1.x, 2.x or XL) pipeline.",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
+    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--instance_data_dir", type=str, required=True, help="Folder of the instance (subject) images.")
+    data.add_argument(
+        "--instance_prompt", type=str, required=True, help="Prompt naming the instance, e.g. 'a photo of sks dog'."
+    )
+    data.add_argument("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss.")
+    data.add_argument(
+        "--class_data_dir",
+        type=str,
+        default=None,
+        help="Folder of class images; missing ones are generated with the base pipeline.",
+    )
+    data.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of dog'.")
+    data.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    data.add_argument("--num_class_images", type=int, default=100, help="Class images wanted for prior preservation.")
+    data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    data.add_argument(
+        "--num_class_inference_steps", type=int, default=50, help="Denoising steps when generating class images."
+    )
+    data.add_argument(
+        "--prior_generation_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp32", "fp16", "bf16"],
+        help="Precision of the class-image generation (default: fp16 on GPU, fp32 on CPU).",
+    )
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="Training resolution in pixels (divisible by 8); use 1024 for SDXL.",
+    )
+    data.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop.")
+    data.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random.")
+
+    bayes = parser.add_argument_group("Bayesian LoRA (bayes_adapter.BayesLoraConfig)")
+    bayes.add_argument("--rank", type=int, default=4, help="LoRA rank r.")
+    bayes.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    bayes.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
+    bayes.add_argument(
+        "--unet_target_modules",
+        type=str,
+        default=DEFAULT_UNET_TARGETS,
+        help="Comma-separated UNet module names to adapt.",
+    )
+    bayes.add_argument(
+        "--text_encoder_target_modules",
+        type=str,
+        default=DEFAULT_TEXT_ENCODER_TARGETS,
+        help="Comma-separated text-encoder module names to adapt (with --train_text_encoder).",
+    )
+    bayes.add_argument(
+        "--bayesian_factors",
+        type=str,
+        default="B",
+        choices=["A", "B", "AB"],
+        help="Which LoRA factors carry a posterior: B (the paper's), A (BLoB's) or AB.",
+    )
+    bayes.add_argument("--posterior_std_init", type=float, default=0.01, help="Initial posterior std (paper: 0.01).")
+    bayes.add_argument("--prior_std", type=float, default=0.01, help="Std of the zero-mean Gaussian prior.")
+    bayes.add_argument(
+        "--estimator",
+        type=str,
+        default="weight",
+        choices=["weight", "local", "flipout"],
+        help="Posterior sampling while training: one weight sample per forward (the paper's), local "
+        "reparameterisation, or flipout.",
+    )
+    bayes.add_argument(
+        "--kl_weight",
+        type=float,
+        default=0.0,
+        help="Weight of KL(q||p) in the loss (0 reproduces the paper's released runs).",
+    )
+    bayes.add_argument(
+        "--kl_scaling",
+        type=str,
+        default="per_image",
+        choices=["per_image", "none"],
+        help="per_image: the loss adds kl_weight * KL / number of instance images (Bayes by "
+        "Backprop); none: kl_weight * KL.",
+    )
+    bayes.add_argument(
+        "--fixed_posterior_std",
+        action="store_true",
+        help="Freeze the posterior std at --posterior_std_init (fixed weight noise, a control).",
+    )
+    bayes.add_argument(
+        "--sample_at_inference",
+        action="store_true",
+        help="Record sample_at_inference=True in the saved Bayesian adapter (the export is the mean).",
+    )
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="bayes-lora-dreambooth", help="Where everything is written.")
+    train.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
+    train.add_argument(
+        "--train_text_encoder", action="store_true", help="Add a Bayesian adapter to the text encoder(s)."
+    )
+    train.add_argument("--train_batch_size", type=int, default=1, help="Instance images per device per step.")
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps x batch size x processes.",
+    )
+    train.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help="linear, cosine, cosine_with_restarts, polynomial, constant or constant_with_warmup.",
+    )
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--dataloader_num_workers", type=int, default=0)
+    train.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides accelerate's config; the adapters stay in fp32.",
+    )
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 on Ampere GPUs.")
+
+    out = parser.add_argument_group("checkpoints, validation, logging")
+    out.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save an accelerate checkpoint every N steps."
+    )
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    out.add_argument(
+        "--resume_from_checkpoint", type=str, default=None, help="A checkpoint-N folder in --output_dir, or 'latest'."
+    )
+    out.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
+    out.add_argument("--num_validation_images", type=int, default=4)
+    out.add_argument("--validation_steps", type=int, default=100, help="Generate validation images every N steps.")
+    out.add_argument("--validation_inference_steps", type=int, default=25)
+    out.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
+    out.add_argument("--report_to", type=str, default="tensorboard", help="accelerate tracker(s), or 'none'.")
+    out.add_argument("--push_to_hub", action="store_true", help="Upload the exported mean LoRA to the Hub.")
+    out.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository (default: the output folder name)."
+    )
+    out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the cached login).")
+
+    args = parser.parse_args(input_args)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    args.local_rank = env_local_rank
+    validate_args(args)
+    return args
+
+
+def _list_images(folder: Path, argument: str) -> list[Path]:
+    """Every non-hidden file of `folder`, each checked to open as an image."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # PIL raises several types for unreadable files
+            raise ValueError(
+                f"{argument}: {str(path)!r} is not a readable image ({type(error).__name__}: {error}); expected only "
+                "image files (PNG, JPEG, ...) in the folder."
+            ) from None
+    return files
+
+
+def _check_number(args: argparse.Namespace, name: str, minimum: float, integer: bool = True) -> None:
+    value = getattr(args, name)
+    if value is not None and value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"--{name}={value!r} is invalid; expected {kind} >= {minimum}.")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks the arguments that argparse cannot; raises `ValueError` naming the argument. Loads no model."""
+    instance_dir = Path(args.instance_data_dir)
+    if not instance_dir.is_dir():
+        raise ValueError(
+            f"--instance_data_dir={args.instance_data_dir!r} is not an existing folder; expected a "
+            "folder of instance images."
+        )
+    if not _list_images(instance_dir, "--instance_data_dir"):
+        raise ValueError(f"--instance_data_dir={args.instance_data_dir!r} is empty; expected at least one image.")
+    if not args.instance_prompt.strip():
+        raise ValueError(
+            "--instance_prompt is empty; expected a prompt naming the instance, e.g. 'a photo of sks dog'."
+        )
+    if args.resolution <= 0 or args.resolution % 8:
+        raise ValueError(
+            f"--resolution={args.resolution} is invalid; expected a positive multiple of 8 (the VAE "
+            "downsamples by 8), e.g. 512 or 1024."
+        )
+    if args.with_prior_preservation:
+        if not args.class_data_dir:
+            raise ValueError(
+                "--with_prior_preservation needs --class_data_dir (a folder; missing class images are "
+                "generated there)."
+            )
+        if not args.class_prompt or not args.class_prompt.strip():
+            raise ValueError(
+                f"--with_prior_preservation needs --class_prompt, got {args.class_prompt!r}; expected "
+                "a prompt of the class, e.g. 'a photo of dog'."
+            )
+        class_dir = Path(args.class_data_dir)
+        if class_dir.exists() and not class_dir.is_dir():
+            raise ValueError(f"--class_data_dir={args.class_data_dir!r} exists but is not a folder.")
+        if class_dir.is_dir():
+            _list_images(class_dir, "--class_data_dir")
+    elif args.class_data_dir or args.class_prompt:
+        logging.getLogger(__name__).warning(
+            "--class_data_dir/--class_prompt are ignored without --with_prior_preservation."
+        )
+    for name in (
+        "rank",
+        "train_batch_size",
+        "num_train_epochs",
+        "max_train_steps",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "validation_steps",
+        "num_validation_images",
+        "validation_inference_steps",
+        "num_class_images",
+        "sample_batch_size",
+        "num_class_inference_steps",
+        "lora_alpha",
+    ):
+        _check_number(args, name, 1)
+    for name in ("lr_warmup_steps", "dataloader_num_workers"):
+        _check_number(args, name, 0)
+    for name in ("learning_rate", "prior_loss_weight", "max_grad_norm", "lora_dropout"):
+        _check_number(args, name, 0, integer=False)
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora_dropout={args.lora_dropout!r} is invalid; expected a number in [0, 1).")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        resume = Path(args.output_dir, Path(args.resume_from_checkpoint).name)
+        if not resume.name.startswith("checkpoint-") or not resume.is_dir():
+            raise ValueError(
+                f"--resume_from_checkpoint={args.resume_from_checkpoint!r} is not a checkpoint-N folder "
+                f"of --output_dir={args.output_dir!r}; expected one of those or 'latest'."
+            )
+    # The Bayesian settings are checked by BayesLoraConfig itself (no model needed); name the flags in the error.
+    try:
+        lora_config(args, args.unet_target_modules)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"Invalid Bayesian LoRA arguments (--rank, --lora_alpha, --posterior_std_init, --prior_std, "
+            f"--kl_weight, ...): {error}"
+        ) from None
+
+
+def lora_config(args: argparse.Namespace, target_modules: str):
+    """The `BayesLoraConfig` the arguments describe, for the given comma-separated target modules."""
+    from bayes_adapter import BayesLoraConfig
+
+    return BayesLoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha or args.rank,
+        lora_dropout=args.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
+        bayesian_factors=args.bayesian_factors,
+        posterior_std_init=args.posterior_std_init,
+        prior_std=args.prior_std,
+        estimator=args.estimator,
+        kl_weight=args.kl_weight,
+        train_posterior_std=not args.fixed_posterior_std,
+        sample_at_inference=args.sample_at_inference,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_image(path: Path, size: int, center_crop: bool = True, flip: bool = False):
+    """Opens, resizes (shorter side to `size`) and crops an image.
+
+    Returns:
+        `(pixels, time_ids)`: a `(3, size, size)` float tensor in [-1, 1], and SDXL's micro-conditioning (original
+        height and width, crop top and left, target height and width).
+    """
+    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    original = (image.height, image.width)
+    scale = size / min(image.size)
+    image = image.resize(
+        (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BILINEAR
+    )
+    if center_crop:
+        top, left = (image.height - size) // 2, (image.width - size) // 2
+    else:
+        top, left = random.randint(0, image.height - size), random.randint(0, image.width - size)
+    image = image.crop((left, top, left + size, top + size))
+    if flip and random.random() < 0.5:
+        image = ImageOps.mirror(image)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, torch.tensor([*original, top, left, size, size], dtype=torch.float32)
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance images with their prompt, and (with prior preservation) class images with theirs."""
+
+    def __init__(
+        self,
+        instance_images,
+        instance_prompt,
+        size,
+        class_images=(),
+        class_prompt=None,
+        center_crop=False,
+        random_flip=False,
+    ):
+        self.instance_images, self.class_images = list(instance_images), list(class_images)
+        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+        self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
+
+    def __len__(self) -> int:
+        return max(len(self.instance_images), len(self.class_images))
+
+    def __getitem__(self, index: int) -> dict:
+        example = {}
+        sources = [("instance", self.instance_images, self.instance_prompt)]
+        if self.class_images:
+            sources.append(("class", self.class_images, self.class_prompt))
+        for kind, images, prompt in sources:
+            pixels, time_ids = load_image(images[index % len(images)], self.size, self.center_crop, self.random_flip)
+            example.update({f"{kind}_pixels": pixels, f"{kind}_time_ids": time_ids, f"{kind}_prompt": prompt})
+        return example
+
+
+def collate(examples: list[dict], with_prior_preservation: bool) -> dict:
+    """Stacks a batch; with prior preservation the class half follows the instance half."""
+    kinds = ["instance", "class"] if with_prior_preservation else ["instance"]
+    return {
+        "pixels": torch.stack([e[f"{k}_pixels"] for k in kinds for e in examples]),
+        "time_ids": torch.stack([e[f"{k}_time_ids"] for k in kinds for e in examples]),
+        "prompts": [e[f"{k}_prompt"] for k in kinds for e in examples],
+    }
+
+
+def encode_prompt(text_encoders, tokenizers, prompts: list[str], device):
+    """Text embeddings for the UNet: SD's last hidden state, or SDXL's two penultimate states and pooled embedding.
+
+    Returns:
+        `(encoder_hidden_states, pooled)`: `pooled` is `None` for SD 1.x/2.x.
+    """
+    states, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        if len(text_encoders) == 1:
+            return text_encoder(ids)[0], None
+        output = text_encoder(ids, output_hidden_states=True)
+        pooled = output[0]  # the projected pooled embedding of the last (CLIPTextModelWithProjection) encoder
+        states.append(output.hidden_states[-2])
+    return torch.cat(states, dim=-1), pooled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and loading the Bayesian adapters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_bayes_adapters(output_dir: str | Path, models: dict, configs: dict) -> None:
+    """Writes the whole Bayesian adapter (means and posterior rho) of each model: `<dir>/<name>/`.
+
+    The folder holds `adapter_model.safetensors` (keys as `peft.get_peft_model_state_dict` gives them) and the
+    `BayesLoraConfig` (`adapter_config.json`).
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    for name, model in models.items():
+        folder = Path(output_dir, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {key: value.detach().cpu().contiguous() for key, value in get_peft_model_state_dict(model).items()}
+        save_file(state, str(folder / "adapter_model.safetensors"))
+        configs[name].save_pretrained(str(folder))
+
+
+def load_bayes_adapters(input_dir: str | Path, models: dict) -> None:
+    """Restores what `save_bayes_adapters` wrote into models that already hold the same (Bayesian) adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for name, model in models.items():
+        path = Path(input_dir, name, "adapter_model.safetensors")
+        if not path.is_file():
+            raise ValueError(f"Checkpoint {str(input_dir)!r} has no adapter for {name!r} (expected {str(path)!r}).")
+        result = set_peft_model_state_dict(model, load_file(str(path)))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(
+                f"Checkpoint {str(input_dir)!r}: keys that {name} does not have: {result.unexpected_keys[:5]}"
+            )
+
+
+def export_mean_lora(output_dir: str | Path, models: dict, configs: dict, pipeline_cls) -> None:
+    """Writes the posterior mean as a plain LoRA, in diffusers' format (`pytorch_lora_weights.safetensors`) and in
+    PEFT's (`peft/<model>/`), loadable without bayes_adapter."""
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    layers, metadata = {}, {}
+    for name, model in models.items():
+        state = {
+            key: value.detach().float().cpu().contiguous()
+            for key, value in get_peft_model_state_dict(model).items()
+            if "lora_posterior_" not in key
+        }
+        config = configs[name]
+        plain = {field: getattr(config, field) for field in LORA_CONFIG_FIELDS}
+        plain["target_modules"] = sorted(plain["target_modules"])
+        layers[f"{name}_lora_layers"], metadata[f"{name}_lora_adapter_metadata"] = state, plain
+        peft_dir = Path(output_dir, "peft", name)
+        peft_dir.mkdir(parents=True, exist_ok=True)
+        LoraConfig(**plain).save_pretrained(str(peft_dir))
+        save_file(
+            {f"base_model.model.{key}": value for key, value in state.items()},
+            str(peft_dir / "adapter_model.safetensors"),
+        )
+    pipeline_cls.save_lora_weights(str(output_dir), **layers, **metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def generate_class_images(args, accelerator, pipeline_cls) -> None:
+    """Fills `--class_data_dir` up to `--num_class_images` images with the base pipeline (main process only)."""
+    class_dir = Path(args.class_data_dir)
+    if accelerator.is_main_process:
+        class_dir.mkdir(parents=True, exist_ok=True)
+        existing = len([p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith(".")])
+        missing = args.num_class_images - existing
+        if missing > 0:
+            precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+            pipeline = pipeline_cls.from_pretrained(
+                args.pretrained_model_name_or_path, torch_dtype=dtype, revision=args.revision, variant=args.variant
+            )
+            pipeline.set_progress_bar_config(disable=True)
+            pipeline.to(accelerator.device)
+            for start in range(0, missing, args.sample_batch_size):
+                count = min(args.sample_batch_size, missing - start)
+                images = pipeline(
+                    [args.class_prompt] * count,
+                    num_inference_steps=args.num_class_inference_steps,
+                    height=args.resolution,
+                    width=args.resolution,
+                ).images
+                for offset, image in enumerate(images):
+                    digest = hashlib.sha1(image.tobytes()).hexdigest()
+                    image.save(class_dir / f"{existing + start + offset}-{digest}.jpg")
+            del pipeline
+    accelerator.wait_for_everyone()
+
+
+def log_validation(args, accelerator, pipeline, trained: list, reference, step: int, tag: str):
+    """Generates `--num_validation_images` with the adapters' mean (eval mode) and logs them to the trackers.
+
+    With `bayes_adapter.monitor` available, also logs its corruption metrics of the images against the instance
+    images (`reference`, in [-1, 1]).
+    """
+    for model in trained:
+        model.eval()
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(accelerator.device)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+    with torch.no_grad(), torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
+        images = pipeline(
+            [args.validation_prompt] * args.num_validation_images,
+            generator=generator,
+            num_inference_steps=args.validation_inference_steps,
+            height=args.resolution,
+            width=args.resolution,
+            output_type="np",
+        ).images
+    images = np.clip(np.asarray(images, dtype=np.float32), 0, 1)
+    metrics = {}
+    if corruption_report is not None:
+        samples = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
+        metrics = {f"{tag}/monitor_{k}": v for k, v in corruption_report(samples, reference).items()}
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, images, step, dataformats="NHWC")
+    if metrics:
+        accelerator.log(metrics, step=step)
+    for model in trained:
+        model.train()
+    del pipeline
+    return images
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Trains, checkpoints, validates and exports; see the module docstring.
+
+    Returns:
+        `dict`: `global_step`, and the trained (unwrapped) `unet` and `text_encoders` (empty unless
+        `--train_text_encoder`), for callers that embed the script.
+    """
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import inject_adapter_in_model
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    import bayes_adapter
+
+    logger = get_logger(__name__)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    if args.seed is not None:
+        set_seed(args.seed, device_specific=True)  # distinct noise per process; the data sharding is synchronised
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # Models. SDXL is told by its UNet (added text and time embeddings).
+    load = {"revision": args.revision}
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", **load, variant=args.variant
+    )
+    is_sdxl = unet.config.addition_embed_type == "text_time"
+    if is_sdxl:
+        from diffusers import StableDiffusionXLPipeline as pipeline_cls
+    else:
+        from diffusers import StableDiffusionPipeline as pipeline_cls
+    if args.with_prior_preservation:
+        generate_class_images(args, accelerator, pipeline_cls)
+    encoder_names = ["text_encoder", "text_encoder_2"] if is_sdxl else ["text_encoder"]
+    encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection]
+    tokenizers = [
+        AutoTokenizer.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder=name.replace("text_encoder", "tokenizer"),
+            use_fast=False,
+            **load,
+        )
+        for name in encoder_names
+    ]
+    text_encoders = [
+        cls.from_pretrained(args.pretrained_model_name_or_path, subfolder=name, variant=args.variant, **load)
+        for cls, name in zip(encoder_classes, encoder_names)
+    ]
+    vae = AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **load
+    )
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **load)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # SDXL's VAE overflows in fp16 (force_upcast): keep it in fp32.
+    vae_dtype = torch.float32 if getattr(vae.config, "force_upcast", False) and is_sdxl else weight_dtype
+    vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
+    for model in [unet, *text_encoders]:
+        model.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+
+    # Bayesian LoRA adapters; their parameters are trained in fp32 whatever the mixed precision.
+    configs = {"unet": lora_config(args, args.unet_target_modules)}
+    unet.add_adapter(configs["unet"])
+    trained = {"unet": unet}
+    if args.train_text_encoder:
+        for name, text_encoder in zip(encoder_names, text_encoders):
+            configs[name] = lora_config(args, args.text_encoder_target_modules)
+            inject_adapter_in_model(configs[name], text_encoder, adapter_name="default")
+            trained[name] = text_encoder
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for name in trained:
+            if name != "unet":
+                trained[name].gradient_checkpointing_enable()
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+
+    def unwrap(model):
+        model = accelerator.unwrap_model(model)
+        return model._orig_mod if hasattr(model, "_orig_mod") else model
+
+    # Checkpoints hold the whole Bayesian adapters (means and posterior std), not the frozen base weights.
+    def save_model_hook(models, weights, checkpoint_dir):
+        if accelerator.is_main_process:
+            by_id = {id(model): name for name, model in trained.items()}
+            save_bayes_adapters(checkpoint_dir, {by_id[id(unwrap(m))]: unwrap(m) for m in models}, configs)
+        while weights:
+            weights.pop()  # keep accelerate from saving the full models
+
+    def load_model_hook(models, checkpoint_dir):
+        by_id = {id(model): name for name, model in trained.items()}
+        loaded = {}
+        while models:
+            model = unwrap(models.pop())
+            loaded[by_id[id(model)]] = model
+        load_bayes_adapters(checkpoint_dir, loaded)
+        cast_training_params(list(loaded.values()), dtype=torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # Data, checked again here for embedders that skip parse_args.
+    instance_images = _list_images(Path(args.instance_data_dir), "--instance_data_dir")
+    class_images = []
+    if args.with_prior_preservation:
+        class_images = _list_images(Path(args.class_data_dir), "--class_data_dir")[: args.num_class_images]
+    dataset = DreamBoothDataset(
+        instance_images,
+        args.instance_prompt,
+        args.resolution,
+        class_images,
+        args.class_prompt,
+        args.center_crop,
+        args.random_flip,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=lambda examples: collate(examples, args.with_prior_preservation),
+    )
+    reference = torch.stack([load_image(path, args.resolution)[0] for path in instance_images])
+    kl_examples = len(instance_images) if args.kl_scaling == "per_image" else 1
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    parameters = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    steps_per_epoch = math.ceil(
+        math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
+    )
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+    prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
+    wrapped = dict(zip(trained, prepared[: len(trained)]))
+    optimizer, dataloader, lr_scheduler = prepared[len(trained) :]
+    unet_train = wrapped["unet"]
+    train_encoders = [wrapped.get(name, encoder) for name, encoder in zip(encoder_names, text_encoders)]
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("dreambooth-bayes-lora", config=config)
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training: {len(instance_images)} instance images, {len(class_images)} class images, "
+        f"{'SDXL' if is_sdxl else 'SD'}, batch {total_batch} (per device {args.train_batch_size}), "
+        f"{args.max_train_steps} steps *****"
+    )
+    global_step, first_epoch = 0, 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            found = sorted(
+                (p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1])
+            )
+            path = found[-1] if found else None
+        else:
+            path = output_dir / Path(args.resume_from_checkpoint).name
+        if path is None:
+            accelerator.print(f"No checkpoint in {str(output_dir)!r}: starting a new training run.")
+        else:
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(str(path))
+            global_step = int(path.name.split("-")[1])
+            first_epoch = global_step // steps_per_epoch
+
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    components = {
+        "unet": unwrap(unet_train),
+        "vae": vae,
+        **{name: unwrap(e) for name, e in zip(encoder_names, train_encoders)},
+        **{name.replace("text_encoder", "tokenizer"): t for name, t in zip(encoder_names, tokenizers)},
+    }
+    for _epoch in range(first_epoch, num_epochs):
+        for model in wrapped.values():
+            model.train()
+        for batch in dataloader:
+            with accelerator.accumulate(*wrapped.values()):
+                pixels = batch["pixels"].to(accelerator.device, dtype=vae_dtype)
+                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                latents = latents.to(weight_dtype)
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+                ).long()
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                hidden_states, pooled = encode_prompt(train_encoders, tokenizers, batch["prompts"], accelerator.device)
+                added = None
+                if is_sdxl:
+                    added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(accelerator.device, pooled.dtype)}
+                model_pred = unet_train(
+                    noisy_latents, timesteps, hidden_states, added_cond_kwargs=added, return_dict=False
+                )[0]
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                if args.with_prior_preservation:
+                    model_pred, model_pred_prior = model_pred.chunk(2)
+                    target, target_prior = target.chunk(2)
+                    prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float())
+                    loss = F.mse_loss(model_pred.float(), target.float()) + args.prior_loss_weight * prior_loss
+                else:
+                    loss = F.mse_loss(model_pred.float(), target.float())
+                kl_term = sum(bayes_adapter.kl_loss(unwrap(m), kl_examples) for m in wrapped.values())
+                accelerator.backward(loss + kl_term)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                progress_bar.update(1)
+                global_step += 1
+                if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(args, accelerator, output_dir, global_step, logger)
+                if accelerator.is_main_process and args.validation_prompt and global_step % args.validation_steps == 0:
+                    pipeline = pipeline_cls.from_pretrained(
+                        args.pretrained_model_name_or_path, **load, variant=args.variant, **components
+                    )
+                    log_validation(
+                        args, accelerator, pipeline, list(wrapped.values()), reference, global_step, "validation"
+                    )
+                with torch.no_grad():
+                    kl = sum(bayes_adapter.kl_divergence(unwrap(m)) for m in wrapped.values())
+                    logs = {
+                        "loss": loss.detach().item(),
+                        "kl": float(kl),
+                        "kl_loss": float(kl_term),
+                        "lr": lr_scheduler.get_last_lr()[0],
+                    }
+                    for name, model in wrapped.items():
+                        stats = bayes_adapter.posterior_std_stats(unwrap(model))
+                        logs.update(
+                            {
+                                f"sigma_{key}" if name == "unet" else f"sigma_{name}_{key}": value
+                                for key, value in stats.items()
+                                if key != "count"
+                            }
+                        )
+                progress_bar.set_postfix(loss=logs["loss"], sigma=logs["sigma_mean"])
+                accelerator.log(logs, step=global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    final = {name: unwrap(model) for name, model in wrapped.items()}
+    if accelerator.is_main_process:
+        for model in final.values():
+            model.eval()
+        save_bayes_adapters(output_dir / BAYES_ADAPTER_DIR, final, configs)
+        export_mean_lora(output_dir, final, configs, pipeline_cls)
+        logger.info(f"Exported the mean LoRA to {output_dir} and the Bayesian adapters to {BAYES_ADAPTER_DIR}/")
+        if args.validation_prompt:  # the exported file, loaded the way users will load it
+            pipeline = pipeline_cls.from_pretrained(
+                args.pretrained_model_name_or_path,
+                revision=args.revision,
+                variant=args.variant,
+                torch_dtype=weight_dtype,
+            )
+            pipeline.load_lora_weights(str(output_dir))
+            log_validation(args, accelerator, pipeline, [], reference, global_step, "test")
+        if args.push_to_hub:
+            push_to_hub(args, output_dir)
+    accelerator.end_training()
+    return {
+        "global_step": global_step,
+        "unet": final["unet"],
+        "text_encoders": [final[name] for name in encoder_names if name in final],
+    }
+
+
+def save_checkpoint(args, accelerator, output_dir: Path, global_step: int, logger) -> None:
+    """`accelerator.save_state` to `checkpoint-<step>`, first removing the oldest beyond `--checkpoints_total_limit`."""
+    if args.checkpoints_total_limit is not None:
+        checkpoints = sorted(
+            (p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1])
+        )
+        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
+            logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit={args.checkpoints_total_limit})")
+            shutil.rmtree(old)
+    path = output_dir / f"checkpoint-{global_step}"
+    accelerator.save_state(str(path))
+    logger.info(f"Saved state to {path}")
+
+
+def push_to_hub(args, output_dir: Path) -> None:
+    """Uploads the exported mean LoRA (not the checkpoints) to `--hub_model_id`."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
+    card = output_dir / "README.md"
+    if not card.exists():
+        card.write_text(
+            f"---\nlibrary_name: diffusers\nbase_model: {args.pretrained_model_name_or_path}\ntags:\n- lora\n"
+            f"- bayes-adapter\n- dreambooth\n---\n\n# Bayesian LoRA DreamBooth: {args.instance_prompt}\n\n"
+            "The posterior mean of a Bayesian LoRA trained with bayes-adapter, as a plain LoRA:\n"
+            f"`pipe.load_lora_weights({repo_id!r})`.\n\nSettings: "
+            + json.dumps(
+                {
+                    k: getattr(args, k)
+                    for k in (
+                        "rank",
+                        "learning_rate",
+                        "max_train_steps",
+                        "bayesian_factors",
+                        "posterior_std_init",
+                        "prior_std",
+                        "estimator",
+                        "kl_weight",
+                    )
+                }
+            )
+            + "\n"
+        )
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(output_dir),
+        commit_message="End of training",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/*", "logs/*", f"{args.logging_dir}/*"],
+    )
+
+
+if __name__ == "__main__":
+    main(parse_args())
