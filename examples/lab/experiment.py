@@ -268,15 +268,15 @@ def summarise(result: dict) -> dict:
         for r in rs:
             f = r["curves"]["fidelity"]
             c = r["curves"]["corruption"]
-            ip = max(range(len(f)), key=lambda i: f[i])
-            after = f[ip:]
-            jd = ip + min(range(len(after)), key=lambda i: after[i])
+            ip, jd = fidelity_drawdown(f)
             stages.append(
                 {
                     "seed": r["seed"],
+                    "max_fidelity": max(f),
+                    "max_fidelity_iteration": its[max(range(len(f)), key=lambda i: f[i])],
                     "peak_fidelity": f[ip],
                     "peak_iteration": its[ip],
-                    "min_fidelity_after_peak": f[jd],
+                    "dip_fidelity": f[jd],
                     "dip_iteration": its[jd],
                     "dip_depth": f[ip] - f[jd],
                     "final_fidelity": f[-1],
@@ -291,6 +291,18 @@ def summarise(result: dict) -> dict:
         entry["per_seed"] = stages
         out[f"{arm}/{n_img}"] = entry
     return out
+
+
+def fidelity_drawdown(f: list[float]) -> tuple[int, int]:
+    """The deepest fall of a curve below its running maximum: (index of the peak before it, index of the dip).
+    Catches a dip even when the curve later recovers above the earlier peak (the paper's shape)."""
+    best, ip, jd, run = 0.0, 0, 0, 0
+    for j in range(len(f)):
+        if f[j] > f[run]:
+            run = j
+        if f[run] - f[j] > best:
+            best, ip, jd = f[run] - f[j], run, j
+    return ip, jd
 
 
 def _nanmean(xs: list[float]) -> float:

@@ -54,9 +54,10 @@ def train_autoencoder(model: LabModel, images: torch.Tensor, steps: int, batch: 
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps - 1:
-            hist.append({"step": step, "l1": float(l1), "mse": float(mse), "kl": float(kl)})
-            bar.set_postfix(l1=f"{float(l1):.4f}")
-            logger.info("ae step %d l1 %.4f mse %.4f kl %.3f", step, float(l1), float(mse), float(kl))
+            l1, mse, kl = float(l1.detach()), float(mse.detach()), float(kl.detach())
+            hist.append({"step": step, "l1": l1, "mse": mse, "kl": kl})
+            bar.set_postfix(l1=f"{l1:.4f}")
+            logger.info("ae step %d l1 %.4f mse %.4f kl %.3f", step, l1, mse, kl)
     vae.eval().requires_grad_(False)
     return {"history": hist}
 
@@ -95,9 +96,10 @@ def train_unet(
             for e, p in zip(ema, params):
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         if step % 50 == 0 or step == steps - 1:
-            hist.append({"step": step, "loss": float(loss)})
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-            logger.info("unet step %d loss %.4f", step, float(loss))
+            loss = float(loss.detach())
+            hist.append({"step": step, "loss": loss})
+            bar.set_postfix(loss=f"{loss:.4f}")
+            logger.info("unet step %d loss %.4f", step, loss)
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .experiment import ARM_LABELS, summarise
+from .experiment import ARM_LABELS, fidelity_drawdown, summarise
 
 
 COLOURS = {
@@ -22,8 +22,8 @@ COLOURS = {
 }
 
 # A pre-declared reading of the curves (fixed before the first real run): a seed "shows a corruption stage" when
-# its fidelity falls by at least DIP after its peak, while the corruption score at the dip is at least NOISE above
-# its value at the peak. "Recovers" = the final fidelity climbs back by at least RECOVER above the dip.
+# its fidelity falls by at least DIP below its running maximum (the deepest such fall), while the corruption score
+# at the dip is at least NOISE above its value at that peak. "Recovers" = the final fidelity climbs back by at least RECOVER above the dip.
 DIP = 0.03
 NOISE = 0.2
 RECOVER = 0.02
@@ -34,8 +34,7 @@ def stage_flags(result: dict) -> dict[str, dict]:
     for r in result["runs"]:
         c = r["curves"]
         f, k = c["fidelity"], c["corruption"]
-        ip = max(range(len(f)), key=lambda i: f[i])
-        jd = ip + min(range(len(f) - ip), key=lambda i: f[ip + i])
+        ip, jd = fidelity_drawdown(f)
         dip = f[ip] - f[jd] >= DIP and k[jd] - k[ip] >= NOISE
         rec = dip and f[-1] - f[jd] >= RECOVER
         e = flags.setdefault(f"{r['arm']}/{r['n_images']}", {"seeds": 0, "dip_with_noise": 0, "recovered": 0})
@@ -169,8 +168,8 @@ def markdown_summary(result: dict, summary: dict, command: str) -> str:
         f"{cfg['kl_weight_used']:.3g}; copy threshold = {cfg['copy_threshold_used']:.3f} RMS. "
         f"Wall time {result['seconds']:.0f} s on {result['torch_threads']} torch thread(s).",
         "",
-        "Values are mean ± std over seeds. 'dip' = fall of fidelity after its peak; 'stage' counts seeds whose "
-        f"fidelity fell >= {DIP} after the peak while the corruption score rose >= {NOISE} (pre-declared), "
+        "Values are mean ± std over seeds. 'dip depth' = the deepest fall of fidelity below its running maximum "
+        f"(the peak before it); 'stage' counts seeds whose fidelity fell >= {DIP} that way while the corruption score rose >= {NOISE} (pre-declared), "
         f"'recovered' those that then climbed back >= {RECOVER}.",
         "",
     ]
@@ -182,9 +181,9 @@ def markdown_summary(result: dict, summary: dict, command: str) -> str:
             f"Reference: the autoencoder's reconstructions of the training images score fidelity "
             f"{ref.get('fidelity', float('nan')):.3f}, corruption {ref.get('corruption', float('nan')):.3f}.",
             "",
-            "| arm | peak fidelity (iter) | dip after peak | final fidelity | max corruption (iter) | final "
+            "| arm | max fidelity (iter) | peak before dip (iter) | dip depth | final fidelity | max corruption (iter) | final "
             "corruption | final copy rate | final diversity | flicker | final sigma | stage / recovered |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm in cfg["arms"]:
             s = summary.get(f"{arm}/{n_img}")
@@ -194,7 +193,8 @@ def markdown_summary(result: dict, summary: dict, command: str) -> str:
             sig = s["posterior_std"]["mean"][-1]
             fl = flags[f"{arm}/{n_img}"]
             lines.append(
-                f"| {ARM_LABELS[arm]} | {_fmt([p['peak_fidelity'] for p in ps])} "
+                f"| {ARM_LABELS[arm]} | {_fmt([p['max_fidelity'] for p in ps])} "
+                f"({_fmt([p['max_fidelity_iteration'] for p in ps], 0)}) | {_fmt([p['peak_fidelity'] for p in ps])} "
                 f"({_fmt([p['peak_iteration'] for p in ps], 0)}) | {_fmt([p['dip_depth'] for p in ps])} | "
                 f"{_fmt([p['final_fidelity'] for p in ps])} | {_fmt([p['max_corruption'] for p in ps])} "
                 f"({_fmt([p['max_corruption_iteration'] for p in ps], 0)}) | "

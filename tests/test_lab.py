@@ -1,0 +1,125 @@
+"""The corruption-stage lab (examples/lab): data, model I/O, the stage reading, and a smoke run at tiny sizes."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+
+torch.set_num_threads(1)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+from lab import data, experiment, models, report  # noqa: E402
+
+
+SHIPPED = os.path.join(ROOT, "examples", "corruption_stage", "base_model")
+
+
+def test_data_is_deterministic_and_in_range():
+    a, la = data.make_pretraining_set(8, seed=3)
+    b, lb = data.make_pretraining_set(8, seed=3)
+    c, _ = data.make_pretraining_set(8, seed=4)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+    assert a.shape == (8, 3, 32, 32)
+    assert a.min() >= -1 and a.max() <= 1
+    assert int(la.max()) < len(data.KINDS)  # pretraining never uses the null or subject tokens
+
+
+def test_subject_is_held_out_and_consistent():
+    assert data.SUBJECT_KIND not in data.KINDS
+    s = data.make_subject_set(4)
+    assert s.shape == (4, 3, 32, 32)
+    assert torch.equal(s, data.make_subject_set(4))
+    # the same subject (colours, texture) in different poses: images differ
+    assert (s[0] - s[1]).abs().mean() > 0.05
+    with pytest.raises(ValueError, match="n must be positive"):
+        data.make_subject_set(0)
+
+
+def test_render_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        data.render(torch.Generator().manual_seed(0), "hexagon")
+
+
+def test_model_round_trip(tmp_path):
+    m = models.new_model(seed=0)
+    m.latent_scale = 0.7
+    models.save_model(m, str(tmp_path))
+    n = models.load_model(str(tmp_path))
+    assert n.latent_scale == pytest.approx(0.7)
+    w0 = m.unet.conv_in.weight.to(torch.float16).float()
+    assert torch.equal(n.unet.conv_in.weight, w0)
+    x = torch.zeros(1, 3, 32, 32)
+    assert n.encode(x).shape == (1, 4, 8, 8)
+    with pytest.raises(FileNotFoundError, match="--pretrain"):
+        models.load_model(str(tmp_path / "missing"))
+
+
+def test_experiment_config_validation():
+    with pytest.raises(ValueError, match="arms"):
+        experiment.ExperimentConfig(arms=("lora", "ensemble"))
+    with pytest.raises(ValueError, match="n_images"):
+        experiment.ExperimentConfig(n_images=(0,))
+    with pytest.raises(ValueError, match="n_eval"):
+        experiment.ExperimentConfig(n_eval=1)
+
+
+def test_kl_weight_default_is_two_over_dims_times_timesteps():
+    m = models.new_model()
+    assert experiment.kl_weight_default(m) == pytest.approx(2 / (4 * 8 * 8 * 1000))
+
+
+def _fake_result(fid: list[float], cor: list[float]) -> dict:
+    return {"runs": [{"arm": "lora", "n_images": 1, "curves": {"fidelity": fid, "corruption": cor}}]}
+
+
+def test_stage_flags_on_constructed_curves():
+    rise_dip_recover = report.stage_flags(_fake_result([0.5, 0.8, 0.6, 0.7, 0.85], [-1, -1, -0.5, -0.8, -1]))
+    assert rise_dip_recover["lora/1"] == {"seeds": 1, "dip_with_noise": 1, "recovered": 1}
+    monotone = report.stage_flags(_fake_result([0.5, 0.6, 0.7, 0.8, 0.85], [-1, -0.5, -0.5, -0.5, -0.5]))
+    assert monotone["lora/1"]["dip_with_noise"] == 0
+    clean_dip = report.stage_flags(_fake_result([0.5, 0.8, 0.6, 0.7], [-1, -1, -1, -1]))  # dip without noise
+    assert clean_dip["lora/1"]["dip_with_noise"] == 0
+
+
+def test_shipped_base_model_is_small_and_loads():
+    path = os.path.join(SHIPPED, models.WEIGHTS_FILE)
+    if not os.path.exists(path):
+        pytest.skip("base model not shipped yet")
+    assert os.path.getsize(path) < 6 * 2**20
+    m = models.load_model(SHIPPED)
+    meta = json.load(open(os.path.join(SHIPPED, models.CONFIG_FILE)))
+    assert "how_made" in meta
+    assert not any(p.requires_grad for p in m.unet.parameters())
+
+
+def test_lab_smoke_run_end_to_end(tmp_path):
+    """Pretrains a throwaway base model for a few steps, then runs the entry script's --tiny configuration with
+    two arms and checks every output."""
+    import corruption_stage
+    from lab import pretrain
+
+    model_dir = tmp_path / "base"
+    pretrain.pretrain(str(model_dir), n_images=32, ae_steps=2, unet_steps=2, ae_batch=4, unet_batch=4)
+    out = tmp_path / "out"
+    paths = corruption_stage.main(
+        ["--tiny", "--model-dir", str(model_dir), "--out", str(out), "--arms", "lora", "bayes_kl", "l2"]
+    )
+    res = json.load(open(paths["json"]))
+    assert {r["arm"] for r in res["runs"]} == {"lora", "bayes_kl", "l2"}
+    for r in res["runs"]:
+        c = r["curves"]
+        assert c["iteration"] == [0, 2, 4]
+        for key in ("fidelity", "corruption", "diversity", "copy_rate", "loss", "width"):
+            assert len(c[key]) == 3, key
+        assert len(c["width"][0]) == 2  # two timesteps in the tiny configuration
+    kl_run = next(r for r in res["runs"] if r["arm"] == "bayes_kl")
+    assert kl_run["kl_weight"] > 0 and kl_run["curves"]["posterior_std"][0] == pytest.approx(0.01, rel=1e-3)
+    assert os.path.getsize(paths["figure"]) > 10_000
+    summary = open(paths["summary"]).read()
+    assert "plain LoRA" in summary and "Bayesian B + KL" in summary
