@@ -41,7 +41,6 @@ try:  # the corruption monitor, logged with the validation images when available
 except ImportError:  # pragma: no cover
     corruption_report = None
 
-LORA_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "init_lora_weights")
 BAYES_ADAPTER_DIR = "bayesian_adapter"
 DEFAULT_UNET_TARGETS = "to_k,to_q,to_v,to_out.0"
 DEFAULT_TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
@@ -479,31 +478,23 @@ def load_bayes_adapters(input_dir: str | Path, models: dict) -> None:
             )
 
 
-def export_mean_lora(output_dir: str | Path, models: dict, configs: dict, pipeline_cls) -> None:
-    """Writes the posterior mean as a plain LoRA, in diffusers' format (`pytorch_lora_weights.safetensors`) and in
-    PEFT's (`peft/<model>/`), loadable without bayes_adapter."""
-    from peft import LoraConfig, get_peft_model_state_dict
-    from safetensors.torch import save_file
+def export_mean_lora(output_dir: str | Path, models: dict, pipeline_cls) -> None:
+    """Exports the posterior mean as a plain LoRA that loads without bayes_adapter.
 
-    layers, metadata = {}, {}
+    Writes `<output_dir>/pytorch_lora_weights.safetensors` (diffusers' format, every trained component in one file,
+    for `pipe.load_lora_weights(output_dir)`) and, through `bayes_adapter.export_lora`, `<output_dir>/export/<name>/`
+    per component (PEFT's format, diffusers' format and a summary of the posterior).
+    """
+    from bayes_adapter import export_lora
+    from bayes_adapter.export import diffusers_metadata, load_bayesian_adapter
+
+    layers = {}
     for name, model in models.items():
-        state = {
-            key: value.detach().float().cpu().contiguous()
-            for key, value in get_peft_model_state_dict(model).items()
-            if "lora_posterior_" not in key
-        }
-        config = configs[name]
-        plain = {field: getattr(config, field) for field in LORA_CONFIG_FIELDS}
-        plain["target_modules"] = sorted(plain["target_modules"])
-        layers[f"{name}_lora_layers"], metadata[f"{name}_lora_adapter_metadata"] = state, plain
-        peft_dir = Path(output_dir, "peft", name)
-        peft_dir.mkdir(parents=True, exist_ok=True)
-        LoraConfig(**plain).save_pretrained(str(peft_dir))
-        save_file(
-            {f"base_model.model.{key}": value for key, value in state.items()},
-            str(peft_dir / "adapter_model.safetensors"),
-        )
-    pipeline_cls.save_lora_weights(str(output_dir), **layers, **metadata)
+        export_lora(model, Path(output_dir, "export", name), component=name, overwrite=True)
+        adapter = load_bayesian_adapter(model, component=name)
+        layers[f"{name}_lora_layers"] = adapter.mean_state_dict()
+        layers[f"{name}_lora_adapter_metadata"] = diffusers_metadata(adapter)
+    pipeline_cls.save_lora_weights(str(output_dir), **layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,7 +513,7 @@ def generate_class_images(args, accelerator, pipeline_cls) -> None:
             precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
             pipeline = pipeline_cls.from_pretrained(
-                args.pretrained_model_name_or_path, torch_dtype=dtype, revision=args.revision, variant=args.variant
+                args.pretrained_model_name_or_path, dtype=dtype, revision=args.revision, variant=args.variant
             )
             pipeline.set_progress_bar_config(disable=True)
             pipeline.to(accelerator.device)
@@ -541,14 +532,8 @@ def generate_class_images(args, accelerator, pipeline_cls) -> None:
     accelerator.wait_for_everyone()
 
 
-def log_validation(args, accelerator, pipeline, trained: list, reference, step: int, tag: str):
-    """Generates `--num_validation_images` with the adapters' mean (eval mode) and logs them to the trackers.
-
-    With `bayes_adapter.monitor` available, also logs its corruption metrics of the images against the instance
-    images (`reference`, in [-1, 1]).
-    """
-    for model in trained:
-        model.eval()
+def _generate(args, accelerator, pipeline) -> np.ndarray:
+    """The validation images, `(N, H, W, 3)` floats in [0, 1]."""
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(accelerator.device)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
@@ -562,6 +547,18 @@ def log_validation(args, accelerator, pipeline, trained: list, reference, step: 
             output_type="np",
         ).images
     images = np.clip(np.asarray(images, dtype=np.float32), 0, 1)
+    return images
+
+
+def log_validation(args, accelerator, pipeline, trained: list, reference, step: int, tag: str):
+    """Generates `--num_validation_images` with the adapters' mean (eval mode) and logs them to the trackers.
+
+    With `bayes_adapter.monitor` available, also logs its corruption metrics of the images against the instance
+    images (`reference`, in [-1, 1]).
+    """
+    for model in trained:
+        model.eval()
+    images = _generate(args, accelerator, pipeline)
     metrics = {}
     if corruption_report is not None:
         samples = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
@@ -836,12 +833,16 @@ def main(args: argparse.Namespace) -> dict:
                 if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
                     save_checkpoint(args, accelerator, output_dir, global_step, logger)
                 if accelerator.is_main_process and args.validation_prompt and global_step % args.validation_steps == 0:
-                    pipeline = pipeline_cls.from_pretrained(
-                        args.pretrained_model_name_or_path, **load, variant=args.variant, **components
-                    )
-                    log_validation(
-                        args, accelerator, pipeline, list(wrapped.values()), reference, global_step, "validation"
-                    )
+                    # Validation leaves the training's random stream as it was (a resumed run then matches).
+                    with torch.random.fork_rng(
+                        devices=[accelerator.device] if accelerator.device.type == "cuda" else []
+                    ):
+                        pipeline = pipeline_cls.from_pretrained(
+                            args.pretrained_model_name_or_path, **load, variant=args.variant, **components
+                        )
+                        log_validation(
+                            args, accelerator, pipeline, list(wrapped.values()), reference, global_step, "validation"
+                        )
                 with torch.no_grad():
                     kl = sum(bayes_adapter.kl_divergence(unwrap(m)) for m in wrapped.values())
                     logs = {
@@ -872,14 +873,14 @@ def main(args: argparse.Namespace) -> dict:
         for model in final.values():
             model.eval()
         save_bayes_adapters(output_dir / BAYES_ADAPTER_DIR, final, configs)
-        export_mean_lora(output_dir, final, configs, pipeline_cls)
+        export_mean_lora(output_dir, final, pipeline_cls)
         logger.info(f"Exported the mean LoRA to {output_dir} and the Bayesian adapters to {BAYES_ADAPTER_DIR}/")
         if args.validation_prompt:  # the exported file, loaded the way users will load it
             pipeline = pipeline_cls.from_pretrained(
                 args.pretrained_model_name_or_path,
                 revision=args.revision,
                 variant=args.variant,
-                torch_dtype=weight_dtype,
+                dtype=weight_dtype,
             )
             pipeline.load_lora_weights(str(output_dir))
             log_validation(args, accelerator, pipeline, [], reference, global_step, "test")
