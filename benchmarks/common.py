@@ -206,11 +206,11 @@ class Trainer:
     """
 
     def __init__(self, unet: torch.nn.Module, arm: str, inputs: TrainInputs, lr: float = 1e-4,
-                 include_kl: bool = True):
+                 include_kl: bool = True, foreach: bool | None = None):
         self.unet, self.arm, self.inputs = unet, arm, inputs
         self.unet.train()
         self.params = trainable_parameters(unet)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, foreach=foreach)
         self.include_kl = include_kl and arm != PLAIN
 
     def loss(self) -> torch.Tensor:
