@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 import bayes_adapter
 from bayes_adapter import BayesLoraConfig, kl_divergence
-from bayes_adapter.monitor import corruption_report
+from bayes_adapter.monitor import copy_rate, corruption_report, nearest_reference_distance
 
 from . import data
 from .diffusion import diffusion_loss, learned_width, sample
@@ -52,7 +52,9 @@ class ExperimentConfig:
     sample_steps: int = 25
     guidance: float = 3.0
     width_timesteps: tuple[int, ...] = (20, 100, 250, 500, 750)
-    copy_threshold: float | None = None  # None: 2 x the autoencoder's reconstruction RMSE of the subject images
+    # A sample is a copy when its RMS pixel distance to the nearest *decoded* training latent (the autoencoder's
+    # reconstruction of a training image: the best copy a latent model can produce) is below this.
+    copy_threshold: float = 0.1
     subject_seed: int = 1234
     eval_seed: int = 10_000
     grid_seed: int = 0  # the training seed whose samples are kept for the figure's grids
@@ -118,7 +120,7 @@ def run_arm(
     train_images: torch.Tensor,
     seed: int,
     cfg: ExperimentConfig,
-    copy_threshold: float,
+    recon: torch.Tensor,
     keep_samples: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
@@ -149,7 +151,9 @@ def run_arm(
         imgs = sample(
             model, data.SUBJECT_TOKEN, cfg.n_eval, seed=cfg.eval_seed, steps=cfg.sample_steps, guidance=cfg.guidance
         )
-        rep = corruption_report(imgs, train_images, copy_threshold=copy_threshold)
+        rep = corruption_report(imgs, train_images, copy_threshold=cfg.copy_threshold)
+        rep["copy_rate"] = float(copy_rate(imgs, recon, cfg.copy_threshold))
+        rep["nn_distance_recon"] = float(nearest_reference_distance(imgs, recon).mean())
         for k, v in rep.items():
             curves.setdefault(k, []).append(v)
         curves["iteration"].append(it)
@@ -206,7 +210,6 @@ def run_experiment(base: LabModel, cfg: ExperimentConfig) -> dict:
     with torch.no_grad():
         recon = base.decode(base.encode(subject))
     recon_rmse = (recon - subject).pow(2).flatten(1).mean(1).sqrt()
-    copy_threshold = cfg.copy_threshold if cfg.copy_threshold is not None else 2.0 * float(recon_rmse.mean())
     kl_w = cfg.kl_weight if cfg.kl_weight is not None else kl_weight_default(base)
     # Reference points for the metrics: the autoencoder's reconstructions of the training images (the best a
     # copy can be) and the base model's samples of an unrelated pretraining kind.
@@ -219,17 +222,17 @@ def run_experiment(base: LabModel, cfg: ExperimentConfig) -> dict:
                 for seed in cfg.seeds:
                     bar.set_postfix(arm=arm, n=n_img, seed=seed)
                     keep = seed == cfg.grid_seed
-                    r = run_arm(base, arm, train, seed, cfg, copy_threshold, keep_samples=keep, progress=bar.update)
+                    r = run_arm(base, arm, train, seed, cfg, recon[:n_img], keep_samples=keep, progress=bar.update)
                     if keep:
                         grids[f"{arm}/{n_img}"] = r.pop("samples")
                     runs.append(r)
     refs = {}
     for n_img in cfg.n_images:
         train = subject[:n_img]
-        rep = corruption_report(recon[:n_img].repeat(2, 1, 1, 1), train, copy_threshold=copy_threshold)
+        rep = corruption_report(recon[:n_img].repeat(2, 1, 1, 1), train, copy_threshold=cfg.copy_threshold)
         refs[f"autoencoder_reconstruction/{n_img}"] = rep
     return {
-        "config": {**asdict(cfg), "kl_weight_used": kl_w, "copy_threshold_used": copy_threshold},
+        "config": {**asdict(cfg), "kl_weight_used": kl_w, "copy_threshold_used": cfg.copy_threshold},
         "subject_reconstruction_rmse": [float(v) for v in recon_rmse],
         "references": refs,
         "runs": runs,
@@ -256,6 +259,7 @@ def summarise(result: dict) -> dict:
             "diversity",
             "copy_rate",
             "nn_distance",
+            "nn_distance_recon",
             "flicker",
             "loss",
             "posterior_std",

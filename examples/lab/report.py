@@ -102,6 +102,9 @@ def make_figure(result: dict, summary: dict, path: str) -> None:
                 hi = [a + b for a, b in zip(m, sd)]
                 ax.plot(x, m, color=COLOURS[arm], label=ARM_LABELS[arm], lw=1.5)
                 ax.fill_between(x, lo, hi, color=COLOURS[arm], alpha=0.15, lw=0)
+            ref = result.get("references", {}).get(f"autoencoder_reconstruction/{n_img}", {})
+            if key in ("fidelity", "corruption") and key in ref:
+                ax.axhline(ref[key], color="k", ls="--", lw=0.8, label="AE reconstruction of training images")
             if logy:
                 ax.set_yscale("log")
             ax.set_title(f"{title}\n{n_img} training image(s)", fontsize=8)
@@ -165,7 +168,7 @@ def markdown_summary(result: dict, summary: dict, command: str) -> str:
         f"{cfg['steps']} steps at lr {cfg['lr']}, batch {cfg['batch']}, LoRA r={cfg['rank']}; evaluation every "
         f"{cfg['eval_every']} iterations on {cfg['n_eval']} fixed-seed samples (DDIM {cfg['sample_steps']}, "
         f"CFG {cfg['guidance']}). Bayesian sigma init = prior std = {cfg['sigma']}; KL weight (bayes_kl) = "
-        f"{cfg['kl_weight_used']:.3g}; copy threshold = {cfg['copy_threshold_used']:.3f} RMS. "
+        f"{cfg['kl_weight_used']:.3g}; copy = RMS pixel distance to a decoded training latent < {cfg['copy_threshold_used']:.3f}. "
         f"Wall time {result['seconds']:.0f} s on {result['torch_threads']} torch thread(s).",
         "",
         "Values are mean ± std over seeds. 'dip depth' = the deepest fall of fidelity below its running maximum "
