@@ -76,6 +76,7 @@ BAYESIAN_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(BayesLoraConfi
 _PEFT_PREFIX = "base_model.model."
 _POSTERIOR_MARKER = ".lora_posterior_rho_"
 _MEAN_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B")
+_CLIP_TEXT_ROOTS = {"embeddings", "encoder", "final_layer_norm"}
 _KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 # Top-level module names that tell a saved adapter's component when its config does not say.
 _UNET_ROOTS = {"down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding"}
@@ -280,16 +281,17 @@ def _component_of_model(base: nn.Module) -> str:
 def _read_folder(folder: Path, adapter_name: str, component: str | None) -> BayesianAdapter:
     if not folder.is_dir():
         raise FileNotFoundError(f"source={str(folder)!r} is not a folder (expected a saved Bayesian adapter)")
-    adapter_dir = folder
-    if not (folder / PEFT_CONFIG_NAME).is_file():
-        if (folder / adapter_name / PEFT_CONFIG_NAME).is_file():
-            adapter_dir = folder / adapter_name
-        else:
-            found = sorted(p.parent.name for p in folder.glob(f"*/{PEFT_CONFIG_NAME}"))
-            raise FileNotFoundError(
-                f"source={str(folder)!r} holds no {PEFT_CONFIG_NAME}, nor does its subfolder {adapter_name!r} "
-                f"(adapter_name); adapter subfolders found: {found}"
-            )
+    # save_pretrained writes the "default" adapter at the root and any other one to a subfolder named after it.
+    if (folder / adapter_name / PEFT_CONFIG_NAME).is_file():
+        adapter_dir = folder / adapter_name
+    elif (folder / PEFT_CONFIG_NAME).is_file():
+        adapter_dir = folder
+    else:
+        found = sorted(p.parent.name for p in folder.glob(f"*/{PEFT_CONFIG_NAME}"))
+        raise FileNotFoundError(
+            f"source={str(folder)!r} holds no {PEFT_CONFIG_NAME}, nor does its subfolder {adapter_name!r} "
+            f"(adapter_name); adapter subfolders found: {found}"
+        )
     config = json.loads((adapter_dir / PEFT_CONFIG_NAME).read_text(encoding="utf-8"))
     peft_type = config.get("peft_type")
     if peft_type != PEFT_TYPE_NAME:
@@ -329,7 +331,7 @@ def _component_of_folder(config: dict[str, Any], state_dict: dict[str, torch.Ten
         return "unet"
     if roots and roots <= _TRANSFORMER_ROOTS:
         return "transformer"
-    if roots == {"text_model"}:
+    if roots and (roots == {"text_model"} or roots <= _CLIP_TEXT_ROOTS):
         return "text_encoder"
     raise ValueError(
         f"component: cannot tell which pipeline component the adapter in {str(folder)!r} belongs to (top-level "
@@ -542,7 +544,7 @@ def _kohya_state_dict(adapter: BayesianAdapter, means: dict[str, torch.Tensor]) 
     common = Counter(alphas.values()).most_common(1)[0][0]
     out = {}
     for module in modules:
-        name = prefix + module.replace(".", "_")
+        name = prefix + _kohya_module_path(adapter.component, module).replace(".", "_")
         up = means[f"{module}.lora_B.weight"]
         if alphas[module] != common:
             up = (up.double() * (alphas[module] / common)).to(up.dtype)
@@ -550,6 +552,13 @@ def _kohya_state_dict(adapter: BayesianAdapter, means: dict[str, torch.Tensor]) 
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = torch.tensor(common, dtype=torch.float32)
     return out
+
+
+def _kohya_module_path(component: str, module: str) -> str:
+    # kohya, A1111 and ComfyUI name CLIP text-encoder modules from `text_model.`, which transformers 5 no longer has.
+    if component.startswith("text_encoder") and module.split(".", 1)[0] in _CLIP_TEXT_ROOTS:
+        return "text_model." + module
+    return module
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -98,3 +98,33 @@ def save_tiny_pipeline(path, seed: int = 0) -> StableDiffusionPipeline:
     pipe = tiny_pipeline(seed)
     pipe.save_pretrained(str(path))
     return pipe
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """A tiny DiT: `SD3Transformer2DModel` with one joint block (as in diffusers' own SD3 LoRA tests)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+
+
+def sd3_transformer_inputs(seed: int = 0) -> dict:
+    """Inputs for `tiny_sd3_transformer`: 8x8 latents, 5 text tokens, one timestep."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(1, 4, 8, 8, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 5, 32, generator=generator),
+        "pooled_projections": torch.randn(1, 64, generator=generator),
+        "timestep": torch.tensor([10]),
+    }

@@ -1,0 +1,473 @@
+"""Export of a Bayesian adapter to its mean LoRA: formats, loading without bayes-adapter, bad input, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tiny_models import (
+    save_tiny_pipeline,
+    sd3_transformer_inputs,
+    tiny_pipeline,
+    tiny_sd3_transformer,
+    tiny_text_encoder,
+    tiny_unet,
+)
+
+import bayes_adapter
+from bayes_adapter import BayesLoraConfig, export_lora
+from bayes_adapter import export as export_module
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
+
+
+def unet_config(**overrides) -> BayesLoraConfig:
+    """alpha != r, a rank pattern, an alpha pattern, Linear and Conv2d targets."""
+    kwargs = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=UNET_TARGETS,
+        rank_pattern={"to_k": 2},
+        alpha_pattern={"to_v": 3},
+        bayesian_factors="AB",
+    )
+    kwargs.update(overrides)
+    return BayesLoraConfig(**kwargs)
+
+
+def randomise(model: torch.nn.Module, adapter_name: str = "default", seed: int = 1) -> None:
+    """Non-zero means (B starts at zero) and spread-out posterior stds, so that a wrong export shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if f".{adapter_name}" not in name:
+                continue
+            noise = torch.randn(parameter.shape, generator=generator)
+            if ".lora_A." in name or ".lora_B." in name:
+                parameter.copy_(0.3 * noise)
+            elif "lora_posterior_rho" in name:
+                parameter.copy_(0.5 * noise - 3.0)
+
+
+def unet_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(1, 4, 16, 16, generator=generator),
+        "t": torch.tensor([10]),
+        "enc": torch.randn(1, 5, 8, generator=generator),
+    }
+
+
+@torch.no_grad()
+def run_unet(unet: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return unet(inputs["x"], inputs["t"], inputs["enc"]).sample
+
+
+def bayesian_unet(wrap: str = "add_adapter", config: BayesLoraConfig | None = None, seed: int = 1):
+    unet = tiny_unet()
+    config = config or unet_config()
+    if wrap == "peft":
+        model = get_peft_model(unet, config)
+    else:
+        unet.add_adapter(config)
+        model = unet
+    randomise(model, seed=seed)
+    return model.eval()
+
+
+def safetensors_keys(path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+# --- the proof: a process where bayes_adapter cannot be imported ----------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+
+    sys.modules["bayes_adapter"] = None  # whatever is installed, it cannot be imported here
+    try:
+        import bayes_adapter  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("bayes_adapter was importable in the child process")
+
+    import torch
+
+    torch.set_num_threads(1)
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    pipe_dir, unet_export, te_export, inputs_path, out_path = sys.argv[1:]
+    inputs = load_file(inputs_path)
+    x, t, enc, ids = inputs["x"], inputs["t"], inputs["enc"], inputs["ids"]
+    out = {}
+
+    def image(pipe):
+        generator = torch.Generator().manual_seed(0)
+        images = pipe("a sks dog", num_inference_steps=2, generator=generator, output_type="np", height=32, width=32)
+        return torch.from_numpy(images.images)
+
+    with torch.no_grad():
+        unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet"), unet_export)
+        assert type(unet.peft_config["default"]).__name__ == "LoraConfig"
+        out["peft_unet"] = unet.eval()(x, t, enc).sample
+
+        pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(unet_export, adapter_name="unet_mean")
+        pipe.load_lora_weights(te_export, adapter_name="te_mean")
+        out["diffusers_unet"] = pipe.unet(x, t, enc).sample
+        out["diffusers_te"] = pipe.text_encoder(ids)[0]
+        out["image"] = image(pipe)
+
+        pipe.unet.set_adapters(["unet_mean"], weights=[0.5])
+        out["half_unet"] = pipe.unet(x, t, enc).sample
+        pipe.set_adapters(["unet_mean", "te_mean"], adapter_weights=[0.5, 1.0])
+        out["half_unet_pipe"] = pipe.unet(x, t, enc).sample
+        pipe.set_adapters(["unet_mean", "te_mean"], adapter_weights=[1.0, 1.0])
+
+        pipe.fuse_lora(components=["unet", "text_encoder"])
+        out["fused_unet"] = pipe.unet(x, t, enc).sample
+        out["fused_te"] = pipe.text_encoder(ids)[0]
+        out["fused_image"] = image(pipe)
+    save_file({k: v.contiguous() for k, v in out.items()}, out_path)
+    """
+)
+
+
+@pytest.mark.slow
+def test_export_loads_without_bayes_adapter(tmp_path):
+    pipe_dir = tmp_path / "pipe"
+    save_tiny_pipeline(pipe_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.add_adapter(unet_config())
+    # transformers 5's own add_adapter needs peft >= 0.22; get_peft_model injects the layers in place.
+    text_encoder = get_peft_model(
+        pipe.text_encoder,
+        BayesLoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj", "out_proj"], bayesian_factors="B"),
+    )
+    randomise(pipe.unet, seed=1)
+    randomise(pipe.text_encoder, seed=2)
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+
+    inputs = unet_inputs()
+    inputs["ids"] = pipe.tokenizer(["a sks dog"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = {
+            "unet": run_unet(pipe.unet, inputs),
+            "te": pipe.text_encoder(inputs["ids"])[0],
+            "image": torch.from_numpy(
+                pipe(
+                    "a sks dog",
+                    num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0),
+                    output_type="np",
+                    height=32,
+                    width=32,
+                ).images
+            ),
+        }
+        pipe.unet.set_adapters(["default"], weights=[0.5])
+        reference["half_unet"] = run_unet(pipe.unet, inputs)
+        pipe.unet.set_adapters(["default"], weights=[1.0])
+        base = run_unet(UNet2DConditionModel.from_pretrained(str(pipe_dir), subfolder="unet"), inputs)
+
+    unet_export = export_lora(pipe.unet, tmp_path / "unet_export")
+    te_export = export_lora(text_encoder, tmp_path / "te_export")
+    assert all(k.startswith("text_encoder.") for k in safetensors_keys(te_export / "pytorch_lora_weights.safetensors"))
+    save_file({k: v.contiguous() for k, v in inputs.items()}, str(tmp_path / "inputs.safetensors"))
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = [str(pipe_dir), str(unet_export), str(te_export), str(tmp_path / "inputs.safetensors")]
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, *args, str(tmp_path / "out.safetensors")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    out = load_file(str(tmp_path / "out.safetensors"))
+
+    # The adapter changes the output (so the comparisons below could fail) ...
+    assert (reference["unet"] - base).abs().max() > 1e-3
+    assert (reference["half_unet"] - reference["unet"]).abs().max() > 1e-4
+    # ... and unfused, the plain LoRA is bit-identical to the Bayesian adapter in eval mode.
+    assert torch.equal(out["peft_unet"], reference["unet"])
+    assert torch.equal(out["diffusers_unet"], reference["unet"])
+    assert torch.equal(out["diffusers_te"], reference["te"])
+    assert torch.equal(out["image"], reference["image"])
+    assert torch.equal(out["half_unet"], reference["half_unet"])
+    assert torch.equal(out["half_unet_pipe"], reference["half_unet"])
+    # Fused: within fp32 rounding.
+    torch.testing.assert_close(out["fused_unet"], reference["unet"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["fused_te"], reference["te"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["fused_image"], reference["image"], rtol=1e-4, atol=1e-4)
+
+
+# --- formats and sources ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wrap", ["peft", "add_adapter"])
+def test_export_files_keys_and_configs(tmp_path, wrap):
+    model = bayesian_unet(wrap)
+    reference = run_unet(model, unet_inputs())
+    out = export_lora(model, tmp_path / "export")
+
+    assert sorted(os.listdir(out)) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "bayes_lora_export.json",
+        "pytorch_lora_weights.safetensors",
+    ]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["rank_pattern"] == {"to_k": 2} and config["alpha_pattern"] == {"to_v": 3}
+    assert not set(export_module.BAYESIAN_CONFIG_FIELDS) & set(config)
+
+    peft_keys = safetensors_keys(out / "adapter_model.safetensors")
+    diffusers_keys = safetensors_keys(out / "pytorch_lora_weights.safetensors")
+    assert all(k.startswith("base_model.model.") for k in peft_keys)
+    assert all(k.startswith("unet.") and "base_model.model." not in k for k in diffusers_keys)
+    assert not [k for k in peft_keys + diffusers_keys if "rho" in k or "posterior" in k]
+    assert {k.removeprefix("base_model.model.") for k in peft_keys} == {
+        k.removeprefix("unet.") for k in diffusers_keys
+    }
+    assert any(".resnets.0.conv1.lora_A.weight" in k for k in diffusers_keys)  # a Conv2d target
+
+    metadata = json.loads(
+        export_module.read_safetensors_metadata(out / "pytorch_lora_weights.safetensors")["lora_adapter_metadata"]
+    )
+    assert metadata["unet.r"] == 4 and metadata["unet.lora_alpha"] == 8
+    assert metadata["unet.rank_pattern"] == {"to_k": 2} and metadata["unet.alpha_pattern"] == {"to_v": 3}
+    # Only keys every PEFT version accepts: LoraConfig(**metadata) is what diffusers does with them.
+    assert set(metadata) == {
+        f"unet.{k}" for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules")
+    }
+
+    summary = json.loads((out / "bayes_lora_export.json").read_text())
+    assert summary["component"] == "unet" and summary["bayesian"]["bayesian_factors"] == "AB"
+    stats = bayes_adapter.posterior_std_stats(model)
+    assert summary["posterior_std"]["count"] == stats["count"] > 0
+    assert summary["posterior_std"]["mean"] == pytest.approx(stats["mean"])
+
+    loaded = PeftModel.from_pretrained(tiny_unet(), str(out)).eval()
+    assert type(loaded.peft_config["default"]) is LoraConfig
+    assert torch.equal(run_unet(loaded, unet_inputs()), reference)
+
+    plain = tiny_unet()
+    plain.load_lora_adapter(str(out), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+    assert torch.equal(run_unet(plain, unet_inputs()), reference)
+
+
+def test_export_one_of_several_adapters(tmp_path):
+    model = get_peft_model(tiny_unet(), unet_config(), adapter_name="first")
+    model.add_adapter("second", unet_config(r=2, lora_alpha=2, rank_pattern={}, alpha_pattern={}))
+    randomise(model, "first", seed=1)
+    randomise(model, "second", seed=2)
+    model.set_adapter("second")
+    model.eval()
+    reference = run_unet(model, unet_inputs())
+
+    out = export_lora(model, tmp_path / "second", adapter_name="second")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    expected = {
+        name.replace(".second", ""): parameter
+        for name, parameter in model.named_parameters()
+        if ".second." in name and ".lora_" in name and "rho" not in name
+    }
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in weights)
+    loaded = PeftModel.from_pretrained(tiny_unet(), str(out)).eval()
+    assert torch.equal(run_unet(loaded, unet_inputs()), reference)
+
+
+def test_export_from_saved_folder_matches_memory(tmp_path):
+    model = bayesian_unet("peft")
+    model.save_pretrained(str(tmp_path / "bayes"))
+    model.add_adapter("other", unet_config(r=2))
+    randomise(model, "other", seed=3)
+    model.save_pretrained(str(tmp_path / "bayes_both"))
+
+    from_memory = export_lora(model, tmp_path / "memory")
+    from_disk = export_lora(tmp_path / "bayes", tmp_path / "disk")  # component inferred from the saved config
+    for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+        a, b = load_file(str(from_memory / name)), load_file(str(from_disk / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = export_lora(tmp_path / "bayes_both", tmp_path / "other", adapter_name="other")  # the <name>/ subfolder
+    assert json.loads((other / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_export_dit_transformer(tmp_path):
+    transformer = tiny_sd3_transformer()
+    transformer.add_adapter(
+        BayesLoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "add_q_proj", "ff.net.2", "proj_out"])
+    )
+    randomise(transformer)
+    transformer.eval()
+    with torch.no_grad():
+        reference = transformer(**sd3_transformer_inputs()).sample
+        base = tiny_sd3_transformer()(**sd3_transformer_inputs()).sample
+    assert (reference - base).abs().max() > 1e-3
+
+    out = export_lora(transformer, tmp_path / "dit")
+    keys = safetensors_keys(out / "pytorch_lora_weights.safetensors")
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    loaded = tiny_sd3_transformer()
+    loaded.load_lora_adapter(str(out), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(**sd3_transformer_inputs()).sample, reference)
+    with pytest.raises(ValueError, match="kohya"):
+        export_lora(transformer, tmp_path / "dit_kohya", format="kohya")
+    assert not (tmp_path / "dit_kohya").exists()
+
+
+@pytest.mark.parametrize("alpha_pattern", [{}, {"to_v": 3}], ids=["uniform_alpha", "alpha_pattern"])
+def test_kohya_format_round_trips_through_diffusers(tmp_path, alpha_pattern):
+    pipe = tiny_pipeline()
+    model = bayesian_unet("add_adapter", unet_config(alpha_pattern=alpha_pattern))
+    reference = run_unet(model, unet_inputs())
+    out = export_lora(model, tmp_path / "kohya", format="kohya")
+
+    assert sorted(os.listdir(out)) == ["bayes_lora_export.json", "lora_kohya.safetensors"]
+    weights = load_file(str(out / "lora_kohya.safetensors"))
+    assert all(
+        k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in weights
+    )
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in weights
+
+    pipe.load_lora_weights(str(out))  # diffusers' own kohya detection and conversion
+    loaded = run_unet(pipe.unet, unet_inputs())
+    if alpha_pattern:
+        torch.testing.assert_close(loaded, reference, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(loaded, reference)
+
+
+def test_kohya_text_encoder_layout(tmp_path):
+    encoder = get_peft_model(
+        tiny_text_encoder(), BayesLoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "fc1"])
+    )
+    randomise(encoder)
+    out = export_lora(encoder, tmp_path / "te", format=["kohya", "diffusers"])
+    weights = load_file(str(out / "lora_kohya.safetensors"))
+    # The A1111 / ComfyUI names, with the `text_model.` level that transformers 5 dropped from CLIPTextModel.
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in weights
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc1.lora_up.weight" in weights
+    assert weights["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"].item() == 6.0
+    assert len(weights) == 2 * 3 * 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="diffusers 0.42 + transformers 5: the kohya text-encoder conversion leaves attention keys as "
+    "`self_attn.to_q_lora.*`, which match no module (they load as UNEXPECTED; only the MLP loads)",
+)
+def test_kohya_text_encoder_through_diffusers(tmp_path):
+    encoder = get_peft_model(tiny_text_encoder(), BayesLoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"]))
+    randomise(encoder)
+    encoder.eval()
+    ids = torch.tensor([[0, 40, 41, 42, 2]])
+    with torch.no_grad():
+        reference = encoder(ids)[0]
+    out = export_lora(encoder, tmp_path / "te", format="kohya")
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(str(out))
+    with torch.no_grad():
+        assert torch.equal(pipe.text_encoder(ids)[0], reference)
+
+
+# --- bad input: a clear error, nothing written --------------------------------------------------------------------
+
+
+def test_refuses_model_without_bayesian_adapter(tmp_path):
+    with pytest.raises(ValueError, match="no PEFT adapter"):
+        export_lora(tiny_unet(), tmp_path / "a")
+    plain = tiny_unet()
+    plain.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    with pytest.raises(ValueError, match="no Bayesian LoRA adapter"):
+        export_lora(plain, tmp_path / "b")
+    plain_peft = get_peft_model(tiny_unet(), LoraConfig(r=2, target_modules=["to_q"]))
+    plain_peft.save_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="peft_type 'LORA'"):
+        export_lora(tmp_path / "plain", tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        export_lora(tmp_path, tmp_path / "d")
+    assert sorted(os.listdir(tmp_path)) == ["plain"]
+
+
+def test_refuses_unknown_adapter_and_bad_arguments(tmp_path):
+    model = bayesian_unet("peft")
+    with pytest.raises(ValueError, match=r"adapter_name='nope'.*\['default'\]"):
+        export_lora(model, tmp_path / "a", adapter_name="nope")
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_lora(model, tmp_path / "a", format="ckpt")
+    with pytest.raises(ValueError, match="component must be one of"):
+        export_lora(model, tmp_path / "a", component="vae")
+    with pytest.raises(ValueError, match="source must be a model"):
+        export_lora({"a": 1}, tmp_path / "a")
+    model.save_pretrained(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="is the source folder"):
+        export_lora(tmp_path / "saved", tmp_path / "saved", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["saved"]
+
+
+def test_refuses_existing_output_unless_overwrite(tmp_path):
+    model = bayesian_unet()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_lora(model, tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+    export_lora(model, tmp_path / "out", overwrite=True)
+    assert "keep.txt" not in os.listdir(tmp_path / "out")
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or backup folder left
+
+
+def test_refuses_merged_adapter(tmp_path):
+    model = bayesian_unet("peft")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged.*unmerge_adapter"):
+        export_lora(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    model.unmerge_adapter()
+    export_lora(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_export_leaves_nothing_that_looks_valid(tmp_path, monkeypatch, existing):
+    model = bayesian_unet()
+    if existing:
+        export_lora(model, tmp_path / "out", format="peft")
+    before = sorted(os.listdir(tmp_path / "out")) if existing else None
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C after the PEFT files were written
+
+    monkeypatch.setattr(export_module, "_save_diffusers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_lora(model, tmp_path / "out", overwrite=existing)
+    assert sorted(os.listdir(tmp_path)) == (["out"] if existing else [])
+    if existing:
+        assert sorted(os.listdir(tmp_path / "out")) == before
