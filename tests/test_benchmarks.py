@@ -1,0 +1,73 @@
+"""Smoke runs of the benchmark scripts at the tiniest sizes: they run end to end and write their JSON.
+
+The benchmarks themselves are not part of the test run; these only check that the scripts keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_export, bench_inference, bench_kl, bench_train_step, common  # noqa: E402
+
+
+def _read(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert data["machine"]["torch_threads"] >= 1
+    assert len(data["machine"]["loadavg_start"]) == 3
+    return data
+
+
+def test_train_step_timing(tmp_path):
+    out = tmp_path / "train.json"
+    bench_train_step.main(["--size", "tiny", "--arms", "weight_B,local_A,flipout_AB", "--rounds", "2", "--warmup", "0",
+                           "--out", str(out)])
+    summary = _read(out)["timing"]["summary"]
+    assert set(summary) == {"plain", "weight_B", "local_A", "flipout_AB"}
+    assert summary["plain"]["ratio_wall"] == 1.0
+    assert summary["weight_B"]["trainable_params"] > summary["plain"]["trainable_params"]
+
+
+def test_train_step_memory_in_subprocesses(tmp_path):
+    out = tmp_path / "memory.json"
+    bench_train_step.main(["--size", "tiny", "--arms", "weight_B", "--memory-only", "--memory-steps", "1",
+                           "--out", str(out)])
+    summary = _read(out)["memory"]["summary"]
+    assert summary["plain"]["ratio_ru_maxrss"] == 1.0
+    assert summary["weight_B"]["ru_maxrss_mib"] > 0
+
+
+def test_kl(tmp_path):
+    out = tmp_path / "kl.json"
+    bench_kl.main(["--size", "tiny", "--rounds", "2", "--warmup", "0", "--out", str(out)])
+    data = _read(out)
+    assert data["kl_flat_max_rel_diff"] < 1e-5
+    assert 0 < data["summary"]["kl_loss"]["fraction_of_step"] < 1
+
+
+def test_inference(tmp_path):
+    out = tmp_path / "inference.json"
+    bench_inference.main(["--size", "tiny", "--steps", "1", "--rounds", "1", "--warmup", "0", "--out", str(out)])
+    summary = _read(out)["summary"]
+    assert summary["exported"]["max_abs_diff_vs_bayes_eval"] == 0
+    assert summary["plain_lora"]["max_abs_diff_vs_bayes_eval"] == 0
+    assert summary["fused"]["max_abs_diff_vs_bayes_eval"] < 1e-3
+
+
+def test_export(tmp_path):
+    out = tmp_path / "export.json"
+    bench_export.main(["--size", "tiny", "--rounds", "1", "--warmup", "0", "--out", str(out)])
+    data = _read(out)
+    assert data["means_exact"] is True
+    assert data["summary"]["peft+diffusers"]["total_mib"] > 0
+
+
+def test_unknown_arm_is_refused():
+    with pytest.raises(ValueError, match="unknown arm"):
+        common.parse_arm("weights_C")
