@@ -1,0 +1,508 @@
+"""Tests of examples/train_dreambooth_bayes_lora.py on tiny pipelines built and saved locally (no Hub)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import save_tiny_pipeline, tiny_tokenizer, tiny_vae
+
+import bayes_adapter
+from bayes_adapter import BayesLoraConfig
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_dreambooth_bayes_lora.py"
+_spec = importlib.util.spec_from_file_location("train_dreambooth_bayes_lora", SCRIPT)
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+
+# --- fixtures -----------------------------------------------------------------------------------------------------
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A whole StableDiffusionXLPipeline (32 px) from configs: text_time UNet, two CLIP text encoders."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 8,  # six time ids x 4 + the pooled text embedding
+        cross_attention_dim=16,  # the two encoders' hidden states concatenated
+        norm_num_groups=2,
+    )
+    text_config = {
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "pad_token_id": 1,
+        "vocab_size": len(tiny_tokenizer()),
+        "max_position_embeddings": 16,
+    }
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=8))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd")
+    save_tiny_pipeline(path)
+    return path
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def instance_dir(tmp_path) -> Path:
+    return write_images(tmp_path / "instance", 2)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator: reset accelerate's process-wide singletons around it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def cli(model, instance, output, *extra) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(instance),
+        "--instance_prompt",
+        "a photo of sks dog",
+        "--output_dir",
+        str(output),
+        "--resolution",
+        "32",
+        "--seed",
+        "0",
+        *extra,
+    ]
+
+
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """The TensorBoard scalars `tag` written under `log_dir`, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        if tag in accumulator.Tags().get("scalars", []):
+            values.update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return values
+
+
+def unet_inputs(seed: int = 0, cross_attention_dim: int = 8) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 16, 16, generator=generator)
+    hidden = torch.randn(2, 5, cross_attention_dim, generator=generator)
+    return latents, torch.tensor([10, 500]), hidden
+
+
+# --- arguments ----------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_bayesian_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--bayesian_factors",
+        "--posterior_std_init",
+        "--prior_std",
+        "--estimator",
+        "--kl_weight",
+        "--kl_scaling",
+        "--fixed_posterior_std",
+        "--sample_at_inference",
+        "--rank",
+        "--train_text_encoder",
+        "--with_prior_preservation",
+        "--resume_from_checkpoint",
+        "--push_to_hub",
+    ):
+        assert flag in text
+
+
+def test_defaults_are_the_papers_and_flags_reach_the_config(tmp_path, instance_dir):
+    args = train.parse_args(cli("no/such/model", instance_dir, tmp_path / "out"))
+    config = train.lora_config(args, args.unet_target_modules)
+    defaults = BayesLoraConfig()
+    for field in ("bayesian_factors", "posterior_std_init", "prior_std", "estimator", "kl_weight"):
+        assert getattr(config, field) == getattr(defaults, field)
+    assert (config.r, config.lora_alpha, args.learning_rate) == (4, 4, 1e-4)
+
+    args = train.parse_args(
+        cli(
+            "no/such/model",
+            instance_dir,
+            tmp_path / "out",
+            "--bayesian_factors",
+            "AB",
+            "--posterior_std_init",
+            "0.02",
+            "--prior_std",
+            "0.5",
+            "--estimator",
+            "flipout",
+            "--kl_weight",
+            "0.1",
+            "--fixed_posterior_std",
+            "--sample_at_inference",
+            "--rank",
+            "8",
+            "--lora_alpha",
+            "16",
+        )
+    )
+    config = train.lora_config(args, "to_q,to_v")
+    assert (config.bayesian_factors, config.posterior_std_init, config.prior_std) == ("AB", 0.02, 0.5)
+    assert (config.estimator, config.kl_weight, config.train_posterior_std) == ("flipout", 0.1, False)
+    assert (config.sample_at_inference, config.r, config.lora_alpha) == (True, 8, 16)
+    assert set(config.target_modules) == {"to_q", "to_v"}
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing", [], r"--instance_data_dir='.*missing' is not an existing folder"),
+        ("empty", [], r"--instance_data_dir='.*empty' is empty; expected at least one image"),
+        ("unreadable", [], r"--instance_data_dir: '.*broken\.png' is not a readable image"),
+        ("ok", ["--resolution", "36"], r"--resolution=36 is invalid; expected a positive multiple of 8"),
+        ("ok", ["--with_prior_preservation", "--class_data_dir", "cls"], r"--with_prior_preservation needs --class_"),
+        ("ok", ["--with_prior_preservation", "--class_prompt", "a dog"], r"needs --class_data_dir"),
+        ("ok", ["--posterior_std_init", "-1"], r"posterior_std_init must be a finite number > 0, got -1"),
+        ("ok", ["--kl_weight", "-0.5"], r"kl_weight must be a number >= 0, got -0.5"),
+        ("ok", ["--max_train_steps", "0"], r"--max_train_steps=0 is invalid; expected an integer >= 1"),
+        ("ok", ["--resume_from_checkpoint", "checkpoint-7"], r"--resume_from_checkpoint='checkpoint-7' is not"),
+    ],
+)
+def test_bad_arguments_fail_before_any_model_loads(tmp_path, monkeypatch, case, extra, message):
+    from diffusers import UNet2DConditionModel
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_loading)
+    folder = tmp_path / case
+    if case == "empty":
+        folder.mkdir()
+    elif case == "unreadable":
+        write_images(folder, 1)
+        (folder / "broken.png").write_bytes(b"not an image")
+    elif case == "ok":
+        write_images(folder, 1)
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(cli("no/such/model", folder, tmp_path / "out", *extra))
+
+
+def test_load_image_crops_resizes_and_records_sdxl_time_ids(tmp_path):
+    write_images(tmp_path, 1)
+    pixels, time_ids = train.load_image(tmp_path / "0.png", 32, center_crop=True)
+    assert pixels.shape == (3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
+    # 40x48 (h x w) -> 32x38, centre crop: 3 px from the left.
+    assert time_ids.tolist() == [40, 48, 0, 3, 32, 32]
+
+
+# --- end to end ---------------------------------------------------------------------------------------------------
+
+
+def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir):
+    """4 steps with checkpoints at 2 and 4; a run resumed from checkpoint-2 ends where the uninterrupted one did."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--kl_weight", "1.0"]
+    out = tmp_path / "full"
+    result = train.main(
+        train.parse_args(
+            cli(
+                tiny_sd,
+                instance_dir,
+                out,
+                *common,
+                "--validation_prompt",
+                "a photo of sks dog",
+                "--validation_steps",
+                "2",
+                "--num_validation_images",
+                "2",
+                "--validation_inference_steps",
+                "2",
+            )
+        )
+    )
+    assert result["global_step"] == 4
+    unet = result["unet"]
+    final = {k: v.clone() for k, v in get_peft_model_state_dict(unet).items()}
+    assert any("lora_posterior_rho_B" in key for key in final)
+    assert all(final[k].abs().sum() > 0 for k in final if ".lora_B." in k), "B never moved: nothing was trained"
+
+    # Checkpoints hold the whole Bayesian adapter, not the base model.
+    for step in (2, 4):
+        files = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
+        assert files == {"unet", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
+    saved = load_file(str(out / "checkpoint-4" / "unet" / "adapter_model.safetensors"))
+    assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in final)
+    config = json.loads((out / "checkpoint-4" / "unet" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BAYES_LORA" and config["kl_weight"] == 1.0
+
+    # TensorBoard: loss, KL and sigma every step; validation (with the monitor) at 2 and 4, the export's at the end.
+    assert sorted(scalars(out / "logs", "loss")) == [1, 2, 3, 4]
+    kl = scalars(out / "logs", "kl")
+    assert all(value > 0 for value in kl.values())
+    sigma = scalars(out / "logs", "sigma_mean")
+    assert sigma[1] == pytest.approx(0.01, rel=0.05) and sigma[4] != sigma[1]
+    if train.corruption_report is not None:
+        assert sorted(scalars(out / "logs", "validation/monitor_corruption")) == [2, 4]
+        assert sorted(scalars(out / "logs", "test/monitor_corruption")) == [4]
+
+    # The export loads with plain load_lora_weights and gives the trained model's eval (mean) output.
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    pipe.load_lora_weights(str(out))
+    unet.eval()
+    with torch.no_grad():
+        expected = unet(*unet_inputs()).sample
+        got = pipe.unet(*unet_inputs()).sample
+        base = StableDiffusionPipeline.from_pretrained(str(tiny_sd)).unet(*unet_inputs()).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(base, expected, atol=1e-6), "the adapter does not change the output"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+        assert (out / "export" / "unet" / name).is_file()
+
+    # Resume: a fresh output folder holding only checkpoint-2; the run continues at step 3 and ends as the full one.
+    resumed_out = tmp_path / "resumed"
+    resumed_out.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed_out / "checkpoint-2")
+    _reset_accelerate()
+    resumed = train.main(
+        train.parse_args(cli(tiny_sd, instance_dir, resumed_out, *common, "--resume_from_checkpoint", "latest"))
+    )
+    assert resumed["global_step"] == 4
+    assert sorted(scalars(resumed_out / "logs", "loss")) == [3, 4]
+    assert (resumed_out / "checkpoint-4").is_dir()
+    state = get_peft_model_state_dict(resumed["unet"])
+    for key, value in final.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=f"{key} differs after resuming")
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_prior_preservation_generates_missing_class_images_in_bf16(tmp_path, tiny_sd, instance_dir):
+    class_dir = write_images(tmp_path / "class", 1, seed=1)  # one class image there, two to generate
+    args = train.parse_args(
+        cli(
+            tiny_sd,
+            instance_dir,
+            tmp_path / "out",
+            "--with_prior_preservation",
+            "--class_data_dir",
+            str(class_dir),
+            "--class_prompt",
+            "a photo of dog",
+            "--num_class_images",
+            "3",
+            "--num_class_inference_steps",
+            "2",
+            "--sample_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--mixed_precision",
+            "bf16",
+            "--report_to",
+            "none",
+        )
+    )
+    result = train.main(args)
+    generated = sorted(p.name for p in class_dir.iterdir())
+    assert len(generated) == 3 and "0.png" in generated
+    assert all(Image.open(class_dir / name).size == (32, 32) for name in generated if name != "0.png")
+    assert result["global_step"] == 2
+    unet = result["unet"]
+    assert unet.conv_in.weight.dtype == torch.bfloat16, "the frozen base is not in the mixed-precision dtype"
+    adapter = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    assert adapter and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in adapter.values())
+    assert all(p.abs().sum() > 0 for n, p in adapter.items() if ".lora_B." in n)
+
+
+@pytest.mark.slow
+def test_sdxl_with_bayesian_text_encoders(tmp_path, instance_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    model = tmp_path / "tiny-sdxl"
+    tiny_sdxl_pipeline().save_pretrained(str(model))
+    out = tmp_path / "out"
+    extra = [
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--train_text_encoder",
+        "--bayesian_factors",
+        "AB",
+    ]
+    extra += ["--estimator", "local", "--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
+    extra += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
+    result = train.main(train.parse_args(cli(model, instance_dir, out, *extra)))
+    assert {p.name for p in (out / "checkpoint-2").iterdir()} >= {"unet", "text_encoder", "text_encoder_2"}
+    assert len(result["text_encoders"]) == 2
+    assert bayes_adapter.posterior_std_stats(result["text_encoders"][1])["count"] > 0
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model))
+    pipe.load_lora_weights(str(out))
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    for trained, loaded in zip(result["text_encoders"], (pipe.text_encoder, pipe.text_encoder_2)):
+        trained.eval()
+        with torch.no_grad():
+            expected = trained(ids, output_hidden_states=True).hidden_states[-2]
+            torch.testing.assert_close(loaded(ids, output_hidden_states=True).hidden_states[-2], expected)
+    latents, timesteps, hidden = unet_inputs(cross_attention_dim=16)
+    added = {"text_embeds": torch.randn(2, 8), "time_ids": torch.tensor([[40.0, 48, 0, 3, 32, 32]] * 2)}
+    result["unet"].eval()
+    with torch.no_grad():
+        expected = result["unet"](latents, timesteps, hidden, added_cond_kwargs=added).sample
+        torch.testing.assert_close(pipe.unet(latents, timesteps, hidden, added_cond_kwargs=added).sample, expected)
+
+
+DISTRIBUTED_RUNNER = """
+import importlib.util, json, os, sys
+
+written = []
+watched = os.path.realpath(os.environ["WATCHED_DIR"])
+
+
+def audit(event, args):
+    # Every file opened for writing and every folder made, by this process, under the watched folder.
+    if event == "open" and isinstance(args[0], str) and args[2] is not None:
+        if args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and os.path.realpath(args[0]).startswith(watched):
+            written.append(os.path.realpath(args[0]))
+    elif event == "os.mkdir" and os.path.realpath(os.fsdecode(args[0])).startswith(watched):
+        written.append(os.path.realpath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(audit)
+spec = importlib.util.spec_from_file_location("train_script", os.environ["TRAIN_SCRIPT"])
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+result = train.main(train.parse_args())
+rank = int(os.environ["RANK"])
+watching = written[:]
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+dump = os.environ["DUMP_DIR"]
+state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(result["unet"]).items()}
+save_file(state, os.path.join(dump, f"rank{rank}.safetensors"))
+with open(os.path.join(dump, f"rank{rank}.json"), "w") as f:
+    json.dump({"global_step": result["global_step"], "written": watching}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_under_accelerate_launch(tmp_path, tiny_sd, instance_dir):
+    """DDP over gloo: both ranks train 2 steps, end with the same adapter, and only rank 0 writes files."""
+    import socket
+
+    runner = tmp_path / "runner.py"
+    runner.write_text(DISTRIBUTED_RUNNER)
+    dump, out = tmp_path / "dump", tmp_path / "out"
+    dump.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "WATCHED_DIR": str(out),
+        "TRAIN_SCRIPT": str(SCRIPT),
+        "DUMP_DIR": str(dump),
+    }
+    # accelerate 1.15 only spawns several CPU processes for `--cpu` through mpirun (not installed here): its torchrun
+    # launcher (`--multi_gpu`) with ACCELERATE_USE_CPU=1 gives the same DDP-over-gloo setup (MULTI_CPU).
+    env["ACCELERATE_USE_CPU"] = "1"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(port)]
+    command += [str(runner), *cli(tiny_sd, instance_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1")]
+    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-4000:]
+    assert "Distributed environment: DistributedType.MULTI_CPU" in process.stderr
+    assert "Num processes: 2" in process.stderr and "Backend: gloo" in process.stderr
+
+    reports = [json.loads((dump / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [report["global_step"] for report in reports] == [2, 2]
+    states = [load_file(str(dump / f"rank{rank}.safetensors")) for rank in (0, 1)]
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), f"{key} differs between the ranks"
+    assert all(states[0][k].abs().sum() > 0 for k in states[0] if ".lora_B." in k), "nothing was trained"
+    # Logged by the main process only, once per optimizer step.
+    assert sorted(scalars(out / "logs", "loss")) == [1, 2]
+
+    assert reports[1]["written"] == [], f"rank 1 wrote {reports[1]['written']}"
+    # The hook sees Python-level opens and mkdirs (not files torch or safetensors write from C++): enough to see
+    # rank 0 write every part of the output, and rank 1 none.
+    written = {Path(p).relative_to(out.resolve()).parts[:1] for p in reports[0]["written"]}
+    written = {parts[0] for parts in written if parts}
+    assert {"checkpoint-1", "checkpoint-2", "bayesian_adapter", "export", "logs"} <= written
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    saved = load_file(str(out / "bayesian_adapter" / "unet" / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[k], states[0][k]) for k in saved)
