@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import os
@@ -35,11 +34,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-
-try:  # the corruption monitor, logged with the validation images when available
-    from bayes_adapter.monitor import corruption_report
-except ImportError:  # pragma: no cover
-    corruption_report = None
 
 BAYES_ADAPTER_DIR = "bayesian_adapter"
 DEFAULT_UNET_TARGETS = "to_k,to_q,to_v,to_out.0"
@@ -321,6 +315,21 @@ def validate_args(args: argparse.Namespace) -> None:
                 f"--resume_from_checkpoint={args.resume_from_checkpoint!r} is not a checkpoint-N folder "
                 f"of --output_dir={args.output_dir!r}; expected one of those or 'latest'."
             )
+    if args.push_to_hub:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.hub_model_id or "")
+        except HFValidationError:
+            raise ValueError(
+                f"--push_to_hub needs --hub_model_id as 'user/name', got {args.hub_model_id!r}."
+            ) from None
+        if constants.is_offline_mode():
+            raise ValueError(
+                "--push_to_hub cannot upload in offline mode (HF_HUB_OFFLINE=1); unset it, or drop "
+                "--push_to_hub and upload the output folder later."
+            )
     # The Bayesian settings are checked by BayesLoraConfig itself (no model needed); name the flags in the error.
     try:
         lora_config(args, args.unet_target_modules)
@@ -553,21 +562,21 @@ def _generate(args, accelerator, pipeline) -> np.ndarray:
 def log_validation(args, accelerator, pipeline, trained: list, reference, step: int, tag: str):
     """Generates `--num_validation_images` with the adapters' mean (eval mode) and logs them to the trackers.
 
-    With `bayes_adapter.monitor` available, also logs its corruption metrics of the images against the instance
-    images (`reference`, in [-1, 1]).
+    Also logs `bayes_adapter.monitor.corruption_report` of the images against the instance images (`reference`, in
+    [-1, 1]): `<tag>/monitor_corruption` (high-frequency energy of the samples over the references'; > 0 means noisier
+    samples, the corruption stage), `fidelity`, `diversity`, `copy_rate`, `nn_distance`.
     """
     for model in trained:
         model.eval()
+    from bayes_adapter.monitor import corruption_report
+
     images = _generate(args, accelerator, pipeline)
-    metrics = {}
-    if corruption_report is not None:
-        samples = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
-        metrics = {f"{tag}/monitor_{k}": v for k, v in corruption_report(samples, reference).items()}
+    samples = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
+    metrics = {f"{tag}/monitor_{k}": v for k, v in corruption_report(samples, reference).items()}
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, images, step, dataformats="NHWC")
-    if metrics:
-        accelerator.log(metrics, step=step)
+    accelerator.log(metrics, step=step)
     for model in trained:
         model.train()
     del pipeline
@@ -875,6 +884,7 @@ def main(args: argparse.Namespace) -> dict:
         save_bayes_adapters(output_dir / BAYES_ADAPTER_DIR, final, configs)
         export_mean_lora(output_dir, final, pipeline_cls)
         logger.info(f"Exported the mean LoRA to {output_dir} and the Bayesian adapters to {BAYES_ADAPTER_DIR}/")
+        images = None
         if args.validation_prompt:  # the exported file, loaded the way users will load it
             pipeline = pipeline_cls.from_pretrained(
                 args.pretrained_model_name_or_path,
@@ -883,9 +893,9 @@ def main(args: argparse.Namespace) -> dict:
                 dtype=weight_dtype,
             )
             pipeline.load_lora_weights(str(output_dir))
-            log_validation(args, accelerator, pipeline, [], reference, global_step, "test")
+            images = log_validation(args, accelerator, pipeline, [], reference, global_step, "test")
         if args.push_to_hub:
-            push_to_hub(args, output_dir)
+            push_to_hub(args, output_dir, final, images)
     accelerator.end_training()
     return {
         "global_step": global_step,
@@ -908,41 +918,46 @@ def save_checkpoint(args, accelerator, output_dir: Path, global_step: int, logge
     logger.info(f"Saved state to {path}")
 
 
-def push_to_hub(args, output_dir: Path) -> None:
-    """Uploads the exported mean LoRA (not the checkpoints) to `--hub_model_id`."""
+def push_to_hub(args, output_dir: Path, final: dict, images: np.ndarray | None) -> None:
+    """Uploads the exported mean LoRA (never the checkpoints) to `--hub_model_id`.
+
+    A UNet-only adapter goes through `bayes_adapter.push_to_hub` (model card with the Bayesian settings and the last
+    validation images). With text-encoder adapters, which that function (one component per call) does not combine,
+    the combined `pytorch_lora_weights.safetensors` and the `export/` folder are uploaded with huggingface_hub.
+    """
+    import bayes_adapter
+
+    pil_images = [
+        Image.fromarray((image * 255).round().astype(np.uint8)) for image in (images if images is not None else [])
+    ]
+    if list(final) == ["unet"]:
+        bayes_adapter.push_to_hub(
+            final["unet"],
+            args.hub_model_id,
+            token=args.hub_token,
+            base_model=args.pretrained_model_name_or_path,
+            instance_prompt=args.instance_prompt,
+            validation_images=pil_images or None,
+            component="unet",
+        )
+        return
     from huggingface_hub import HfApi
 
     api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
+    repo_id = api.create_repo(args.hub_model_id, exist_ok=True).repo_id
     card = output_dir / "README.md"
     if not card.exists():
         card.write_text(
             f"---\nlibrary_name: diffusers\nbase_model: {args.pretrained_model_name_or_path}\ntags:\n- lora\n"
             f"- bayes-adapter\n- dreambooth\n---\n\n# Bayesian LoRA DreamBooth: {args.instance_prompt}\n\n"
-            "The posterior mean of a Bayesian LoRA trained with bayes-adapter, as a plain LoRA:\n"
-            f"`pipe.load_lora_weights({repo_id!r})`.\n\nSettings: "
-            + json.dumps(
-                {
-                    k: getattr(args, k)
-                    for k in (
-                        "rank",
-                        "learning_rate",
-                        "max_train_steps",
-                        "bayesian_factors",
-                        "posterior_std_init",
-                        "prior_std",
-                        "estimator",
-                        "kl_weight",
-                    )
-                }
-            )
-            + "\n"
+            f"The posterior mean of Bayesian LoRA adapters on {', '.join(final)}, as a plain LoRA: "
+            f"`pipe.load_lora_weights({repo_id!r})`.\n"
         )
     api.upload_folder(
         repo_id=repo_id,
         folder_path=str(output_dir),
         commit_message="End of training",
-        ignore_patterns=["checkpoint-*", "checkpoint-*/*", "logs/*", f"{args.logging_dir}/*"],
+        allow_patterns=["README.md", "pytorch_lora_weights.safetensors", "export/**"],
     )
 
 

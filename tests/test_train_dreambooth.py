@@ -226,6 +226,8 @@ def test_defaults_are_the_papers_and_flags_reach_the_config(tmp_path, instance_d
         ("ok", ["--kl_weight", "-0.5"], r"kl_weight must be a number >= 0, got -0.5"),
         ("ok", ["--max_train_steps", "0"], r"--max_train_steps=0 is invalid; expected an integer >= 1"),
         ("ok", ["--resume_from_checkpoint", "checkpoint-7"], r"--resume_from_checkpoint='checkpoint-7' is not"),
+        ("ok", ["--push_to_hub"], r"--push_to_hub needs --hub_model_id as 'user/name', got None"),
+        ("ok", ["--push_to_hub", "--hub_model_id", "me/dog"], r"--push_to_hub cannot upload in offline mode"),
     ],
 )
 def test_bad_arguments_fail_before_any_model_loads(tmp_path, monkeypatch, case, extra, message):
@@ -258,10 +260,21 @@ def test_load_image_crops_resizes_and_records_sdxl_time_ids(tmp_path):
 # --- end to end ---------------------------------------------------------------------------------------------------
 
 
-def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir):
+def test_help_runs_as_a_script():
+    process = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert "--posterior_std_init" in process.stdout and "--instance_data_dir" in process.stdout
+
+
+def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir, monkeypatch):
     """4 steps with checkpoints at 2 and 4; a run resumed from checkpoint-2 ends where the uninterrupted one did."""
     from diffusers import StableDiffusionPipeline
+    from huggingface_hub import constants
     from peft import get_peft_model_state_dict
+
+    pushed = []
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(bayes_adapter, "push_to_hub", lambda *args, **kwargs: pushed.append((args, kwargs)))
 
     common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--kl_weight", "1.0"]
     out = tmp_path / "full"
@@ -280,6 +293,9 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir):
                 "2",
                 "--validation_inference_steps",
                 "2",
+                "--push_to_hub",
+                "--hub_model_id",
+                "me/bayes-dog",
             )
         )
     )
@@ -304,9 +320,8 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir):
     assert all(value > 0 for value in kl.values())
     sigma = scalars(out / "logs", "sigma_mean")
     assert sigma[1] == pytest.approx(0.01, rel=0.05) and sigma[4] != sigma[1]
-    if train.corruption_report is not None:
-        assert sorted(scalars(out / "logs", "validation/monitor_corruption")) == [2, 4]
-        assert sorted(scalars(out / "logs", "test/monitor_corruption")) == [4]
+    assert sorted(scalars(out / "logs", "validation/monitor_corruption")) == [2, 4]
+    assert sorted(scalars(out / "logs", "test/monitor_corruption")) == [4]
 
     # The export loads with plain load_lora_weights and gives the trained model's eval (mean) output.
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
@@ -320,6 +335,12 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir):
     assert not torch.allclose(base, expected, atol=1e-6), "the adapter does not change the output"
     for name in ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
         assert (out / "export" / "unet" / name).is_file()
+
+    # --push_to_hub hands the trained UNet to bayes_adapter.push_to_hub, with the final validation images.
+    assert len(pushed) == 1
+    (model, repo_id), kwargs = pushed[0]
+    assert model is unet and repo_id == "me/bayes-dog" and kwargs["component"] == "unet"
+    assert len(kwargs["validation_images"]) == 2 and kwargs["validation_images"][0].size == (32, 32)
 
     # Resume: a fresh output folder holding only checkpoint-2; the run continues at step 3 and ends as the full one.
     resumed_out = tmp_path / "resumed"
