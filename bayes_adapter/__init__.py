@@ -11,6 +11,8 @@ _peft_compat.check_peft_version()
 
 from .bayes import gaussian_kl, posterior_std, softplus_inverse  # noqa: E402
 from .config import PEFT_TYPE_NAME, BayesLoraConfig  # noqa: E402
+from .export import export_lora, load_bayesian_adapter  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
 from .layer import (  # noqa: E402
     BayesConv1d,
     BayesConv2d,
@@ -20,7 +22,6 @@ from .layer import (  # noqa: E402
     BayesLoraLayer,
 )
 from .model import BayesLoraModel, bayes_layers, kl_divergence, kl_loss, posterior_std_stats  # noqa: E402
-from .export import export_lora, load_bayesian_adapter  # noqa: E402
 
 
 __version__ = "0.1.0"
@@ -44,5 +45,6 @@ __all__ = [
     "load_bayesian_adapter",
     "posterior_std",
     "posterior_std_stats",
+    "push_to_hub",
     "softplus_inverse",
 ]

@@ -1,0 +1,358 @@
+"""Hugging Face Hub: push the mean LoRA of a Bayesian adapter with a model card, loadable by repo id.
+
+The repo root holds the exported mean LoRA in both formats (so `pipe.load_lora_weights(repo_id)` and
+`PeftModel.from_pretrained(model, repo_id)` work without bayes-adapter) and a README model card; with
+`include_bayesian=True` the full Bayesian adapter goes to the `bayesian/` subfolder, from which
+`PeftModel.from_pretrained(model, repo_id, subfolder="bayesian")` resumes training (with `bayes_adapter` imported).
+
+Everything is first written to a local folder (kept if the upload fails), then uploaded in one commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from torch import nn
+
+from .export import (
+    DEFAULT_FORMATS,
+    DIFFUSERS_WEIGHTS_NAME,
+    EXPORT_SUMMARY_NAME,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    BayesianAdapter,
+    atomic_folder,
+    load_bayesian_adapter,
+    write_export,
+)
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BAYESIAN_SUBFOLDER", "HubPushError", "build_model_card", "push_to_hub"]
+
+BAYESIAN_SUBFOLDER = "bayesian"
+IMAGES_SUBFOLDER = "images"
+DEFAULT_COMMIT_MESSAGE = "Upload Bayesian LoRA (mean) with bayes-adapter"
+BASE_TAGS = ("lora", "bayes-lora", "diffusers", "text-to-image")
+# Tags that diffusers' own training scripts give LoRAs of each model family, matched on the base model id.
+_FAMILY_TAGS = (
+    ("stable-diffusion-3", ("sd3", "sd3-diffusers")),
+    ("flux", ("flux", "flux-diffusers")),
+    ("xl", ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")),
+    ("stable-diffusion", ("stable-diffusion", "stable-diffusion-diffusers")),
+)
+
+
+class HubPushError(RuntimeError):
+    """An upload to the Hub failed; `local_dir` holds the complete export, ready to push again."""
+
+    def __init__(self, message: str, local_dir: Path):
+        super().__init__(message)
+        self.local_dir = local_dir
+
+
+def _check_repo_id(repo_id: object) -> str:
+    if not isinstance(repo_id, str):
+        raise ValueError(f"repo_id must be a string like 'user/name', got {type(repo_id).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"repo_id={repo_id!r} is not a valid Hub repo id (expected 'user/name'): {error}") from None
+    return repo_id
+
+
+def _check_optional_str(name: str, value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+
+
+def _check_images(validation_images: object) -> list[Any]:
+    if validation_images is None:
+        return []
+    if isinstance(validation_images, (str, os.PathLike)) or not isinstance(validation_images, Sequence):
+        validation_images = [validation_images]
+    images = list(validation_images)
+    for image in images:
+        if isinstance(image, (str, os.PathLike)):
+            if not Path(image).is_file():
+                raise ValueError(f"validation_images: {str(image)!r} is not an image file")
+        elif not hasattr(image, "save"):
+            raise ValueError(
+                f"validation_images must hold image file paths or PIL images, got a {type(image).__name__}"
+            )
+    return images
+
+
+def _family_tags(base_model: str | None, component: str) -> list[str]:
+    name = (base_model or "").lower()
+    for needle, tags in _FAMILY_TAGS:
+        if needle in name:
+            return list(tags)
+    return ["stable-diffusion", "stable-diffusion-diffusers"] if component == "unet" else []
+
+
+def _format_float(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
+
+
+def build_model_card(
+    summary: dict[str, Any],
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    instance_prompt: str | None = None,
+    widget_images: Sequence[str] = (),
+    include_bayesian: bool = False,
+) -> ModelCard:
+    """The README of a pushed mean LoRA: diffusers metadata (library, tags, base model, prompt, widget) and a body.
+
+    Args:
+        summary: The export summary (`bayes_lora_export.json`): component, rank, Bayesian settings, sigma statistics.
+        repo_id: The repo the card is for (used in the loading snippets).
+        base_model: The base model's Hub id.
+        instance_prompt: The prompt (trigger words) the adapter was trained with.
+        widget_images: Paths, relative to the repo root, of validation images to show.
+        include_bayesian: Whether the repo also holds the full Bayesian adapter in `bayesian/`.
+    """
+    from diffusers.utils.hub_utils import populate_model_card
+
+    component = summary.get("component", "unet")
+    bayesian = summary.get("bayesian") or {}
+    stats = summary.get("posterior_std") or {}
+    widget = [{"text": instance_prompt or "", "output": {"url": path}} for path in widget_images]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        base_model=base_model,
+        instance_prompt=instance_prompt,
+        widget=widget or None,
+    )
+    prompt = instance_prompt or "a photo"
+    base = base_model or "<base model id>"
+    load_component = {"unet": "unet", "transformer": "transformer"}.get(component, component)
+    lines = [
+        f"# Bayesian LoRA: {repo_id}",
+        "",
+        f"A LoRA for the `{component}` of [{base}](https://huggingface.co/{base}), trained with "
+        "[bayes-adapter](https://github.com/) (Bayesian LoRA: a Gaussian posterior over the LoRA weights) and "
+        "exported as its posterior mean: a plain LoRA, loaded and run at plain LoRA's cost, without bayes-adapter.",
+        "",
+    ]
+    if instance_prompt:
+        lines += ["## Trigger words", "", f"Use `{instance_prompt}` in the prompt.", ""]
+    lines += [
+        "## How to use",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import AutoPipelineForText2Image",
+        "",
+        f'pipe = AutoPipelineForText2Image.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe.load_lora_weights("{repo_id}")',
+        f'image = pipe("{prompt}").images[0]',
+        "```",
+        "",
+        f'With PEFT: `PeftModel.from_pretrained(pipe.{load_component}, "{repo_id}")` (the root\'s '
+        "`adapter_config.json` / `adapter_model.safetensors`).",
+        "",
+        "## Bayesian training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| rank / alpha | {summary.get('r')} / {summary.get('lora_alpha')} |",
+        f"| adapted modules | {len(summary.get('target_modules') or [])} |",
+        f"| Bayesian factors | {bayesian.get('bayesian_factors')} |",
+        f"| estimator | {bayesian.get('estimator')} |",
+        f"| prior std | {bayesian.get('prior_std')} |",
+        f"| initial posterior std | {bayesian.get('posterior_std_init')} |",
+        f"| KL weight | {bayesian.get('kl_weight')} |",
+        f"| posterior std learned | {bayesian.get('train_posterior_std')} |",
+        f"| posterior std (mean / min / max) | {_format_float(stats.get('mean'))} / {_format_float(stats.get('min'))}"
+        f" / {_format_float(stats.get('max'))} over {stats.get('count')} weights |",
+        "",
+        "Inference uses the posterior mean only: the exported LoRA gives exactly the Bayesian adapter's outputs in "
+        "eval mode.",
+        "",
+    ]
+    if include_bayesian:
+        lines += [
+            "## Resume Bayesian training",
+            "",
+            f"The full Bayesian adapter (means and posterior stds) is in `{BAYESIAN_SUBFOLDER}/`:",
+            "",
+            "```python",
+            "import bayes_adapter  # registers the Bayesian LoRA tuner with PEFT",
+            "from peft import PeftModel",
+            "",
+            f'unet = PeftModel.from_pretrained(unet, "{repo_id}", subfolder="{BAYESIAN_SUBFOLDER}", '
+            "is_trainable=True)",
+            "```",
+            "",
+        ]
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    tags = list(dict.fromkeys([*BASE_TAGS, *_family_tags(base_model, component)]))
+    return populate_model_card(card, tags=tags)
+
+
+def _write_bayesian(adapter: BayesianAdapter, folder: Path) -> None:
+    """The full Bayesian adapter in PEFT's layout, for `PeftModel.from_pretrained(..., subfolder=...)`."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    config = {k: v for k, v in adapter.config.items() if k != "runtime_config"}
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config["inference_mode"] = True
+    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tensors = {f"base_model.model.{k}": v for k, v in adapter.state_dict.items()}
+    save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), {"format": "pt"})
+
+
+def _is_export_dir(path: Path) -> bool:
+    return (path / DIFFUSERS_WEIGHTS_NAME).is_file() and (path / EXPORT_SUMMARY_NAME).is_file()
+
+
+def push_to_hub(
+    model_or_export_dir: nn.Module | str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    include_bayesian: bool = False,
+    base_model: str | None = None,
+    instance_prompt: str | None = None,
+    validation_images: Sequence[str | os.PathLike | Any] | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    adapter_name: str = "default",
+    component: str | None = None,
+    local_dir: str | os.PathLike | None = None,
+) -> str:
+    """Pushes the mean LoRA of a Bayesian adapter to a Hub model repo, with a model card.
+
+    The repo is created if needed (`exist_ok`). Uploaded in one commit: the mean LoRA in PEFT and diffusers formats
+    at the root, `bayes_lora_export.json`, a README model card, the validation images, and with
+    `include_bayesian=True` the full Bayesian adapter in `bayesian/`. The token is only sent to the Hub: it is
+    written to no file and no log line.
+
+    Args:
+        model_or_export_dir: A model with a Bayesian adapter (PeftModel or `add_adapter`), a folder saved by
+            `save_pretrained` holding one, or a folder written by `export_lora`.
+        repo_id: The Hub repo, "user/name".
+        token: A Hub token with write access; by default the stored login or `HF_TOKEN`.
+        private: Create the repo private (None: the Hub's default). Ignored for an existing repo.
+        include_bayesian: Also upload the full Bayesian adapter (posterior stds included) to `bayesian/`, so that
+            training can resume elsewhere. Needs a model or a saved Bayesian adapter, not an export folder.
+        base_model: The base model's Hub id, for the card (e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5").
+        instance_prompt: The prompt the adapter was trained with, for the card.
+        validation_images: Image files or PIL images to upload and show as the card's widget.
+        commit_message: The commit message.
+        adapter_name: Which adapter of a model or saved folder to push.
+        component: The pipeline component ("unet", "transformer", "text_encoder", "text_encoder_2"); inferred if None.
+        local_dir: Where to write what is uploaded (must not exist); a new temporary folder by default. Kept either
+            way: after a failed upload, push it again with `push_to_hub(local_dir, repo_id)`.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        ValueError: for an invalid argument (repo id, images, source), before any request or write.
+        RuntimeError: in offline mode (`HF_HUB_OFFLINE=1`), before any request or write.
+        HubPushError: if a Hub request fails; the message names the repo and the cause, `local_dir` is kept.
+    """
+    _check_repo_id(repo_id)
+    for name, value in (("base_model", base_model), ("instance_prompt", instance_prompt)):
+        _check_optional_str(name, value)
+    if not isinstance(commit_message, str) or not commit_message.strip():
+        raise ValueError(f"commit_message must be a non-empty string, got {commit_message!r}")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise ValueError("token must be a non-empty string or None (the stored login)")
+    if private is not None and not isinstance(private, bool):
+        raise ValueError(f"private must be True, False or None, got {private!r}")
+    if not isinstance(include_bayesian, bool):
+        raise ValueError(f"include_bayesian must be True or False, got {include_bayesian!r}")
+    images = _check_images(validation_images)
+    if local_dir is not None and Path(local_dir).exists():
+        raise FileExistsError(f"local_dir={str(local_dir)!r} already exists; pass a new folder (or None)")
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise RuntimeError(
+            f"Cannot push to the Hub repo {repo_id!r}: offline mode is on (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE to "
+            "upload, or use bayes_adapter.export_lora to export locally."
+        )
+
+    # Read and check the source before writing anything.
+    adapter: BayesianAdapter | None = None
+    export_dir: Path | None = None
+    if isinstance(model_or_export_dir, (str, os.PathLike)) and _is_export_dir(Path(model_or_export_dir)):
+        export_dir = Path(model_or_export_dir)
+        if include_bayesian:
+            raise ValueError(
+                f"include_bayesian=True needs the Bayesian adapter, but model_or_export_dir={str(export_dir)!r} is "
+                "an export (the mean only): pass the model or the folder saved with save_pretrained instead"
+            )
+        summary = json.loads((export_dir / EXPORT_SUMMARY_NAME).read_text(encoding="utf-8"))
+    else:
+        adapter = load_bayesian_adapter(model_or_export_dir, adapter_name, component)
+        summary = adapter.summary()
+
+    staging = (
+        Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="bayes-adapter-push-")) / "upload"
+    )
+    with atomic_folder(staging) as tmp:
+        if adapter is not None:
+            write_export(adapter, tmp, DEFAULT_FORMATS)
+            if include_bayesian:
+                _write_bayesian(adapter, tmp / BAYESIAN_SUBFOLDER)
+        else:
+            for path in export_dir.iterdir():
+                if path.is_file() and path.name != "README.md":
+                    shutil.copy2(path, tmp / path.name)
+        widget_paths = []
+        if images:
+            (tmp / IMAGES_SUBFOLDER).mkdir()
+        for i, image in enumerate(images):
+            relative = f"{IMAGES_SUBFOLDER}/validation_{i}.png"
+            if isinstance(image, (str, os.PathLike)):
+                relative = f"{IMAGES_SUBFOLDER}/validation_{i}{Path(image).suffix.lower() or '.png'}"
+                shutil.copy2(image, tmp / relative)
+            else:
+                image.save(tmp / relative)
+            widget_paths.append(relative)
+        card = build_model_card(
+            summary,
+            repo_id,
+            base_model=base_model,
+            instance_prompt=instance_prompt,
+            widget_images=widget_paths,
+            include_bayesian=include_bayesian,
+        )
+        card.save(tmp / "README.md")
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(staging), commit_message=commit_message, repo_type="model"
+        )
+    except Exception as error:
+        cause = f"{type(error).__name__}: {error}"
+        if token:
+            cause = cause.replace(token, "***")
+        raise HubPushError(
+            f"Pushing to the Hub repo {repo_id!r} failed: {cause}. The export is kept in {str(staging)!r}; push it "
+            f"again with bayes_adapter.push_to_hub({str(staging)!r}, {repo_id!r}).",
+            staging,
+        ) from error
+    logger.info("Pushed %s to the Hub repo %s", staging, repo_id)
+    return str(getattr(commit, "commit_url", commit))

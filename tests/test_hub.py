@@ -1,0 +1,254 @@
+"""push_to_hub against the real huggingface_hub client, with an in-process fake Hub behind an httpx2 MockTransport.
+
+No test reaches the network: the fake Hub answers every request `huggingface_hub` makes and records it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+
+import httpx2
+import pytest
+import torch
+from huggingface_hub import ModelCard, constants, set_client_factory, snapshot_download
+from huggingface_hub.utils import _http as hub_http
+from peft import PeftModel
+from PIL import Image
+from safetensors import safe_open
+from test_export import bayesian_unet, run_unet, unet_inputs
+from tiny_models import tiny_pipeline, tiny_unet
+
+import bayes_adapter
+from bayes_adapter import export_lora, push_to_hub
+from bayes_adapter.hub import HubPushError
+
+
+REPO = "someone/sks-dog-bayes-lora"
+TOKEN = "hf_TESTtokenNEVERwritten0123456789"
+COMMIT = "b" * 40
+
+
+class FakeHub:
+    """Answers the repo-creation, YAML-validation, preupload and commit endpoints; records every request."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.files: dict[str, bytes] = {}
+        self.fail: dict[str, int] = {}  # path substring -> status code
+
+    def handle(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        self.requests.append((request.method, path, request.headers.get("authorization")))
+        for needle, status in self.fail.items():
+            if needle in path:
+                return httpx2.Response(status, json={"error": f"refused by the fake Hub ({status})"})
+        if path == "/api/repos/create":
+            return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO}", "name": REPO, "id": "1"})
+        if path == "/api/validate-yaml":
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if path == f"/api/models/{REPO}/preupload/main":
+            files = json.loads(request.content)["files"]
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+            return httpx2.Response(200, json={"files": modes, "commitOid": "a" * 40})
+        if path == f"/api/models/{REPO}/commit/main":
+            for line in request.content.decode().splitlines():
+                entry = json.loads(line)
+                if entry["key"] == "file":
+                    self.files[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+            url = f"https://huggingface.co/{REPO}/commit/{COMMIT}"
+            return httpx2.Response(200, json={"commitUrl": url, "commitOid": COMMIT, "pullRequestUrl": None})
+        return httpx2.Response(404, json={"error": "not served by the fake Hub"})
+
+    def paths(self) -> list[str]:
+        return [path for _, path, _ in self.requests if path != "/api/agent-harnesses"]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The fake Hub installed as huggingface_hub's HTTP client, offline mode off; everything restored after."""
+    fake = FakeHub()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    previous_factory = hub_http._GLOBAL_CLIENT_FACTORY
+    fake.uninstall = lambda: set_client_factory(previous_factory)
+    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake.handle)))
+    try:
+        yield fake
+    finally:
+        fake.uninstall()
+
+
+def tensor_keys(data: bytes, tmp_path, name: str) -> list[str]:
+    path = tmp_path / name.replace("/", "__")
+    path.write_bytes(data)
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def snapshot_cache(files: dict[str, bytes], cache) -> None:
+    """Lays the committed files out as a Hub cache snapshot of REPO at COMMIT (what a download would leave)."""
+    repo_dir = cache / f"models--{REPO.replace('/', '--')}"
+    for path, data in files.items():
+        target = repo_dir / "snapshots" / COMMIT / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+
+
+def test_push_model_then_load_by_repo_id(hub, tmp_path, monkeypatch, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    model = bayesian_unet("peft")
+    reference = run_unet(model, unet_inputs())
+    image = tmp_path / "sample.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(image)
+
+    url = push_to_hub(
+        model,
+        REPO,
+        token=TOKEN,
+        include_bayesian=True,
+        base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        instance_prompt="a photo of sks dog",
+        validation_images=[image],
+        local_dir=tmp_path / "upload",
+    )
+    assert url == f"https://huggingface.co/{REPO}/commit/{COMMIT}"
+    assert hub.paths() == [
+        "/api/repos/create",
+        "/api/validate-yaml",
+        f"/api/models/{REPO}/preupload/main",
+        f"/api/models/{REPO}/commit/main",
+    ]
+    assert all(auth == f"Bearer {TOKEN}" for method, path, auth in hub.requests if path in hub.paths())
+    assert sorted(hub.files) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "bayes_lora_export.json",
+        "bayesian/adapter_config.json",
+        "bayesian/adapter_model.safetensors",
+        "images/validation_0.png",
+        "pytorch_lora_weights.safetensors",
+    ]
+
+    # The card, read back with huggingface_hub.
+    (tmp_path / "README.md").write_bytes(hub.files["README.md"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert {"lora", "bayes-lora", "diffusers", "text-to-image", "stable-diffusion"} <= set(card.data.tags)
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert card.data.instance_prompt == "a photo of sks dog"
+    assert card.data.widget == [{"text": "a photo of sks dog", "output": {"url": "images/validation_0.png"}}]
+    assert f'pipe.load_lora_weights("{REPO}")' in card.text
+    assert 'subfolder="bayesian"' in card.text
+    stats = bayes_adapter.posterior_std_stats(model)
+    assert f"{stats['mean']:.4g}" in card.text and "| Bayesian factors | AB |" in card.text
+
+    # The mean at the root, sigma only in bayesian/.
+    for name, data in hub.files.items():
+        if name.endswith(".safetensors"):
+            keys = tensor_keys(data, tmp_path, name)
+            has_sigma = any("posterior" in k or "rho" in k for k in keys)
+            assert has_sigma == name.startswith("bayesian/"), name
+    assert json.loads(hub.files["adapter_config.json"])["peft_type"] == "LORA"
+    assert json.loads(hub.files["bayesian/adapter_config.json"])["peft_type"] == "BAYES_LORA"
+
+    # The token went to the Hub only: no written file, no log line, no output.
+    assert all(TOKEN.encode() not in data for data in hub.files.values())
+    for root, _, names in os.walk(tmp_path):
+        for name in names:
+            assert TOKEN.encode() not in (tmp_path / root / name).read_bytes(), name
+    captured = capsys.readouterr()
+    assert TOKEN not in caplog.text + captured.out + captured.err
+
+    # Loading by repo id, offline, from the snapshot a download would leave in the cache.
+    cache = tmp_path / "cache"
+    snapshot_cache(hub.files, cache)
+    hub.uninstall()  # huggingface_hub's own client again, which refuses every request in offline mode
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snapshot = snapshot_download(REPO, cache_dir=str(cache))
+    assert snapshot.endswith(COMMIT)
+    # By repo id PEFT 0.21.2's offline branch looks for bayesian/bayesian/adapter_model.safetensors (it joins the
+    # subfolder twice), so the snapshot folder is given here, with the same subfolder argument.
+    bayesian = PeftModel.from_pretrained(tiny_unet(), snapshot, subfolder="bayesian").eval()
+    assert bayes_adapter.posterior_std_stats(bayesian) == pytest.approx(stats)
+    assert torch.equal(run_unet(bayesian, unet_inputs()), reference)
+
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(snapshot)  # finds the mean LoRA at the root
+    assert torch.equal(run_unet(pipe.unet, unet_inputs()), reference)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(REPO, cache_dir=str(cache), weight_name="pytorch_lora_weights.safetensors")
+    assert torch.equal(run_unet(pipe.unet, unet_inputs()), reference)
+
+
+def test_push_export_dir(hub, tmp_path):
+    model = bayesian_unet()
+    export = export_lora(model, tmp_path / "export")
+    with pytest.raises(ValueError, match="include_bayesian=True needs the Bayesian adapter"):
+        push_to_hub(export, REPO, token=TOKEN, include_bayesian=True)
+    assert hub.requests == []
+
+    push_to_hub(export, REPO, token=TOKEN, local_dir=tmp_path / "upload")
+    assert sorted(hub.files) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "bayes_lora_export.json",
+        "pytorch_lora_weights.safetensors",
+    ]
+    assert hub.files["pytorch_lora_weights.safetensors"] == (export / "pytorch_lora_weights.safetensors").read_bytes()
+    (tmp_path / "README.md").write_bytes(hub.files["README.md"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model is None and "bayes-lora" in card.data.tags
+    assert "subfolder=" not in card.text  # no Bayesian adapter uploaded, no resume snippet
+    assert "README.md" not in os.listdir(export)  # the user's export folder is left as it was
+
+
+@pytest.mark.parametrize("repo_id", ["no spaces/allowed", "a/b/c", "", "user/-bad-", 42])
+def test_invalid_repo_id_fails_before_any_request(hub, tmp_path, repo_id):
+    with pytest.raises(ValueError, match="repo_id"):
+        push_to_hub(bayesian_unet(), repo_id, token=TOKEN, local_dir=tmp_path / "upload")
+    assert hub.requests == []
+    assert not (tmp_path / "upload").exists()
+
+
+def test_bad_arguments_fail_before_any_request(hub, tmp_path):
+    model = bayesian_unet()
+    with pytest.raises(ValueError, match="validation_images"):
+        push_to_hub(model, REPO, token=TOKEN, validation_images=[tmp_path / "missing.png"])
+    with pytest.raises(ValueError, match="adapter_name='other'"):
+        push_to_hub(model, REPO, token=TOKEN, adapter_name="other")
+    with pytest.raises(ValueError, match="no PEFT adapter"):
+        push_to_hub(tiny_unet(), REPO, token=TOKEN)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="local_dir"):
+        push_to_hub(model, REPO, token=TOKEN, local_dir=tmp_path / "exists")
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("failing", ["/api/repos/create", "/commit/main"])
+def test_failed_upload_names_repo_and_cause_and_keeps_export(hub, tmp_path, failing):
+    hub.fail[failing] = 403
+    with pytest.raises(HubPushError) as raised:
+        push_to_hub(bayesian_unet(), REPO, token=TOKEN, local_dir=tmp_path / "upload")
+    message = str(raised.value)
+    assert REPO in message and "403" in message and str(tmp_path / "upload") in message
+    assert TOKEN not in message
+    assert raised.value.local_dir == tmp_path / "upload"
+    assert {"README.md", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"} <= set(
+        os.listdir(tmp_path / "upload")
+    )
+
+
+def test_offline_mode_gives_a_clear_message(tmp_path, monkeypatch):
+    # conftest turned offline mode on; make sure of it for this test.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\)"):
+        push_to_hub(bayesian_unet(), REPO, token=TOKEN, local_dir=tmp_path / "upload")
+    assert not (tmp_path / "upload").exists()
