@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import logging
 import math
-import os
 import random
 import shutil
 from pathlib import Path
@@ -218,8 +217,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the cached login).")
 
     args = parser.parse_args(input_args)
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    args.local_rank = env_local_rank
     validate_args(args)
     return args
 

@@ -365,8 +365,13 @@ def _reset_accelerate():
     GradientState._reset_state()
 
 
-def test_prior_preservation_generates_missing_class_images_in_bf16(tmp_path, tiny_sd, instance_dir):
-    class_dir = write_images(tmp_path / "class", 1, seed=1)  # one class image there, two to generate
+def test_prior_preservation_bf16_and_gradient_accumulation(tmp_path, tiny_sd, instance_dir, monkeypatch):
+    class_dir = write_images(tmp_path / "class", 1, seed=1)  # one class image there, one to generate
+    batches = []
+    collate = train.collate
+    monkeypatch.setattr(
+        train, "collate", lambda examples, prior: batches.append(collate(examples, prior)) or batches[-1]
+    )
     args = train.parse_args(
         cli(
             tiny_sd,
@@ -378,7 +383,7 @@ def test_prior_preservation_generates_missing_class_images_in_bf16(tmp_path, tin
             "--class_prompt",
             "a photo of dog",
             "--num_class_images",
-            "3",
+            "2",
             "--num_class_inference_steps",
             "2",
             "--sample_batch_size",
@@ -387,13 +392,20 @@ def test_prior_preservation_generates_missing_class_images_in_bf16(tmp_path, tin
             "2",
             "--mixed_precision",
             "bf16",
+            "--gradient_accumulation_steps",
+            "2",
             "--report_to",
             "none",
         )
     )
     result = train.main(args)
+    # 2 instance and 2 class images: 2 batches per epoch, each one instance image then one class image; 2 optimizer
+    # steps of 2 accumulated batches.
+    assert len(batches) == 4
+    assert all(b["prompts"] == ["a photo of sks dog", "a photo of dog"] for b in batches)
+    assert all(b["pixels"].shape == (2, 3, 32, 32) for b in batches)
     generated = sorted(p.name for p in class_dir.iterdir())
-    assert len(generated) == 3 and "0.png" in generated
+    assert len(generated) == 2 and "0.png" in generated
     assert all(Image.open(class_dir / name).size == (32, 32) for name in generated if name != "0.png")
     assert result["global_step"] == 2
     unet = result["unet"]
