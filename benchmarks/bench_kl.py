@@ -1,9 +1,9 @@
 """The KL term's cost as a fraction of a training step.
 
 One Bayesian UNet; interleaved per round: (1) a training step without the KL term, (2) `bayes_adapter.kl_loss`
-forward + backward alone, (3) the same KL computed by `kl_flat` below, a prototype that concatenates every factor's
-mean and rho and evaluates the closed form once (a proposed change to `bayes_adapter.kl_divergence`), forward +
-backward. Reported: medians, and KL / (step without KL + KL). `kl_flat` is checked to equal `kl_divergence`.
+forward + backward alone, (3) the same KL computed by `prototypes.kl_loss_flat`, which concatenates every factor's
+mean and rho and evaluates the closed form once (a proposed change to `bayes_adapter.kl_divergence` / `kl_loss`),
+forward + backward. Reported: medians, and KL / (step without KL + KL). `kl_flat` is checked to equal `kl_divergence`.
 
 Example: python benchmarks/bench_kl.py --size small --rounds 20
 """
@@ -22,29 +22,10 @@ from benchmarks.common import torch  # noqa: E402
 
 
 def kl_flat(model: torch.nn.Module) -> torch.Tensor:
-    """Prototype: KL(q || p) over all active Bayesian factors with one closed-form evaluation per prior std.
+    """The prototype (benchmarks/prototypes.py): one closed-form evaluation over the concatenated factors."""
+    from benchmarks import prototypes
 
-    Same value as `bayes_adapter.kl_divergence(model)`; O(1) autograd nodes in the number of layers besides one
-    `view` per tensor, instead of ~12 per layer and factor.
-    """
-    import bayes_adapter
-
-    groups: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for layer in bayes_adapter.bayes_layers(model):
-        for name in layer.active_adapters:
-            if not layer.is_bayesian(name):
-                continue
-            settings = layer.bayes_settings[name]
-            means, rhos = groups.setdefault(settings.prior_std, ([], []))
-            for factor in settings.factors:
-                means.append(layer.factor_mean(factor, name).view(-1))
-                rhos.append(getattr(layer, f"lora_posterior_rho_{factor}")[name].view(-1))
-    total = None
-    for prior_std, (means, rhos) in groups.items():
-        std = torch.nn.functional.softplus(torch.cat(rhos))
-        kl = bayes_adapter.gaussian_kl(torch.cat(means), std, prior_std)
-        total = kl if total is None else total + kl
-    return total if total is not None else torch.zeros(())
+    return prototypes.kl_loss_flat(model, num_examples=1)
 
 
 def parse_args(argv=None):

@@ -37,11 +37,14 @@ def parse_args(argv=None):
     parser.add_argument("--latent", type=int, default=32, help="latent height and width")
     parser.add_argument("--targets", default="attn", choices=sorted(common.TARGET_SETS))
     parser.add_argument("--r", type=int, default=4)
-    parser.add_argument("--arms", default="all", help="comma list of arms (plain, weight_B, local_AB, ...) or 'all'")
+    parser.add_argument("--arms", default="all", help=(
+        "comma list of arms (plain, weight_B, local_AB, ...; a '+proto' suffix runs benchmarks/prototypes.py), "
+        "'all' or 'all+proto'"))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-kl", action="store_true", help="leave the KL term out of the Bayesian steps")
-    parser.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) (torch's CPU default is a loop)")
+    parser.add_argument("--optim", default="adamw", choices=("adamw", "adamw-foreach", "adamw-fused"),
+                        help="adamw: torch's default implementation (a per-tensor loop on CPU)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per arm")
     parser.add_argument("--memory-only", action="store_true", help="measure only peak memory")
     parser.add_argument("--memory-arms", default=None, help="arms for the memory runs (default: --arms)")
@@ -60,7 +63,12 @@ def argparse_hidden() -> str:
 
 
 def arms_of(spec: str) -> list[str]:
-    arms = common.all_arms() if spec == "all" else [a.strip() for a in spec.split(",") if a.strip()]
+    if spec in ("all", "all+proto"):
+        arms = common.all_arms()
+        if spec == "all+proto":
+            arms += [f"{arm}+proto" for arm in arms[1:]]
+    else:
+        arms = [a.strip() for a in spec.split(",") if a.strip()]
     for arm in arms:
         if arm != common.PLAIN:
             common.parse_arm(arm)
@@ -72,7 +80,7 @@ def arms_of(spec: str) -> list[str]:
 def make_trainer(base, arm: str, args, inputs) -> common.Trainer:
     unet = common.share_base_copy(base)
     common.add_adapter(unet, arm, common.TARGET_SETS[args.targets], r=args.r, seed=args.seed)
-    return common.Trainer(unet, arm, inputs, include_kl=not args.no_kl, foreach=args.foreach or None)
+    return common.Trainer(unet, arm, inputs, include_kl=not args.no_kl, optim=args.optim)
 
 
 def run_timing(args, arms: list[str]) -> dict:
@@ -101,7 +109,7 @@ def memory_child(args) -> None:
     rss_build = common.current_rss()
     common.add_adapter(base, arm, common.TARGET_SETS[args.targets], r=args.r, seed=args.seed)
     inputs = common.train_inputs(args.size, args.batch, args.latent, args.device, dtype, args.seed)
-    trainer = common.Trainer(base, arm, inputs, include_kl=not args.no_kl, foreach=args.foreach or None)
+    trainer = common.Trainer(base, arm, inputs, include_kl=not args.no_kl, optim=args.optim)
     rss_setup = common.current_rss()
     with common.RssSampler() as sampler:
         for _ in range(args.memory_steps):
@@ -125,7 +133,7 @@ def run_memory(args, arms: list[str]) -> dict:
         f"--size={args.size}", f"--batch={args.batch}", f"--latent={args.latent}", f"--targets={args.targets}",
         f"--r={args.r}", f"--threads={args.threads}", f"--device={args.device}", f"--dtype={args.dtype}",
         f"--seed={args.seed}", f"--memory-steps={args.memory_steps}",
-    ] + (["--no-kl"] if args.no_kl else []) + (["--foreach"] if args.foreach else [])
+    ] + (["--no-kl"] if args.no_kl else []) + [f"--optim={args.optim}"]
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     for repeat in range(args.memory_repeats):
         order = arms if repeat % 2 == 0 else arms[::-1]
@@ -162,7 +170,7 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "train_step", "machine": common.machine_info(args)}
     print(f"# Training step: {args.size} UNet, batch {args.batch}, {args.latent}x{args.latent} latents, "
           f"targets {args.targets}, r={args.r}, {args.dtype} on {args.device}, KL in step: {not args.no_kl}, "
-          f"AdamW foreach: {bool(args.foreach)}")
+          f"optimizer {args.optim}")
     if not args.memory_only:
         payload["timing"] = run_timing(args, arms)
     if args.memory or args.memory_only:

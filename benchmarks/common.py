@@ -136,10 +136,15 @@ def lora_config(arm: str, targets: Sequence[str], r: int = 4, kl_weight: float =
     return BayesLoraConfig(**common, estimator=estimator, bayesian_factors=factors, kl_weight=kl_weight)
 
 
+def is_proto(arm: str) -> bool:
+    """Whether the arm runs the prototypes of benchmarks/prototypes.py (name suffix "+proto")."""
+    return arm.endswith("+proto")
+
+
 def parse_arm(arm: str) -> tuple[str, str]:
-    estimator, _, factors = arm.partition("_")
+    estimator, _, factors = arm.removesuffix("+proto").partition("_")
     if estimator not in ESTIMATORS or factors not in FACTORS:
-        raise ValueError(f"unknown arm {arm!r}: 'plain' or '<estimator>_<factors>', e.g. weight_B")
+        raise ValueError(f"unknown arm {arm!r}: 'plain' or '<estimator>_<factors>[+proto]', e.g. weight_B")
     return estimator, factors
 
 
@@ -154,6 +159,10 @@ def add_adapter(unet: torch.nn.Module, arm: str, targets: Sequence[str], r: int 
 
     torch.manual_seed(seed)
     unet.add_adapter(lora_config(arm, targets, r=r, kl_weight=kl_weight))
+    if is_proto(arm):
+        from benchmarks import prototypes
+
+        prototypes.apply(unet)
     return unet
 
 
@@ -202,22 +211,28 @@ class Trainer:
     """One arm: a UNet with its adapter and an AdamW over its trainable parameters; `step()` is one training step.
 
     The step is what a fine-tuning loop does: forward, MSE to the noise target, plus `kl_loss` for a Bayesian adapter
-    (with kl_weight > 0 it computes the closed-form KL), backward, AdamW step, zero_grad.
+    (with kl_weight > 0 it computes the closed-form KL), backward, AdamW step, zero_grad. `optim`: "adamw" (torch's
+    default implementation: a per-tensor loop on CPU, foreach on CUDA), "adamw-foreach" or "adamw-fused".
     """
 
     def __init__(self, unet: torch.nn.Module, arm: str, inputs: TrainInputs, lr: float = 1e-4,
-                 include_kl: bool = True, foreach: bool | None = None):
+                 include_kl: bool = True, optim: str = "adamw"):
         self.unet, self.arm, self.inputs = unet, arm, inputs
         self.unet.train()
         self.params = trainable_parameters(unet)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, foreach=foreach)
+        kwargs = {"adamw": {}, "adamw-foreach": {"foreach": True}, "adamw-fused": {"fused": True}}[optim]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, **kwargs)
         self.include_kl = include_kl and arm != PLAIN
 
     def loss(self) -> torch.Tensor:
         i = self.inputs
         prediction = self.unet(i.noisy, i.timesteps, encoder_hidden_states=i.text).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), i.target.float())
-        if self.include_kl:
+        if self.include_kl and is_proto(self.arm):
+            from benchmarks import prototypes
+
+            loss = loss + prototypes.kl_loss_flat(self.unet, num_examples=1)
+        elif self.include_kl:
             import bayes_adapter
 
             loss = loss + bayes_adapter.kl_loss(self.unet, num_examples=1)

@@ -71,3 +71,26 @@ def test_export(tmp_path):
 def test_unknown_arm_is_refused():
     with pytest.raises(ValueError, match="unknown arm"):
         common.parse_arm("weights_C")
+
+
+@pytest.mark.parametrize("arm", ["weight_AB", "local_AB", "flipout_AB"])
+def test_prototypes_match_the_shipped_layers(arm):
+    """The prototyped sampling and flat KL give the shipped code's outputs (same seed) and KL."""
+    import torch
+
+    import bayes_adapter
+    from benchmarks import prototypes
+
+    base = common.build_unet("tiny")
+    inputs = common.train_inputs("tiny", 2, 16)
+    targets = common.TARGET_SETS["attn+conv"]
+    models = [common.add_adapter(common.share_base_copy(base), name, targets) for name in (arm, arm + "+proto")]
+    outputs = []
+    for model in models:
+        common.randomise_lora(model)
+        model.train()
+        torch.manual_seed(1)
+        outputs.append(model(inputs.noisy, inputs.timesteps, encoder_hidden_states=inputs.text).sample)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(prototypes.kl_loss_flat(models[1], 3), bayes_adapter.kl_loss(models[0], 3))
