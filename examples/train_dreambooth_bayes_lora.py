@@ -63,6 +63,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
     model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
+    model.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A separate VAE (e.g. an fp16-safe SDXL VAE); by default the pipeline's own.",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument("--instance_data_dir", type=str, required=True, help="Folder of the instance (subject) images.")
@@ -652,14 +658,18 @@ def main(args: argparse.Namespace) -> dict:
         cls.from_pretrained(args.pretrained_model_name_or_path, subfolder=name, variant=args.variant, **load)
         for cls, name in zip(encoder_classes, encoder_names)
     ]
-    vae = AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **load
-    )
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    else:
+        vae = AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **load
+        )
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **load)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    # SDXL's VAE overflows in fp16 (force_upcast): keep it in fp32.
-    vae_dtype = torch.float32 if getattr(vae.config, "force_upcast", False) and is_sdxl else weight_dtype
+    # SDXL's own VAE overflows in fp16 (force_upcast): keep it in fp32 unless a separate (fp16-safe) VAE is given.
+    upcast = is_sdxl and getattr(vae.config, "force_upcast", False) and not args.pretrained_vae_model_name_or_path
+    vae_dtype = torch.float32 if upcast else weight_dtype
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
     for model in [unet, *text_encoders]:
         model.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
