@@ -284,13 +284,16 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
     # save_pretrained writes the "default" adapter at the root and any other one to a subfolder named after it.
     if (folder / adapter_name / PEFT_CONFIG_NAME).is_file():
         adapter_dir = folder / adapter_name
-    elif (folder / PEFT_CONFIG_NAME).is_file():
+    elif adapter_name == "default" and (folder / PEFT_CONFIG_NAME).is_file():
         adapter_dir = folder
     else:
         found = sorted(p.parent.name for p in folder.glob(f"*/{PEFT_CONFIG_NAME}"))
-        raise FileNotFoundError(
-            f"source={str(folder)!r} holds no {PEFT_CONFIG_NAME}, nor does its subfolder {adapter_name!r} "
-            f"(adapter_name); adapter subfolders found: {found}"
+        if (folder / PEFT_CONFIG_NAME).is_file():
+            found = ["default", *found]
+        raise (ValueError if found else FileNotFoundError)(
+            f"adapter_name={adapter_name!r}: source={str(folder)!r} holds no adapter of that name (save_pretrained "
+            f"writes 'default' at the root, others to a subfolder named after them, each with {PEFT_CONFIG_NAME}); "
+            f"adapters found: {found}"
         )
     config = json.loads((adapter_dir / PEFT_CONFIG_NAME).read_text(encoding="utf-8"))
     peft_type = config.get("peft_type")

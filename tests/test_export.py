@@ -411,9 +411,12 @@ def test_refuses_model_without_bayesian_adapter(tmp_path):
     plain_peft.save_pretrained(str(tmp_path / "plain"))
     with pytest.raises(ValueError, match="peft_type 'LORA'"):
         export_lora(tmp_path / "plain", tmp_path / "c")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(ValueError, match=r"adapter_name='default'.*adapters found: \['plain'\]"):
         export_lora(tmp_path, tmp_path / "d")
-    assert sorted(os.listdir(tmp_path)) == ["plain"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        export_lora(tmp_path / "empty", tmp_path / "e")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "plain"]
 
 
 def test_refuses_unknown_adapter_and_bad_arguments(tmp_path):

@@ -1,0 +1,144 @@
+"""The `bayes-adapter` console command: `export` a Bayesian adapter to its mean LoRA, `push` it to the Hub."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .export import COMPONENTS, DEFAULT_FORMATS, FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="bayes-adapter",
+        description="Bayesian LoRA for PEFT: export a trained Bayesian adapter to a plain (mean) LoRA, push it to the "
+        "Hugging Face Hub.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push}")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--adapter-name", default="default", help="Adapter to export (default: %(default)s).")
+    common.add_argument(
+        "--component",
+        choices=COMPONENTS,
+        default=None,
+        help="Pipeline component the adapter belongs to (sets the diffusers key prefix); inferred by default.",
+    )
+
+    export = commands.add_parser(
+        "export",
+        parents=[common],
+        help="Write the mean of a saved Bayesian adapter as a plain LoRA.",
+        description="Collapse a Bayesian LoRA adapter (a folder saved with save_pretrained) to its mean: a plain LoRA "
+        "(peft_type LORA, no posterior stds) that loads with PeftModel.from_pretrained and "
+        "pipe.load_lora_weights on machines without bayes-adapter.",
+    )
+    export.add_argument("src", help="Folder of the saved Bayesian adapter (adapter_config.json + safetensors).")
+    export.add_argument("out", help="Output folder; must not exist unless --overwrite.")
+    export.add_argument(
+        "--format",
+        nargs="+",
+        choices=FORMATS,
+        default=list(DEFAULT_FORMATS),
+        help="Formats to write (default: %(default)s). kohya: lora_unet_*/lora_te_* keys for ComfyUI and A1111.",
+    )
+    export.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
+
+    push = commands.add_parser(
+        "push",
+        parents=[common],
+        help="Push the mean LoRA and a model card to a Hub repo.",
+        description="Export the mean LoRA of a Bayesian adapter (or take an existing export folder) and upload it to "
+        "a Hub model repo with a model card, so that pipe.load_lora_weights(REPO_ID) loads it. The token is read "
+        "from the stored login or HF_TOKEN; prefer those to --token, which other users can see in the process list.",
+    )
+    push.add_argument("src", help="Saved Bayesian adapter folder, or a folder written by `bayes-adapter export`.")
+    push.add_argument("repo_id", help="Hub repo id, 'user/name' (created if missing).")
+    push.add_argument("--token", default=None, help="Hub token with write access (default: stored login / HF_TOKEN).")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=None, help="Create it private.")
+    visibility.add_argument("--public", dest="private", action="store_false", help="Create it public.")
+    push.add_argument(
+        "--include-bayesian",
+        action="store_true",
+        help="Also upload the full Bayesian adapter (with posterior stds) to bayesian/, to resume training.",
+    )
+    push.add_argument("--base-model", default=None, help="Base model Hub id, for the model card.")
+    push.add_argument("--instance-prompt", default=None, help="Prompt the adapter was trained with, for the card.")
+    push.add_argument(
+        "--validation-image",
+        action="append",
+        default=None,
+        dest="validation_images",
+        metavar="PATH",
+        help="Image to upload and show in the card's widget (repeatable).",
+    )
+    push.add_argument("--commit-message", default=None, help="Commit message.")
+    push.add_argument("--local-dir", default=None, help="Where to keep the uploaded files (default: a temp folder).")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_lora
+
+    out = export_lora(
+        args.src,
+        args.out,
+        adapter_name=args.adapter_name,
+        component=args.component,
+        format=args.format,
+        overwrite=args.overwrite,
+    )
+    print(f"Exported the mean LoRA of {args.src!r} (adapter {args.adapter_name!r}) to {str(out)!r}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import DEFAULT_COMMIT_MESSAGE, push_to_hub
+
+    url = push_to_hub(
+        args.src,
+        args.repo_id,
+        token=args.token,
+        private=args.private,
+        include_bayesian=args.include_bayesian,
+        base_model=args.base_model,
+        instance_prompt=args.instance_prompt,
+        validation_images=args.validation_images,
+        commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE,
+        adapter_name=args.adapter_name,
+        component=args.component,
+        local_dir=args.local_dir,
+    )
+    print(f"Pushed to {args.repo_id}: {url}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the `bayes-adapter` command.
+
+    Args:
+        argv: The arguments (without the program name); `sys.argv[1:]` by default.
+
+    Returns:
+        The exit status: 0 on success, 2 for bad input (nothing written), 1 for a failure while working.
+    """
+    args = _parser().parse_args(argv)
+    handler = {"export": _export, "push": _push}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"bayes-adapter {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (RuntimeError, OSError) as error:
+        print(f"bayes-adapter {args.command}: failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

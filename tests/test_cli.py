@@ -1,0 +1,96 @@
+"""The `bayes-adapter` console command: export and push subcommands, their --help, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from huggingface_hub import constants
+from safetensors import safe_open
+from test_export import bayesian_unet
+from test_hub import REPO, TOKEN, hub  # noqa: F401  (the fake Hub fixture)
+
+from bayes_adapter.cli import main
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    bayesian_unet("peft").save_pretrained(str(tmp_path / "bayes"))
+    return tmp_path / "bayes"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["push", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: bayes-adapter")
+    if argv[0] == "export":
+        assert "--overwrite" in out and "kohya" in out
+    if argv[0] == "push":
+        assert "--include-bayesian" in out and "repo_id" in out
+
+
+def test_console_script_help():
+    script = os.path.join(os.path.dirname(sys.executable), "bayes-adapter")
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "bayes_adapter.cli"]
+    result = subprocess.run([*command, "export", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: bayes-adapter export" in result.stdout
+
+
+def test_export_command(saved_adapter, tmp_path, capsys):
+    out = tmp_path / "mean"
+    assert main(["export", str(saved_adapter), str(out), "--format", "diffusers", "kohya"]) == 0
+    assert sorted(os.listdir(out)) == [
+        "bayes_lora_export.json",
+        "lora_kohya.safetensors",
+        "pytorch_lora_weights.safetensors",
+    ]
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        assert all(k.startswith("unet.") and "rho" not in k for k in f.keys())
+    assert str(out) in capsys.readouterr().out
+
+    # Existing output: refused with the argument named, exit status 2, nothing changed.
+    before = sorted(os.listdir(out))
+    assert main(["export", str(saved_adapter), str(out)]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before
+    assert main(["export", str(saved_adapter), str(out), "--overwrite"]) == 0
+    assert "adapter_config.json" in os.listdir(out)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_export_command_bad_input(saved_adapter, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "a")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["export", str(saved_adapter), str(tmp_path / "a"), "--adapter-name", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as raised:
+        main(["export", str(saved_adapter), str(tmp_path / "a"), "--format", "ckpt"])
+    assert raised.value.code == 2
+    assert not (tmp_path / "a").exists()
+
+
+def test_push_command(hub, saved_adapter, tmp_path, capsys):  # noqa: F811
+    argv = ["push", str(saved_adapter), REPO, "--token", TOKEN, "--include-bayesian", "--base-model", "org/base"]
+    assert main([*argv, "--local-dir", str(tmp_path / "upload")]) == 0
+    assert "bayesian/adapter_model.safetensors" in hub.files and "pytorch_lora_weights.safetensors" in hub.files
+    out = capsys.readouterr()
+    assert REPO in out.out and TOKEN not in out.out + out.err
+
+
+def test_push_command_errors(hub, saved_adapter, tmp_path, capsys, monkeypatch):  # noqa: F811
+    assert main(["push", str(saved_adapter), "not a repo"]) == 2
+    assert "repo_id='not a repo'" in capsys.readouterr().err
+    hub.fail["/commit/"] = 403
+    assert main(["push", str(saved_adapter), REPO, "--token", TOKEN, "--local-dir", str(tmp_path / "up")]) == 1
+    err = capsys.readouterr().err
+    assert REPO in err and "403" in err and TOKEN not in err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["push", str(saved_adapter), REPO]) == 1
+    assert "offline mode" in capsys.readouterr().err
