@@ -157,15 +157,22 @@ def test_help_lists_every_bayesian_option(capsys):
         train.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
+    # Every field BayesLoraConfig adds to LoraConfig has its flag (train_posterior_std=False is --fixed_posterior_std).
+    from bayes_adapter.export import BAYESIAN_CONFIG_FIELDS
+
+    assert set(BAYESIAN_CONFIG_FIELDS) == {
+        "bayesian_factors",
+        "posterior_std_init",
+        "prior_std",
+        "estimator",
+        "sample_at_inference",
+        "train_posterior_std",
+        "kl_weight",
+    }
+    for field in BAYESIAN_CONFIG_FIELDS:
+        assert ("--fixed_posterior_std" if field == "train_posterior_std" else f"--{field}") in text
     for flag in (
-        "--bayesian_factors",
-        "--posterior_std_init",
-        "--prior_std",
-        "--estimator",
-        "--kl_weight",
         "--kl_scaling",
-        "--fixed_posterior_std",
-        "--sample_at_inference",
         "--rank",
         "--train_text_encoder",
         "--with_prior_preservation",
