@@ -546,3 +546,19 @@ def test_two_cpu_processes_under_accelerate_launch(tmp_path, tiny_sd, instance_d
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     saved = load_file(str(out / "bayesian_adapter" / "unet" / "adapter_model.safetensors"))
     assert all(torch.equal(saved[k], states[0][k]) for k in saved)
+
+
+def test_push_to_hub_calls_the_library_with_accepted_arguments(tmp_path, instance_dir, monkeypatch):
+    """The real bayes_adapter.push_to_hub accepts the script's arguments and images; offline, it stops before any
+    request (the e2e test checks what the script passes)."""
+    from huggingface_hub import constants
+    from tiny_models import tiny_unet
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    args = train.parse_args(cli("no/such/model", instance_dir, tmp_path, "--push_to_hub", "--hub_model_id", "me/dog"))
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
+    unet = tiny_unet()
+    unet.add_adapter(train.lora_config(args, args.unet_target_modules))
+    images = np.zeros((2, 32, 32, 3), dtype=np.float32)
+    with pytest.raises(RuntimeError, match="offline mode"):
+        train.push_to_hub(args, tmp_path, {"unet": unet}, images)
