@@ -9,6 +9,7 @@ What is private and used:
   `Embedding._get_embed_scale`.
 - `LoraModel._create_and_replace`, `_create_new_module` and `_mark_only_adapters_as_trainable`, overridden by
   `PluginLoraModel`, which turns them into public hooks.
+- `peft.utils.other.get_pattern_key`: how PEFT matches a module to a `rank_pattern` / `alpha_pattern` key.
 - The `is_lora_variant` / `lora_variants` metadata on `LoraConfig` fields, to refuse variants we cannot combine with.
 """
 
@@ -29,10 +30,13 @@ from peft.mapping import (
 )
 from peft.tuners.lora import LoraConfig, LoraModel
 from peft.tuners.lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, LoraVariant
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
+from peft.utils.other import get_pattern_key
 
 
 __all__ = [
+    "BaseTunerLayer",
     "Conv1d",
     "Conv2d",
     "Conv3d",
@@ -46,6 +50,7 @@ __all__ = [
     "embed",
     "embed_scale",
     "enabled_lora_variants",
+    "get_pattern_key",
     "peft_type_member",
     "register",
 ]

@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._peft_compat import get_pattern_key
 from .bayes import posterior_std
 from .config import PEFT_TYPE_NAME, BayesLoraConfig
 from .layer import BayesLoraLayer

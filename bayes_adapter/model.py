@@ -7,11 +7,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._peft_compat import LoraLayer, PluginLoraModel
+from ._peft_compat import BaseTunerLayer, LoraLayer, PluginLoraModel
 from .config import BayesLoraConfig
 from .layer import BayesLoraLayer, bayes_layer_class
 
@@ -59,7 +58,9 @@ class BayesLoraModel(PluginLoraModel):
             )
         if isinstance(base_layer, Conv1D):
             if not lora_config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out is False but the target module is `Conv1D`; setting it to True.", stacklevel=2)
+                warnings.warn(
+                    "fan_in_fan_out is False but the target module is `Conv1D`; setting it to True.", stacklevel=2
+                )
                 lora_config.fan_in_fan_out = True
             kwargs["is_target_conv_1d_layer"] = True
         elif isinstance(base_layer, nn.Linear) and lora_config.fan_in_fan_out:
