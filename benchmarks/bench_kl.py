@@ -3,7 +3,9 @@
 One Bayesian UNet; interleaved per round: (1) a training step without the KL term, (2) `bayes_adapter.kl_loss`
 forward + backward alone, (3) the same KL computed by `prototypes.kl_loss_flat`, which concatenates every factor's
 mean and rho and evaluates the closed form once (a proposed change to `bayes_adapter.kl_divergence` / `kl_loss`),
-forward + backward. Reported: medians, and KL / (step without KL + KL). `kl_flat` is checked to equal `kl_divergence`.
+forward + backward, with its tensor list cached per model, (4) the same gathering the tensors on every call
+(`kl_flat_uncached`). Reported: medians, and KL / (step without KL + KL). The prototype's value is checked against
+`kl_loss`.
 
 Example: python benchmarks/bench_kl.py --size small --rounds 20
 """
@@ -26,6 +28,12 @@ def kl_flat(model: torch.nn.Module) -> torch.Tensor:
     from benchmarks import prototypes
 
     return prototypes.kl_loss_flat(model, num_examples=1)
+
+
+def kl_flat_uncached(model: torch.nn.Module) -> torch.Tensor:
+    from benchmarks import prototypes
+
+    return prototypes.kl_loss_flat(model, num_examples=1, cache=False)
 
 
 def parse_args(argv=None):
@@ -76,6 +84,7 @@ def main(argv=None) -> dict:
             "step_without_kl": trainer.step,
             "kl_loss": kl_step(lambda m: bayes_adapter.kl_loss(m, num_examples=1)),
             "kl_flat_prototype": kl_step(kl_flat),
+            "kl_flat_uncached": kl_step(kl_flat_uncached),
         },
         args.rounds,
         args.warmup,
@@ -83,7 +92,7 @@ def main(argv=None) -> dict:
     )
     summary = common.summarise(times, "step_without_kl")
     step = summary["step_without_kl"]["median_wall_s"]
-    for name in ("kl_loss", "kl_flat_prototype"):
+    for name in ("kl_loss", "kl_flat_prototype", "kl_flat_uncached"):
         kl_t = summary[name]["median_wall_s"]
         summary[name]["fraction_of_step"] = kl_t / (step + kl_t)
         paired = [k / (s + k) for k, s in zip(times[name]["wall"], times["step_without_kl"]["wall"])]

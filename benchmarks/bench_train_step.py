@@ -188,8 +188,10 @@ def main(argv=None) -> dict:
     if "memory" in payload:
         rows = [{"arm": arm, **s} for arm, s in payload["memory"]["summary"].items()]
         print(common.table(rows, [
-            ("arm", "arm", ""), ("ru_maxrss_mib", "peak RSS MiB", ".1f"), ("ratio_ru_maxrss", "ratio", ".4f"),
-            ("train_increment_mib", "step increment MiB", ".1f"), ("ratio_train_increment", "increment ratio", ".3f"),
+            ("arm", "arm", ""), ("ru_maxrss_mib", "process peak RSS MiB", ".1f"), ("ratio_ru_maxrss", "ratio", ".4f"),
+            ("peak_rss_during_steps_mib", "peak RSS in steps MiB", ".1f"),
+            ("ratio_peak_during_steps", "ratio", ".4f"),
+            ("train_increment_mib", "step increment MiB", ".1f"), ("ratio_train_increment", "ratio", ".3f"),
         ]))
     print(f"JSON: {path}")
     return payload
