@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
     rows = [{"format": name, **s, "file sizes": ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in s["files"].items())}
             for name, s in summary.items()]
     print(common.table(rows, [
-        ("format", "format", ""), ("n", "n", "d"), ("median_wall_s", "median s", ".4f"), ("min_wall_s", "min s", ".4f"),
+        ("format", "format", ""), ("n", "n", "d"), ("median_wall_s", "median s", ".4f"),
+        ("min_wall_s", "min s", ".4f"),
         ("median_cpu_s", "median CPU s", ".4f"), ("total_mib", "total MiB", ".2f"), ("file sizes", "files", ""),
     ]))
     print(f"JSON: {path}")

@@ -85,7 +85,8 @@ TEXT_TOKENS = {"tiny": 16, "small": 16, "sd15": 77}
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: the machine is shared)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (default 1: the machine is shared)")
     parser.add_argument("--device", default="cpu", help="cpu (cuda is accepted but untested in this session)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--seed", type=int, default=0)
@@ -202,7 +203,9 @@ def train_inputs(size: str, batch: int, latent: int, device: str = "cpu", dtype=
     return TrainInputs(
         noisy=torch.randn(shape, generator=generator).to(device, dtype),
         timesteps=torch.randint(0, 1000, (batch,), generator=generator).to(device),
-        text=torch.randn((batch, TEXT_TOKENS[size], cfg["cross_attention_dim"]), generator=generator).to(device, dtype),
+        text=torch.randn((batch, TEXT_TOKENS[size], cfg["cross_attention_dim"]), generator=generator).to(
+            device, dtype
+        ),
         target=torch.randn(shape, generator=generator).to(device, dtype),
     )
 

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_export, bench_inference, bench_kl, bench_train_step, common  # noqa: E402
+from benchmarks import bench_export, bench_inference, bench_kl, bench_train_step, common, profile_step  # noqa: E402
 
 
 def _read(path: Path) -> dict:
@@ -66,6 +66,14 @@ def test_export(tmp_path):
     data = _read(out)
     assert data["means_exact"] is True
     assert data["summary"]["peft+diffusers"]["total_mib"] > 0
+
+
+def test_profile_step(tmp_path):
+    out = tmp_path / "profile.json"
+    profile_step.main(["--size", "tiny", "--arms", "weight_B+proto", "--rounds", "1", "--out", str(out)])
+    arms = _read(out)["arms"]
+    assert arms["weight_B+proto"]["forward"]["aten_ops"] > arms["plain"]["forward"]["aten_ops"]
+    assert arms["plain"]["kl"]["aten_ops"] == 0
 
 
 def test_unknown_arm_is_refused():
