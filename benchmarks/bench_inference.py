@@ -7,6 +7,7 @@ weights, in its own pipeline sharing the other components:
 - `bayes_eval`: the Bayesian adapter itself (random non-zero means, posterior std 0.01), in eval mode.
 - `exported`: `bayes_adapter.export_lora` of that adapter, loaded with `pipe.load_lora_weights` (diffusers file).
 - `plain_lora`: a plain PEFT LoRA (same targets, r, alpha) holding the same A and B, added with `add_adapter`.
+- `plain_lora_again`: a second, identical plain LoRA: its ratio to `plain_lora` is the noise floor (A/A test).
 - `fused`: the exported LoRA fused into a private copy of the base weights (`fuse_lora` + `unload_lora_weights`).
 - `base`: the UNet without any adapter (what LoRA itself costs).
 
@@ -93,7 +94,11 @@ def main(argv=None) -> dict:
                           strict=False)
     plain.eval()
 
-    pipes = {"bayes_eval": pipeline(components, bayes), "plain_lora": pipeline(components, plain)}
+    plain_again = common.add_adapter(common.share_base_copy(base), common.PLAIN, targets, seed=args.seed)
+    plain_again.load_state_dict(plain.state_dict(), strict=False)
+    plain_again.eval()
+    pipes = {"bayes_eval": pipeline(components, bayes), "plain_lora": pipeline(components, plain),
+             "plain_lora_again": pipeline(components, plain_again)}
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = Path(tmp) / "export"
         bayes_adapter.export_lora(bayes, export_dir)

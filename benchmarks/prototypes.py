@@ -6,8 +6,9 @@ An arm named `<estimator>_<factors>+proto` (e.g. `weight_B+proto`) runs with the
   KL weight), instead of ~12 autograd ops per layer and factor (the closed form, `gaussian_kl`, is unchanged), with
   the list of those tensors cached per model (`cache=False`: gathered on every call).
 - `ProtoSampling`: `BayesLoraLayer.sample_factor` with fewer ops and allocations: `addcmul` for
-  `mean + std * eps` (weight), `out_mean + out_std * eps` (local) and `output + perturbation * signs` (flipout);
-  the local variance floor and square root in place; random signs drawn straight in the input's dtype.
+  `mean + std * eps` (weight) and `output + perturbation * signs` (flipout); for "local", `LocalNoise`, an
+  autograd function that saves one full-size tensor per layer instead of two; random signs drawn straight in the
+  input's dtype.
 
 Each is checked against the shipped code in tests/test_benchmarks.py (same KL; same outputs under the same seed).
 """
@@ -79,6 +80,27 @@ def random_signs(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, 2, tuple(shape), device=like.device, dtype=like.dtype).mul_(2).sub_(1)
 
 
+class LocalNoise(torch.autograd.Function):
+    """`out_mean + sqrt(variance + floor) * eps`, saving one full-size tensor for backward instead of two.
+
+    Autograd's version keeps `sqrt(...)` (for the square root's backward) and `eps` (for the product's); the gradient
+    with respect to the variance is `grad * eps / (2 sqrt(variance + floor))`, so saving that ratio is enough.
+    """
+
+    @staticmethod
+    def forward(ctx, out_mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+        out_std = variance.add(bayes_math._VARIANCE_FLOOR).sqrt_()
+        eps = torch.randn_like(out_std)
+        output = torch.addcmul(out_mean, out_std, eps)
+        ctx.save_for_backward(eps.div_(out_std).mul_(0.5))
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (ratio,) = ctx.saved_tensors
+        return grad, grad * ratio
+
+
 class ProtoSampling:
     """The proposed `sample_factor` / `flipout_perturbation` of `BayesLoraLayer` (bound onto layers by `apply`)."""
 
@@ -94,8 +116,7 @@ class ProtoSampling:
         if settings.estimator == "local":
             out_mean = self.apply_factor(factor, adapter_name, inputs, mean, bias)
             variance = self.apply_factor(factor, adapter_name, self.square_input(factor, inputs), std * std, None)
-            out_std = variance.add_(bayes_math._VARIANCE_FLOOR).sqrt_()
-            return torch.addcmul(out_mean, out_std, torch.randn_like(out_mean))
+            return LocalNoise.apply(out_mean, variance)
         output = self.apply_factor(factor, adapter_name, inputs, mean, bias)
         weight_noise = std * torch.randn_like(std)
         return self.flipout_perturbation(factor, adapter_name, inputs, weight_noise, output)

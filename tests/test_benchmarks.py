@@ -93,12 +93,17 @@ def test_prototypes_match_the_shipped_layers(arm):
     inputs = common.train_inputs("tiny", 2, 16)
     targets = common.TARGET_SETS["attn+conv"]
     models = [common.add_adapter(common.share_base_copy(base), name, targets) for name in (arm, arm + "+proto")]
-    outputs = []
+    outputs, grads = [], []
     for model in models:
         common.randomise_lora(model)
         model.train()
         torch.manual_seed(1)
-        outputs.append(model(inputs.noisy, inputs.timesteps, encoder_hidden_states=inputs.text).sample)
+        output = model(inputs.noisy, inputs.timesteps, encoder_hidden_states=inputs.text).sample
+        output.square().mean().backward()
+        outputs.append(output)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(prototypes.kl_loss_flat(models[1], 3), bayes_adapter.kl_loss(models[0], 3))
