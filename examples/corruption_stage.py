@@ -48,7 +48,7 @@ def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
     else:
         cfg = experiment.ExperimentConfig()
     over = {}
-    for name in ("steps", "eval_every", "lr", "n_eval", "kl_weight", "sigma", "batch"):
+    for name in ("steps", "eval_every", "lr", "n_eval", "kl_weight", "sigma", "batch", "guidance", "sample_steps"):
         v = getattr(args, name)
         if v is not None:
             over[name] = v
@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-eval", type=int)
     p.add_argument("--kl-weight", type=float)
     p.add_argument("--sigma", type=float)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale of the evaluation samples")
+    p.add_argument("--sample-steps", type=int, help="DDIM steps of the evaluation samples")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     return p.parse_args(argv)
 

@@ -42,7 +42,7 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 600
     eval_every: int = 50
-    lr: float = 1e-3
+    lr: float = 3e-3
     batch: int = 4
     rank: int = 4
     sigma: float = 0.01  # posterior std init (all Bayesian arms) and prior std
