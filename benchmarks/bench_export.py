@@ -70,25 +70,39 @@ def main(argv=None) -> dict:
 
             return run
 
-        times = common.interleaved({name: export(fmt) for name, fmt in FORMAT_ARMS.items()}, args.rounds,
-                                   args.warmup, args.device)
+        times = common.interleaved(
+            {name: export(fmt) for name, fmt in FORMAT_ARMS.items()}, args.rounds, args.warmup, args.device
+        )
     summary = common.summarise(times, "peft+diffusers")
     for name in summary:
         summary[name]["files"] = files.get(name, {})
         summary[name]["total_mib"] = sum(files.get(name, {}).values()) / 2**20
     payload.update(raw=times, summary=summary, bayes_layers=n_layers, adapter_params_incl_std=adapter_params)
     path = common.write_json(payload, args.out, f"export_{args.size}_t{args.threads}.json")
-    print(f"# Export: {args.size} UNet, {args.arm}, {n_layers} LoRA layers ({args.targets}, r={args.r}), "
-          f"{adapter_params} adapter parameters incl. posterior std")
+    print(
+        f"# Export: {args.size} UNet, {args.arm}, {n_layers} LoRA layers ({args.targets}, r={args.r}), "
+        f"{adapter_params} adapter parameters incl. posterior std"
+    )
     print(common.load_line(payload["machine"]))
     print(f"diffusers file holds the means exactly: {payload['means_exact']} ({payload['tensors_checked']} tensors)")
-    rows = [{"format": name, **s, "file sizes": ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in s["files"].items())}
-            for name, s in summary.items()]
-    print(common.table(rows, [
-        ("format", "format", ""), ("n", "n", "d"), ("median_wall_s", "median s", ".4f"),
-        ("min_wall_s", "min s", ".4f"),
-        ("median_cpu_s", "median CPU s", ".4f"), ("total_mib", "total MiB", ".2f"), ("file sizes", "files", ""),
-    ]))
+    rows = [
+        {"format": name, **s, "file sizes": ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in s["files"].items())}
+        for name, s in summary.items()
+    ]
+    print(
+        common.table(
+            rows,
+            [
+                ("format", "format", ""),
+                ("n", "n", "d"),
+                ("median_wall_s", "median s", ".4f"),
+                ("min_wall_s", "min s", ".4f"),
+                ("median_cpu_s", "median CPU s", ".4f"),
+                ("total_mib", "total MiB", ".2f"),
+                ("file sizes", "files", ""),
+            ],
+        )
+    )
     print(f"JSON: {path}")
     return payload
 

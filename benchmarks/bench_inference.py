@@ -43,15 +43,36 @@ def build_components(size: str, seed: int):
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     width = common.UNET_CONFIGS[size]["cross_attention_dim"]
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=width, intermediate_size=2 * width,
-        num_attention_heads=max(1, width // 64) if width >= 64 else 2, num_hidden_layers=2,
-        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return dict(vae=tiny_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_attention_heads=max(1, width // 64) if width >= 64 else 2,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return dict(
+        vae=tiny_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def pipeline(components: dict, unet):
@@ -90,15 +111,19 @@ def main(argv=None) -> dict:
     common.randomise_lora(bayes, args.seed)
     bayes.eval()
     plain = common.add_adapter(common.share_base_copy(base), common.PLAIN, targets, seed=args.seed)
-    plain.load_state_dict({k: v for k, v in bayes.state_dict().items() if ".lora_A." in k or ".lora_B." in k},
-                          strict=False)
+    plain.load_state_dict(
+        {k: v for k, v in bayes.state_dict().items() if ".lora_A." in k or ".lora_B." in k}, strict=False
+    )
     plain.eval()
 
     plain_again = common.add_adapter(common.share_base_copy(base), common.PLAIN, targets, seed=args.seed)
     plain_again.load_state_dict(plain.state_dict(), strict=False)
     plain_again.eval()
-    pipes = {"bayes_eval": pipeline(components, bayes), "plain_lora": pipeline(components, plain),
-             "plain_lora_again": pipeline(components, plain_again)}
+    pipes = {
+        "bayes_eval": pipeline(components, bayes),
+        "plain_lora": pipeline(components, plain),
+        "plain_lora_again": pipeline(components, plain_again),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = Path(tmp) / "export"
         bayes_adapter.export_lora(bayes, export_dir)
@@ -119,8 +144,15 @@ def main(argv=None) -> dict:
         def run():
             generator = torch.Generator(device="cpu").manual_seed(args.seed)
             with torch.inference_mode():
-                image = pipes[name](PROMPT, height=size_px, width=size_px, num_inference_steps=args.steps,
-                                    guidance_scale=args.guidance, generator=generator, output_type="np").images
+                image = pipes[name](
+                    PROMPT,
+                    height=size_px,
+                    width=size_px,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    generator=generator,
+                    output_type="np",
+                ).images
             outputs[name] = image
             return image
 
@@ -134,15 +166,26 @@ def main(argv=None) -> dict:
     n_lora = sum(1 for _ in bayes_adapter.bayes_layers(bayes))
     payload.update(raw=times, summary=summary, lora_layers=n_lora, image_px=size_px)
     path = common.write_json(payload, args.out, f"inference_{args.size}_t{args.threads}.json")
-    print(f"# Inference: {args.size} UNet, {n_lora} LoRA layers ({args.targets}, r=4), {args.latent}x{args.latent} "
-          f"latents, {args.steps} DDIM steps, CFG {args.guidance}, {args.dtype} on {args.device}")
+    print(
+        f"# Inference: {args.size} UNet, {n_lora} LoRA layers ({args.targets}, r=4), {args.latent}x{args.latent} "
+        f"latents, {args.steps} DDIM steps, CFG {args.guidance}, {args.dtype} on {args.device}"
+    )
     print(common.load_line(payload["machine"]))
     rows = [{"arm": name, **s} for name, s in summary.items()]
-    print(common.table(rows, [
-        ("arm", "arm", ""), ("n", "n", "d"), ("median_wall_s", "median s / call", ".4f"),
-        ("ratio_wall", "ratio to plain LoRA (medians)", ".3f"), ("paired_ratio_wall", "ratio (paired)", ".3f"),
-        ("ratio_cpu", "CPU ratio", ".3f"), ("max_abs_diff_vs_bayes_eval", "max abs diff vs bayes_eval", ".3g"),
-    ]))
+    print(
+        common.table(
+            rows,
+            [
+                ("arm", "arm", ""),
+                ("n", "n", "d"),
+                ("median_wall_s", "median s / call", ".4f"),
+                ("ratio_wall", "ratio to plain LoRA (medians)", ".3f"),
+                ("paired_ratio_wall", "ratio (paired)", ".3f"),
+                ("ratio_cpu", "CPU ratio", ".3f"),
+                ("max_abs_diff_vs_bayes_eval", "max abs diff vs bayes_eval", ".3g"),
+            ],
+        )
+    )
     print(f"JSON: {path}")
     return payload
 

@@ -99,16 +99,26 @@ def main(argv=None) -> dict:
         summary[name]["paired_fraction_of_step"] = statistics.median(paired)
     payload.update(raw=times, summary=summary, bayes_layers=n_layers, arm=args.arm)
     path = common.write_json(payload, args.out, f"kl_{args.size}_{args.arm}_t{args.threads}.json")
-    print(f"# KL cost: {args.size} UNet, arm {args.arm}, {n_layers} Bayesian layers, batch {args.batch}, "
-          f"{args.latent}x{args.latent} latents")
+    print(
+        f"# KL cost: {args.size} UNet, arm {args.arm}, {n_layers} Bayesian layers, batch {args.batch}, "
+        f"{args.latent}x{args.latent} latents"
+    )
     print(common.load_line(payload["machine"]))
     print(f"KL value {payload['kl_value']:.6g}; prototype relative difference {payload['kl_flat_max_rel_diff']:.2e}")
     rows = [{"what": name, **s} for name, s in summary.items()]
-    print(common.table(rows, [
-        ("what", "what", ""), ("n", "n", "d"), ("median_wall_s", "median wall s", ".5f"),
-        ("median_cpu_s", "median CPU s", ".5f"), ("fraction_of_step", "fraction of step", ".4f"),
-        ("paired_fraction_of_step", "fraction (paired)", ".4f"),
-    ]))
+    print(
+        common.table(
+            rows,
+            [
+                ("what", "what", ""),
+                ("n", "n", "d"),
+                ("median_wall_s", "median wall s", ".5f"),
+                ("median_cpu_s", "median CPU s", ".5f"),
+                ("fraction_of_step", "fraction of step", ".4f"),
+                ("paired_fraction_of_step", "fraction (paired)", ".4f"),
+            ],
+        )
+    )
     print(f"JSON: {path}")
     return payload
 

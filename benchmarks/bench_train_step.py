@@ -37,14 +37,23 @@ def parse_args(argv=None):
     parser.add_argument("--latent", type=int, default=32, help="latent height and width")
     parser.add_argument("--targets", default="attn", choices=sorted(common.TARGET_SETS))
     parser.add_argument("--r", type=int, default=4)
-    parser.add_argument("--arms", default="all", help=(
-        "comma list of arms (plain, weight_B, local_AB, ...; a '+proto' suffix runs benchmarks/prototypes.py), "
-        "'all' or 'all+proto'"))
+    parser.add_argument(
+        "--arms",
+        default="all",
+        help=(
+            "comma list of arms (plain, weight_B, local_AB, ...; a '+proto' suffix runs benchmarks/prototypes.py), "
+            "'all' or 'all+proto'"
+        ),
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-kl", action="store_true", help="leave the KL term out of the Bayesian steps")
-    parser.add_argument("--optim", default="adamw", choices=("adamw", "adamw-foreach", "adamw-fused"),
-                        help="adamw: torch's default implementation (a per-tensor loop on CPU)")
+    parser.add_argument(
+        "--optim",
+        default="adamw",
+        choices=("adamw", "adamw-foreach", "adamw-fused"),
+        help="adamw: torch's default implementation (a per-tensor loop on CPU)",
+    )
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per arm")
     parser.add_argument("--memory-only", action="store_true", help="measure only peak memory")
     parser.add_argument("--memory-arms", default=None, help="arms for the memory runs (default: --arms)")
@@ -93,8 +102,9 @@ def run_timing(args, arms: list[str]) -> dict:
     def report(r: int) -> None:
         print(f"  round {r + 1}/{args.rounds} done, load {common.os.getloadavg()[0]:.2f}", file=sys.stderr)
 
-    times = common.interleaved({arm: t.step for arm, t in trainers.items()}, args.rounds, args.warmup, args.device,
-                               on_round=report)
+    times = common.interleaved(
+        {arm: t.step for arm, t in trainers.items()}, args.rounds, args.warmup, args.device, on_round=report
+    )
     summary = common.summarise(times, common.PLAIN)
     for arm in arms:
         summary[arm]["trainable_params"] = params[arm]
@@ -129,27 +139,43 @@ def memory_child(args) -> None:
 
 def run_memory(args, arms: list[str]) -> dict:
     script = Path(__file__).resolve()
-    passthrough = [
-        f"--size={args.size}", f"--batch={args.batch}", f"--latent={args.latent}", f"--targets={args.targets}",
-        f"--r={args.r}", f"--threads={args.threads}", f"--device={args.device}", f"--dtype={args.dtype}",
-        f"--seed={args.seed}", f"--memory-steps={args.memory_steps}",
-    ] + (["--no-kl"] if args.no_kl else []) + [f"--optim={args.optim}"]
+    passthrough = (
+        [
+            f"--size={args.size}",
+            f"--batch={args.batch}",
+            f"--latent={args.latent}",
+            f"--targets={args.targets}",
+            f"--r={args.r}",
+            f"--threads={args.threads}",
+            f"--device={args.device}",
+            f"--dtype={args.dtype}",
+            f"--seed={args.seed}",
+            f"--memory-steps={args.memory_steps}",
+        ]
+        + (["--no-kl"] if args.no_kl else [])
+        + [f"--optim={args.optim}"]
+    )
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     for repeat in range(args.memory_repeats):
         order = arms if repeat % 2 == 0 else arms[::-1]
         for arm in order:
-            proc = subprocess.run([sys.executable, str(script), "--child-memory", arm, *passthrough],
-                                  capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                [sys.executable, str(script), "--child-memory", arm, *passthrough],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")), None)
             if proc.returncode != 0 or line is None:
                 raise RuntimeError(f"memory child for {arm} failed:\n{proc.stderr[-3000:]}")
-            runs[arm].append(json.loads(line[len("MEMORY "):]))
+            runs[arm].append(json.loads(line[len("MEMORY ") :]))
             print(f"  memory {arm}: {runs[arm][-1]['ru_maxrss'] / 2**20:.0f} MiB", file=sys.stderr)
     summary = {}
     base = runs[common.PLAIN]
     for arm, rs in runs.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in ("ru_maxrss", "peak_rss_during_steps",
-                                                               "train_increment")}
+        med = {
+            k: statistics.median(r[k] for r in rs) for k in ("ru_maxrss", "peak_rss_during_steps", "train_increment")
+        }
         med_base = {k: statistics.median(r[k] for r in base) for k in med}
         summary[arm] = {
             **{f"{k}_mib": v / 2**20 for k, v in med.items()},
@@ -168,9 +194,11 @@ def main(argv=None) -> dict:
         return {}
     arms = arms_of(args.arms)
     payload = {"benchmark": "train_step", "machine": common.machine_info(args)}
-    print(f"# Training step: {args.size} UNet, batch {args.batch}, {args.latent}x{args.latent} latents, "
-          f"targets {args.targets}, r={args.r}, {args.dtype} on {args.device}, KL in step: {not args.no_kl}, "
-          f"optimizer {args.optim}")
+    print(
+        f"# Training step: {args.size} UNet, batch {args.batch}, {args.latent}x{args.latent} latents, "
+        f"targets {args.targets}, r={args.r}, {args.dtype} on {args.device}, KL in step: {not args.no_kl}, "
+        f"optimizer {args.optim}"
+    )
     if not args.memory_only:
         payload["timing"] = run_timing(args, arms)
     if args.memory or args.memory_only:
@@ -179,20 +207,37 @@ def main(argv=None) -> dict:
     print(common.load_line(payload["machine"]))
     if "timing" in payload:
         rows = [{"arm": arm, **s} for arm, s in payload["timing"]["summary"].items()]
-        print(common.table(rows, [
-            ("arm", "arm", ""), ("n", "n", "d"), ("median_wall_s", "median wall s", ".4f"),
-            ("ratio_wall", "ratio (medians)", ".3f"), ("paired_ratio_wall", "ratio (paired)", ".3f"),
-            ("median_cpu_s", "median CPU s", ".4f"), ("ratio_cpu", "CPU ratio", ".3f"),
-            ("trainable_params", "trainable params", "d"),
-        ]))
+        print(
+            common.table(
+                rows,
+                [
+                    ("arm", "arm", ""),
+                    ("n", "n", "d"),
+                    ("median_wall_s", "median wall s", ".4f"),
+                    ("ratio_wall", "ratio (medians)", ".3f"),
+                    ("paired_ratio_wall", "ratio (paired)", ".3f"),
+                    ("median_cpu_s", "median CPU s", ".4f"),
+                    ("ratio_cpu", "CPU ratio", ".3f"),
+                    ("trainable_params", "trainable params", "d"),
+                ],
+            )
+        )
     if "memory" in payload:
         rows = [{"arm": arm, **s} for arm, s in payload["memory"]["summary"].items()]
-        print(common.table(rows, [
-            ("arm", "arm", ""), ("ru_maxrss_mib", "process peak RSS MiB", ".1f"), ("ratio_ru_maxrss", "ratio", ".4f"),
-            ("peak_rss_during_steps_mib", "peak RSS in steps MiB", ".1f"),
-            ("ratio_peak_during_steps", "ratio", ".4f"),
-            ("train_increment_mib", "step increment MiB", ".1f"), ("ratio_train_increment", "ratio", ".3f"),
-        ]))
+        print(
+            common.table(
+                rows,
+                [
+                    ("arm", "arm", ""),
+                    ("ru_maxrss_mib", "process peak RSS MiB", ".1f"),
+                    ("ratio_ru_maxrss", "ratio", ".4f"),
+                    ("peak_rss_during_steps_mib", "peak RSS in steps MiB", ".1f"),
+                    ("ratio_peak_during_steps", "ratio", ".4f"),
+                    ("train_increment_mib", "step increment MiB", ".1f"),
+                    ("ratio_train_increment", "ratio", ".3f"),
+                ],
+            )
+        )
     print(f"JSON: {path}")
     return payload
 

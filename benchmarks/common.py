@@ -85,8 +85,9 @@ TEXT_TOKENS = {"tiny": 16, "small": 16, "sd15": 77}
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: the machine is shared)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads (default 1: the machine is shared)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (cuda is accepted but untested in this session)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--seed", type=int, default=0)
@@ -153,8 +154,9 @@ def all_arms(estimators: Sequence[str] = ESTIMATORS, factors: Sequence[str] = FA
     return [PLAIN] + [f"{e}_{f}" for e in estimators for f in factors]
 
 
-def add_adapter(unet: torch.nn.Module, arm: str, targets: Sequence[str], r: int = 4, seed: int = 0,
-                kl_weight: float = 1.0) -> torch.nn.Module:
+def add_adapter(
+    unet: torch.nn.Module, arm: str, targets: Sequence[str], r: int = 4, seed: int = 0, kl_weight: float = 1.0
+) -> torch.nn.Module:
     """Injects the arm's adapter with diffusers' `add_adapter` (the path users take); same seed, same initial A."""
     import bayes_adapter  # noqa: F401  (registers the Bayesian tuner with PEFT)
 
@@ -195,8 +197,9 @@ class TrainInputs:
     target: torch.Tensor
 
 
-def train_inputs(size: str, batch: int, latent: int, device: str = "cpu", dtype=torch.float32,
-                 seed: int = 0) -> TrainInputs:
+def train_inputs(
+    size: str, batch: int, latent: int, device: str = "cpu", dtype=torch.float32, seed: int = 0
+) -> TrainInputs:
     cfg = UNET_CONFIGS[size]
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, cfg["in_channels"], latent, latent)
@@ -218,8 +221,15 @@ class Trainer:
     default implementation: a per-tensor loop on CPU, foreach on CUDA), "adamw-foreach" or "adamw-fused".
     """
 
-    def __init__(self, unet: torch.nn.Module, arm: str, inputs: TrainInputs, lr: float = 1e-4,
-                 include_kl: bool = True, optim: str = "adamw"):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        arm: str,
+        inputs: TrainInputs,
+        lr: float = 1e-4,
+        include_kl: bool = True,
+        optim: str = "adamw",
+    ):
         self.unet, self.arm, self.inputs = unet, arm, inputs
         self.unet.train()
         self.params = trainable_parameters(unet)
@@ -261,8 +271,13 @@ def timed(fn: Callable[[], Any], device: str = "cpu") -> tuple[float, float, Any
     return time.perf_counter() - wall0, time.process_time() - cpu0, result
 
 
-def interleaved(arms: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, device: str = "cpu",
-                on_round: Callable[[int], None] | None = None) -> dict[str, dict[str, list[float]]]:
+def interleaved(
+    arms: dict[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int = 1,
+    device: str = "cpu",
+    on_round: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, list[float]]]:
     """Runs every arm once per round, A, B, C, A, B, C, ..., the order rotated each round so no arm always goes first.
 
     Returns per arm the list of wall and CPU times, and `loadavg`, the 1-minute load average after each round.
@@ -274,7 +289,7 @@ def interleaved(arms: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     load = []
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             wall, cpu, _ = timed(arms[name], device)
             times[name]["wall"].append(wall)

@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
             fn()
     cpu = {arm: {p: [] for p in PHASES} for arm in arms}
     for r in range(args.rounds):
-        for arm in arms[r % len(arms):] + arms[: r % len(arms)]:
+        for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
             for phase, fn in steps[arm].items():
                 t0 = time.process_time()
                 fn()
@@ -128,8 +128,10 @@ def main(argv=None) -> dict:
             for phase in PHASES
         }
     path = common.write_json(payload, args.out, f"profile_{args.size}_{args.optim}_t{args.threads}.json")
-    print(f"# Step profile: {args.size} UNet, batch {args.batch}, {args.latent}x{args.latent} latents, targets "
-          f"{args.targets} ({n_layers} Bayesian layers), optimizer {args.optim}; CPU ms median of {args.rounds}")
+    print(
+        f"# Step profile: {args.size} UNet, batch {args.batch}, {args.latent}x{args.latent} latents, targets "
+        f"{args.targets} ({n_layers} Bayesian layers), optimizer {args.optim}; CPU ms median of {args.rounds}"
+    )
     print(common.load_line(payload["machine"]))
     rows = []
     for arm in arms:

@@ -111,8 +111,9 @@ class ProtoSampling:
             return self.apply_factor(factor, adapter_name, inputs, mean, bias)
         std = self.posterior_std(adapter_name, factor)
         if settings.estimator == "weight":
-            return self.apply_factor(factor, adapter_name, inputs, torch.addcmul(mean, std, torch.randn_like(mean)),
-                                     bias)
+            return self.apply_factor(
+                factor, adapter_name, inputs, torch.addcmul(mean, std, torch.randn_like(mean)), bias
+            )
         if settings.estimator == "local":
             out_mean = self.apply_factor(factor, adapter_name, inputs, mean, bias)
             variance = self.apply_factor(factor, adapter_name, self.square_input(factor, inputs), std * std, None)

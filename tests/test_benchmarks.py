@@ -26,8 +26,20 @@ def _read(path: Path) -> dict:
 
 def test_train_step_timing(tmp_path):
     out = tmp_path / "train.json"
-    bench_train_step.main(["--size", "tiny", "--arms", "weight_B,local_A,flipout_AB", "--rounds", "2", "--warmup", "0",
-                           "--out", str(out)])
+    bench_train_step.main(
+        [
+            "--size",
+            "tiny",
+            "--arms",
+            "weight_B,local_A,flipout_AB",
+            "--rounds",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     summary = _read(out)["timing"]["summary"]
     assert set(summary) == {"plain", "weight_B", "local_A", "flipout_AB"}
     assert summary["plain"]["ratio_wall"] == 1.0
@@ -36,8 +48,9 @@ def test_train_step_timing(tmp_path):
 
 def test_train_step_memory_in_subprocesses(tmp_path):
     out = tmp_path / "memory.json"
-    bench_train_step.main(["--size", "tiny", "--arms", "weight_B", "--memory-only", "--memory-steps", "1",
-                           "--out", str(out)])
+    bench_train_step.main(
+        ["--size", "tiny", "--arms", "weight_B", "--memory-only", "--memory-steps", "1", "--out", str(out)]
+    )
     summary = _read(out)["memory"]["summary"]
     assert summary["plain"]["ratio_ru_maxrss"] == 1.0
     assert summary["weight_B"]["ru_maxrss_mib"] > 0
