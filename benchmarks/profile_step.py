@@ -35,6 +35,11 @@ def parse_args(argv=None):
     parser.add_argument("--optim", default="adamw", choices=("adamw", "adamw-foreach", "adamw-fused"))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--top", type=int, default=12, help="extra ops listed per phase")
+    parser.add_argument(
+        "--count-outputs",
+        action="store_true",
+        help="only count the output elements of the targeted layers in one forward (meta device, no compute)",
+    )
     args = parser.parse_args(argv)
     args.batch = args.batch or (1 if args.size == "sd15" else 2)
     return args
@@ -87,11 +92,40 @@ def aten_total(counts: dict[str, int]) -> int:
     return sum(n for key, n in counts.items() if key.startswith("aten::"))
 
 
+def count_outputs(args) -> dict:
+    """Output elements of the targeted layers in one forward: what "local" and "flipout" add full-size work on."""
+    with torch.device("meta"):
+        unet = common.build_unet(args.size, args.seed)
+    inputs = common.train_inputs(args.size, args.batch, args.latent, device="meta")
+    counted = {"elements": 0, "layers": 0}
+
+    def hook(module, inp, out):
+        counted["elements"] += out.numel()
+        counted["layers"] += 1
+
+    targets = common.TARGET_SETS[args.targets]
+    for name, module in unet.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            module.register_forward_hook(hook)
+    with torch.no_grad():
+        unet(inputs.noisy, inputs.timesteps, encoder_hidden_states=inputs.text)
+    payload = {"benchmark": "count_outputs", "machine": common.machine_info(args), **counted}
+    path = common.write_json(payload, args.out, f"count_outputs_{args.size}_{args.targets}.json")
+    print(
+        f"{args.size} UNet, batch {args.batch}, {args.latent}x{args.latent} latents, targets {args.targets}: "
+        f"{counted['layers']} layers, {counted['elements']} output elements per forward"
+    )
+    print(f"JSON: {path}")
+    return payload
+
+
 def main(argv=None) -> dict:
     import bayes_adapter
 
     args = parse_args(argv)
     common.setup(args)
+    if args.count_outputs:
+        return count_outputs(args)
     arms = [common.PLAIN] + [a.strip() for a in args.arms.split(",") if a.strip() and a.strip() != common.PLAIN]
     base = common.build_unet(args.size, args.seed)
     inputs = common.train_inputs(args.size, args.batch, args.latent, seed=args.seed)

@@ -120,3 +120,10 @@ def test_prototypes_match_the_shipped_layers(arm):
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(prototypes.kl_loss_flat(models[1], 3), bayes_adapter.kl_loss(models[0], 3))
+
+
+def test_count_outputs(tmp_path):
+    out = tmp_path / "count.json"
+    profile_step.main(["--size", "tiny", "--count-outputs", "--out", str(out)])
+    data = _read(out)
+    assert data["layers"] == 32 and data["elements"] > 0
