@@ -64,7 +64,29 @@ def gaussian_kl(mean: torch.Tensor, std: torch.Tensor, prior_std: float) -> torc
 
 def sample_weight(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """One reparameterised sample `mean + std * eps`, `eps ~ N(0, I)`."""
-    return mean + std * torch.randn_like(mean)
+    # addcmul: one op and one autograd node instead of two, which shows on small layers (benchmarks/).
+    return torch.addcmul(mean, std, torch.randn_like(mean))
+
+
+class _GaussianOutputNoise(torch.autograd.Function):
+    """`mean + sqrt(variance + floor) * eps`, keeping one output-sized tensor for backward instead of two.
+
+    Autograd would keep both `sqrt(...)` and `eps`; the gradient with respect to the variance only needs their ratio,
+    `eps / (2 sqrt(variance + floor))`.
+    """
+
+    @staticmethod
+    def forward(ctx, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+        std = variance.add(_VARIANCE_FLOOR).sqrt_()
+        eps = torch.randn_like(std)
+        output = torch.addcmul(mean, std, eps)
+        ctx.save_for_backward(eps.div_(std).mul_(0.5))
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (half_eps_over_std,) = ctx.saved_tensors
+        return grad, grad * half_eps_over_std
 
 
 def local_reparameterisation(
@@ -88,10 +110,9 @@ def local_reparameterisation(
     out_mean = apply(x, mean)
     if bias is not None:
         out_mean = out_mean + bias
-    out_std = torch.sqrt(apply(x_squared, std * std) + _VARIANCE_FLOOR)
-    return out_mean + out_std * torch.randn_like(out_mean)
+    return _GaussianOutputNoise.apply(out_mean, apply(x_squared, std * std))
 
 
 def random_signs(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """A tensor of independent +1/-1 entries with the dtype and device of `like`."""
-    return torch.randint(0, 2, tuple(shape), device=like.device).to(like.dtype) * 2 - 1
+    return torch.randint(0, 2, tuple(shape), device=like.device, dtype=like.dtype).mul_(2).sub_(1)

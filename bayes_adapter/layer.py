@@ -164,16 +164,18 @@ class BayesLoraLayer(LoraLayer):
                 bias,
             )
         output = self.apply_factor(factor, adapter_name, inputs, mean, bias)
-        weight_noise = std * torch.randn_like(std)
-        return output + self.flipout_perturbation(factor, adapter_name, inputs, weight_noise)
+        perturbation, output_signs = self.flipout_perturbation(
+            factor, adapter_name, inputs, std * torch.randn_like(std)
+        )
+        return torch.addcmul(output, perturbation, output_signs)
 
     def flipout_perturbation(
         self, factor: str, adapter_name: str, inputs: torch.Tensor, weight_noise: torch.Tensor
-    ) -> torch.Tensor:
-        """`(W_noise (x * s)) * r`, with per-example random signs s on the input and r on the output channels."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`W_noise (x * s)` and the output signs `r` to multiply it by; s and r are per-example random signs."""
         input_signs = random_signs(self.sign_shape(inputs), inputs)
         perturbation = self.apply_factor(factor, adapter_name, inputs * input_signs, weight_noise, None)
-        return perturbation * random_signs(self.sign_shape(perturbation), perturbation)
+        return perturbation, random_signs(self.sign_shape(perturbation), perturbation)
 
     # --- what differs between layer types (dense defaults, for Linear) ------------------------------------------
 
@@ -290,7 +292,7 @@ class BayesEmbedding(BayesLoraLayer, _peft_compat.Embedding):
 
     def flipout_perturbation(
         self, factor: str, adapter_name: str, inputs: torch.Tensor, weight_noise: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if factor == "B":
             return super().flipout_perturbation(factor, adapter_name, inputs, weight_noise)
         # Flipping the sign of a one-hot input flips the looked-up row: draw one sign per example and vocabulary entry.
@@ -302,7 +304,7 @@ class BayesEmbedding(BayesLoraLayer, _peft_compat.Embedding):
         else:
             token_signs = random_signs((vocab_size,), perturbation)[inputs]
         perturbation = perturbation * token_signs.unsqueeze(-1)
-        return perturbation * random_signs(self.sign_shape(perturbation), perturbation)
+        return perturbation, random_signs(self.sign_shape(perturbation), perturbation)
 
 
 def bayes_layer_class(base_layer: nn.Module) -> type[BayesLoraLayer] | None:

@@ -65,3 +65,21 @@ def test_local_reparameterisation_matches_the_output_distribution_of_weight_samp
 def test_random_signs_are_plus_or_minus_one():
     signs = random_signs((1000,), torch.empty(0))
     assert set(signs.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_local_reparameterisation_gradients_match_plain_autograd():
+    x = torch.randn(5, 4, dtype=torch.float64)
+    mean = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    std = (torch.rand(3, 4, dtype=torch.float64) + 0.1).requires_grad_()
+    torch.manual_seed(7)
+    out = local_reparameterisation(lambda i, w: i @ w.T, x, x * x, mean, std)
+    out.pow(2).sum().backward()
+    grads = (mean.grad.clone(), std.grad.clone())
+    mean.grad = std.grad = None
+    torch.manual_seed(7)
+    out_mean = x @ mean.T
+    out_std = torch.sqrt((x * x) @ (std * std).T + 1e-16)
+    expected = out_mean + out_std * torch.randn_like(out_std)
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grads, (mean.grad, std.grad))
