@@ -17,7 +17,7 @@ Three estimators turn the posterior into a forward pass during training:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,3 +116,21 @@ def local_reparameterisation(
 def random_signs(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """A tensor of independent +1/-1 entries with the dtype and device of `like`."""
     return torch.randint(0, 2, tuple(shape), device=like.device, dtype=like.dtype).mul_(2).sub_(1)
+
+
+@torch.no_grad()
+def std_summary(stds: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Mean, min and max over all entries of some standard-deviation tensors, and how many entries there are.
+
+    Args:
+        stds: Tensors of standard deviations (any shapes); NaN statistics and a zero count if there are none.
+    """
+    total, count, low, high = 0.0, 0, math.inf, -math.inf
+    for std in stds:
+        std = std.float()
+        total += std.sum().item()
+        count += std.numel()
+        low, high = min(low, std.min().item()), max(high, std.max().item())
+    if count == 0:
+        return {"mean": math.nan, "min": math.nan, "max": math.nan, "count": 0}
+    return {"mean": total / count, "min": low, "max": high, "count": count}

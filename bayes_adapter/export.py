@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._peft_compat import get_pattern_key
-from .bayes import posterior_std
+from .bayes import posterior_std, std_summary
 from .config import PEFT_TYPE_NAME, BayesLoraConfig
 from .layer import BayesLoraLayer
 
@@ -144,16 +144,7 @@ class BayesianAdapter:
 
     def posterior_std_stats(self) -> dict[str, float]:
         """Mean, min, max posterior std over the Bayesian weights and their count (as `posterior_std_stats`)."""
-        total, count, low, high = 0.0, 0, float("inf"), float("-inf")
-        for key, rho in self.state_dict.items():
-            if _POSTERIOR_MARKER in key:
-                std = posterior_std(rho.float())
-                total += std.sum().item()
-                count += std.numel()
-                low, high = min(low, std.min().item()), max(high, std.max().item())
-        if count == 0:
-            return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "count": 0}
-        return {"mean": total / count, "min": low, "max": high, "count": count}
+        return std_summary(posterior_std(rho) for key, rho in self.state_dict.items() if _POSTERIOR_MARKER in key)
 
     def bayesian_settings(self) -> dict[str, Any]:
         """The Bayesian fields of the config (factors, estimator, prior std, KL weight, ...)."""

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ._peft_compat import BaseTunerLayer, LoraLayer, PluginLoraModel
-from .bayes import gaussian_kl, posterior_std
+from .bayes import gaussian_kl, posterior_std, std_summary
 from .config import BayesLoraConfig
 from .layer import BayesLoraLayer, bayes_layer_class
 
@@ -156,7 +156,6 @@ def kl_loss(model: nn.Module, num_examples: int, adapter_names: Iterable[str] | 
     return _weighted_kl(model, _check_adapter_names(model, adapter_names), use_kl_weight=True) / num_examples
 
 
-@torch.no_grad()
 def posterior_std_stats(model: nn.Module, adapter_names: Iterable[str] | str | None = None) -> dict[str, float]:
     """Mean, min and max posterior standard deviation over the Bayesian weights, and how many there are.
 
@@ -165,14 +164,9 @@ def posterior_std_stats(model: nn.Module, adapter_names: Iterable[str] | str | N
         adapter_names: The adapters to include; by default the active ones.
     """
     adapter_names = _check_adapter_names(model, adapter_names)
-    total, count, low, high = 0.0, 0, float("inf"), float("-inf")
-    for layer in bayes_layers(model):
-        for name in _selected_adapters(layer, adapter_names):
-            for factor in layer.bayes_settings[name].factors:
-                std = layer.posterior_std(name, factor).float()
-                total += std.sum().item()
-                count += std.numel()
-                low, high = min(low, std.min().item()), max(high, std.max().item())
-    if count == 0:
-        return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "count": 0}
-    return {"mean": total / count, "min": low, "max": high, "count": count}
+    return std_summary(
+        layer.posterior_std(name, factor)
+        for layer in bayes_layers(model)
+        for name in _selected_adapters(layer, adapter_names)
+        for factor in layer.bayes_settings[name].factors
+    )

@@ -83,3 +83,14 @@ def test_local_reparameterisation_gradients_match_plain_autograd():
     expected.pow(2).sum().backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grads, (mean.grad, std.grad))
+
+
+def test_std_summary():
+    from bayes_adapter.bayes import std_summary
+
+    summary = std_summary([torch.tensor([0.1, 0.3]), torch.tensor([[0.2]])])
+    assert summary["count"] == 3
+    assert summary["mean"] == pytest.approx(0.2) and summary["min"] == pytest.approx(0.1)
+    assert summary["max"] == pytest.approx(0.3)
+    empty = std_summary([])
+    assert empty["count"] == 0 and math.isnan(empty["mean"])

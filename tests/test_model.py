@@ -147,25 +147,9 @@ def test_is_trainable_resumes_training(tmp_path):
 def test_loading_into_a_model_with_other_shapes_names_the_module(tmp_path):
     get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q"], r=4)).save_pretrained(tmp_path)
     with pytest.raises(RuntimeError) as error:
-        PeftModel.from_pretrained(_unet_with_wider_blocks(), tmp_path)
+        PeftModel.from_pretrained(tiny_unet(block_out_channels=(8, 16)), tmp_path)
     module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     assert f"size mismatch for base_model.model.{module}.lora_posterior_rho_B" in str(error.value)
-
-
-def _unet_with_wider_blocks():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CROSS_ATTENTION_DIM,
-        norm_num_groups=2,
-    )
 
 
 def test_unsupported_module_type_is_an_error_not_a_plain_lora():

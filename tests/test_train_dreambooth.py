@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import save_tiny_pipeline, tiny_tokenizer, tiny_vae
+from tiny_models import save_tiny_pipeline, tiny_sdxl_pipeline
 
 import bayes_adapter
 from bayes_adapter import BayesLoraConfig
@@ -29,56 +29,6 @@ _spec.loader.exec_module(train)
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------------
-
-
-def tiny_sdxl_pipeline(seed: int = 0):
-    """A whole StableDiffusionXLPipeline (32 px) from configs: text_time UNet, two CLIP text encoders."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=2,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=6 * 4 + 8,  # six time ids x 4 + the pooled text embedding
-        cross_attention_dim=16,  # the two encoders' hidden states concatenated
-        norm_num_groups=2,
-    )
-    text_config = {
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "hidden_size": 8,
-        "intermediate_size": 16,
-        "num_attention_heads": 2,
-        "num_hidden_layers": 2,
-        "pad_token_id": 1,
-        "vocab_size": len(tiny_tokenizer()),
-        "max_position_embeddings": 16,
-    }
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=8))
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
-    return StableDiffusionXLPipeline(
-        vae=tiny_vae(seed),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tiny_tokenizer(),
-        tokenizer_2=tiny_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 
 CROSS_ATTENTION_DIM = 8
 
 
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+def tiny_unet(seed: int = 0, block_out_channels: tuple[int, int] = (4, 8), **overrides) -> UNet2DConditionModel:
     """The tiny UNet diffusers' own tests use (block_out_channels=(4, 8)), with random weights."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(4, 8),
+    config = dict(
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         sample_size=32,
         in_channels=4,
@@ -24,6 +31,7 @@ def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
         cross_attention_dim=CROSS_ATTENTION_DIM,
         norm_num_groups=2,
     )
+    return UNet2DConditionModel(**{**config, **overrides})
 
 
 def _byte_level_codepoints() -> list[int]:
@@ -40,9 +48,8 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=[], model_max_length=16)
 
 
-def tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def tiny_text_config(**overrides) -> CLIPTextConfig:
+    config = dict(
         bos_token_id=0,
         eos_token_id=2,
         hidden_size=CROSS_ATTENTION_DIM,
@@ -54,7 +61,12 @@ def tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
         vocab_size=len(tiny_tokenizer()),
         max_position_embeddings=16,
     )
-    return CLIPTextModel(config)
+    return CLIPTextConfig(**{**config, **overrides})
+
+
+def tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(tiny_text_config())
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -90,6 +102,32 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A whole StableDiffusionXLPipeline (32 px) from configs: text_time UNet, two CLIP text encoders."""
+    unet = tiny_unet(
+        seed,
+        attention_head_dim=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 8,  # six time ids x 4 + the pooled text embedding
+        cross_attention_dim=2 * CROSS_ATTENTION_DIM,  # the two encoders' hidden states concatenated
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=CLIPTextModel(tiny_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(projection_dim=8)),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
     )
 
 
