@@ -111,7 +111,8 @@ def make_figure(result: dict, summary: dict, path: str) -> None:
             ax.set_xlabel("iteration", fontsize=8)
             ax.tick_params(labelsize=7)
             if row == 0 and col == 0:
-                ax.legend(fontsize=6, loc="lower right")
+                handles, labels = ax.get_legend_handles_labels()
+                fig.legend(handles, labels, fontsize=7, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.985))
     for g_row, n_img in enumerate(sizes):
         avail = [a for a in arms if f"{a}/{n_img}" in grids]
         if not avail:
@@ -141,6 +142,7 @@ def make_figure(result: dict, summary: dict, path: str) -> None:
         f"{len(cfg['seeds'])} seed(s) (mean +- std); samples: DDIM {cfg['sample_steps']} steps, CFG {cfg['guidance']}, "
         f"fixed seeds, training seed {cfg['grid_seed']}",
         fontsize=9,
+        y=1.0,
     )
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
