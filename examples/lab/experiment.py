@@ -164,7 +164,7 @@ def run_arm(
         curves["width"].append(learned_width(model, latents, data.SUBJECT_TOKEN, list(cfg.width_timesteps)))
         if arm.startswith("bayes") or arm == "fixed_noise":
             curves["posterior_std"].append(bayes_adapter.posterior_std_stats(model.unet)["mean"])
-            curves["kl"].append(float(kl_divergence(model.unet)))
+            curves["kl"].append(float(kl_divergence(model.unet).detach()))
         else:
             curves["posterior_std"].append(float("nan"))
             curves["kl"].append(float("nan"))
