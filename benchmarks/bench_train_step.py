@@ -40,10 +40,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--arms",
         default="all",
-        help=(
-            "comma list of arms (plain, weight_B, local_AB, ...; a '+proto' suffix runs benchmarks/prototypes.py), "
-            "'all' or 'all+proto'"
-        ),
+        help="comma list of arms (plain, weight_B, local_AB, ...) or 'all'",
     )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -72,10 +69,8 @@ def argparse_hidden() -> str:
 
 
 def arms_of(spec: str) -> list[str]:
-    if spec in ("all", "all+proto"):
+    if spec == "all":
         arms = common.all_arms()
-        if spec == "all+proto":
-            arms += [f"{arm}+proto" for arm in arms[1:]]
     else:
         arms = [a.strip() for a in spec.split(",") if a.strip()]
     for arm in arms:

@@ -138,15 +138,10 @@ def lora_config(arm: str, targets: Sequence[str], r: int = 4, kl_weight: float =
     return BayesLoraConfig(**common, estimator=estimator, bayesian_factors=factors, kl_weight=kl_weight)
 
 
-def is_proto(arm: str) -> bool:
-    """Whether the arm runs the prototypes of benchmarks/prototypes.py (name suffix "+proto")."""
-    return arm.endswith("+proto")
-
-
 def parse_arm(arm: str) -> tuple[str, str]:
-    estimator, _, factors = arm.removesuffix("+proto").partition("_")
+    estimator, _, factors = arm.partition("_")
     if estimator not in ESTIMATORS or factors not in FACTORS:
-        raise ValueError(f"unknown arm {arm!r}: 'plain' or '<estimator>_<factors>[+proto]', e.g. weight_B")
+        raise ValueError(f"unknown arm {arm!r}: 'plain' or '<estimator>_<factors>', e.g. weight_B")
     return estimator, factors
 
 
@@ -162,10 +157,6 @@ def add_adapter(
 
     torch.manual_seed(seed)
     unet.add_adapter(lora_config(arm, targets, r=r, kl_weight=kl_weight))
-    if is_proto(arm):
-        from benchmarks import prototypes
-
-        prototypes.apply(unet)
     return unet
 
 
@@ -241,11 +232,7 @@ class Trainer:
         i = self.inputs
         prediction = self.unet(i.noisy, i.timesteps, encoder_hidden_states=i.text).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), i.target.float())
-        if self.include_kl and is_proto(self.arm):
-            from benchmarks import prototypes
-
-            loss = loss + prototypes.kl_loss_flat(self.unet, num_examples=1)
-        elif self.include_kl:
+        if self.include_kl:
             import bayes_adapter
 
             loss = loss + bayes_adapter.kl_loss(self.unet, num_examples=1)

@@ -5,7 +5,7 @@ the forward (incl. loss), backward, optimizer step and KL (forward + backward), 
 one profiled step per phase, counting aten ops and autograd nodes. Op counts do not depend on the machine's load,
 so they are the robust evidence on a shared machine; the extra ops per layer tell what a change must remove.
 
-Example: python benchmarks/profile_step.py --size small --arms weight_B,weight_B+proto,local_B,flipout_B
+Example: python benchmarks/profile_step.py --size small --arms weight_B,local_B,flipout_B
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--targets", default="attn", choices=sorted(common.TARGET_SETS))
-    parser.add_argument("--arms", default="weight_B,weight_B+proto,local_B,flipout_B")
+    parser.add_argument("--arms", default="weight_B,local_B,flipout_B")
     parser.add_argument("--optim", default="adamw", choices=("adamw", "adamw-foreach", "adamw-fused"))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--top", type=int, default=12, help="extra ops listed per phase")
@@ -48,10 +48,6 @@ def parse_args(argv=None):
 def kl_term(trainer: common.Trainer) -> torch.Tensor | None:
     if trainer.arm == common.PLAIN:
         return None
-    if common.is_proto(trainer.arm):
-        from benchmarks import prototypes
-
-        return prototypes.kl_loss_flat(trainer.unet, num_examples=1)
     import bayes_adapter
 
     return bayes_adapter.kl_loss(trainer.unet, num_examples=1)

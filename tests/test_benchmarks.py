@@ -60,7 +60,7 @@ def test_kl(tmp_path):
     out = tmp_path / "kl.json"
     bench_kl.main(["--size", "tiny", "--rounds", "2", "--warmup", "0", "--out", str(out)])
     data = _read(out)
-    assert data["kl_flat_max_rel_diff"] < 1e-5
+    assert data["kl_value"] > 0 and data["cache_experiment_rel_diff"] < 1e-5
     assert 0 < data["summary"]["kl_loss"]["fraction_of_step"] < 1
 
 
@@ -83,43 +83,15 @@ def test_export(tmp_path):
 
 def test_profile_step(tmp_path):
     out = tmp_path / "profile.json"
-    profile_step.main(["--size", "tiny", "--arms", "weight_B+proto", "--rounds", "1", "--out", str(out)])
+    profile_step.main(["--size", "tiny", "--arms", "weight_B", "--rounds", "1", "--out", str(out)])
     arms = _read(out)["arms"]
-    assert arms["weight_B+proto"]["forward"]["aten_ops"] > arms["plain"]["forward"]["aten_ops"]
+    assert arms["weight_B"]["forward"]["aten_ops"] > arms["plain"]["forward"]["aten_ops"]
     assert arms["plain"]["kl"]["aten_ops"] == 0
 
 
 def test_unknown_arm_is_refused():
     with pytest.raises(ValueError, match="unknown arm"):
         common.parse_arm("weights_C")
-
-
-@pytest.mark.parametrize("arm", ["weight_AB", "local_AB", "flipout_AB"])
-def test_prototypes_match_the_shipped_layers(arm):
-    """The prototyped sampling and flat KL give the shipped code's outputs (same seed) and KL."""
-    import torch
-
-    import bayes_adapter
-    from benchmarks import prototypes
-
-    base = common.build_unet("tiny")
-    inputs = common.train_inputs("tiny", 2, 16)
-    targets = common.TARGET_SETS["attn+conv"]
-    models = [common.add_adapter(common.share_base_copy(base), name, targets) for name in (arm, arm + "+proto")]
-    outputs, grads = [], []
-    for model in models:
-        common.randomise_lora(model)
-        model.train()
-        torch.manual_seed(1)
-        output = model(inputs.noisy, inputs.timesteps, encoder_hidden_states=inputs.text).sample
-        output.square().mean().backward()
-        outputs.append(output)
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
-    with torch.no_grad():
-        torch.testing.assert_close(prototypes.kl_loss_flat(models[1], 3), bayes_adapter.kl_loss(models[0], 3))
 
 
 def test_count_outputs(tmp_path):
