@@ -21,7 +21,7 @@ from .layer import (  # noqa: E402
     BayesLinear,
     BayesLoraLayer,
 )
-from .model import BayesLoraModel, bayes_layers, kl_divergence, kl_loss, posterior_std_stats  # noqa: E402
+from .model import BayesLoraModel, bayes_layers, kl_divergence, kl_loss, param_groups, posterior_std_stats  # noqa: E402
 
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "gaussian_kl",
     "kl_divergence",
     "kl_loss",
+    "param_groups",
     "load_bayesian_adapter",
     "posterior_std",
     "posterior_std_stats",

@@ -156,6 +156,38 @@ def kl_loss(model: nn.Module, num_examples: int, adapter_names: Iterable[str] | 
     return _weighted_kl(model, _check_adapter_names(model, adapter_names), use_kl_weight=True) / num_examples
 
 
+def param_groups(model: nn.Module, posterior_std_lr: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for the trainable parameters, the posterior stds' free parameters on their own.
+
+    Why a separate learning rate: the std is `softplus(rho)`, so near a small std Adam moves `log(std)` by about the
+    learning rate per step, whereas the paper's code stores the std itself, which Adam moves by the learning rate
+    (30% per step at std 0.01 and lr 3e-3). `posterior_std_lr = lr / posterior_std_init` gives the paper's step at
+    the start of training.
+
+    Args:
+        model: A model holding Bayesian LoRA layers.
+        posterior_std_lr: Learning rate of the posterior-std parameters; None keeps the optimizer's default.
+
+    Returns:
+        `[{"params": [...]}, {"params": [...], "lr": posterior_std_lr}]`, or one group when `posterior_std_lr` is None.
+    """
+    if posterior_std_lr is not None and (isinstance(posterior_std_lr, bool) or not posterior_std_lr > 0):
+        raise ValueError(f"posterior_std_lr must be a number > 0 or None, got {posterior_std_lr!r}")
+    posterior_ids = {
+        id(rho)
+        for layer in bayes_layers(model)
+        for name in layer.posterior_param_names
+        for rho in getattr(layer, name).values()
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if posterior_std_lr is None:
+        return [{"params": trainable}]
+    return [
+        {"params": [p for p in trainable if id(p) not in posterior_ids]},
+        {"params": [p for p in trainable if id(p) in posterior_ids], "lr": posterior_std_lr},
+    ]
+
+
 def posterior_std_stats(model: nn.Module, adapter_names: Iterable[str] | str | None = None) -> dict[str, float]:
     """Mean, min and max posterior standard deviation over the Bayesian weights, and how many there are.
 

@@ -48,7 +48,8 @@ def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
     else:
         cfg = experiment.ExperimentConfig()
     over = {}
-    for name in ("steps", "eval_every", "lr", "n_eval", "kl_weight", "sigma", "batch", "guidance", "sample_steps"):
+    names = ("steps", "eval_every", "lr", "posterior_std_lr", "n_eval", "kl_weight", "sigma", "batch", "guidance")
+    for name in (*names, "sample_steps"):
         v = getattr(args, name)
         if v is not None:
             over[name] = v
@@ -77,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--posterior-std-lr", type=float, help="learning rate of the posterior stds (default: --lr)")
     p.add_argument("--batch", type=int)
     p.add_argument("--n-eval", type=int)
     p.add_argument("--kl-weight", type=float)

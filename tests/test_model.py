@@ -210,3 +210,20 @@ def test_diffusers_adapter_controls_work_on_bayesian_layers():
     assert not list(bayes_adapter.bayes_layers(unet)) or all(
         not layer.bayes_settings for layer in bayes_adapter.bayes_layers(unet)
     )
+
+
+def test_param_groups_put_the_posterior_stds_in_their_own_group():
+    model = get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q", "conv1"], bayesian_factors="AB"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    (single,) = bayes_adapter.param_groups(model)
+    assert len(single["params"]) == len(trainable)
+    means, stds = bayes_adapter.param_groups(model, posterior_std_lr=0.3)
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert stds["lr"] == 0.3 and "lr" not in means
+    assert stds["params"] and all("lora_posterior_rho" in named[id(p)] for p in stds["params"])
+    assert means["params"] and all("lora_posterior_rho" not in named[id(p)] for p in means["params"])
+    assert len(means["params"]) + len(stds["params"]) == len(trainable)
+    optimizer = torch.optim.AdamW(bayes_adapter.param_groups(model, posterior_std_lr=0.3), lr=1e-3)
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 0.3]
+    with pytest.raises(ValueError, match="posterior_std_lr must be a number > 0 or None, got 0"):
+        bayes_adapter.param_groups(model, posterior_std_lr=0)

@@ -47,6 +47,8 @@ class ExperimentConfig:
     rank: int = 4
     sigma: float = 0.01  # posterior std init (all Bayesian arms) and prior std
     kl_weight: float | None = None  # None: 2 / (latent dims * T), see kl_weight_default
+    # Learning rate of the posterior stds' free parameters (bayes_adapter.param_groups); None: the same as `lr`.
+    posterior_std_lr: float | None = None
     dropout: float = 0.1
     n_eval: int = 12  # samples per evaluation (fixed seeds)
     sample_steps: int = 25
@@ -131,8 +133,9 @@ def run_arm(
     model.unet = copy.deepcopy(base.unet)
     torch.manual_seed(seed)
     model.unet.add_adapter(make_adapter_config(arm, cfg, kl_w))
-    params = [p for p in model.unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        bayes_adapter.param_groups(model.unet, posterior_std_lr=cfg.posterior_std_lr), lr=cfg.lr, weight_decay=0.0
+    )
     with torch.no_grad():
         latents = model.encode(train_images)
     g = torch.Generator().manual_seed(seed)
