@@ -157,19 +157,21 @@ def kl_loss(model: nn.Module, num_examples: int, adapter_names: Iterable[str] | 
 
 
 def param_groups(model: nn.Module, posterior_std_lr: float | None = None) -> list[dict[str, Any]]:
-    """Optimizer parameter groups for the trainable parameters, the posterior stds' free parameters on their own.
+    """Optimizer parameter groups: the trainable parameters, the posterior stds' free parameters in their own group.
 
-    Why a separate learning rate: the std is `softplus(rho)`, so near a small std Adam moves `log(std)` by about the
-    learning rate per step, whereas the paper's code stores the std itself, which Adam moves by the learning rate
-    (30% per step at std 0.01 and lr 3e-3). `posterior_std_lr = lr / posterior_std_init` gives the paper's step at
-    the start of training.
+    The posterior group never gets weight decay: decaying `rho` towards 0 would push the std towards
+    `softplus(0) = 0.69`. Its learning rate can differ: the std is `softplus(rho)`, so near a small std Adam moves
+    `log(std)` by about the learning rate per step, whereas the paper's code stores the std itself, which Adam moves
+    by the learning rate (30% per step at std 0.01 and lr 3e-3). `posterior_std_lr = lr / posterior_std_init` gives
+    the paper's step at the start of training.
 
     Args:
         model: A model holding Bayesian LoRA layers.
         posterior_std_lr: Learning rate of the posterior-std parameters; None keeps the optimizer's default.
 
     Returns:
-        `[{"params": [...]}, {"params": [...], "lr": posterior_std_lr}]`, or one group when `posterior_std_lr` is None.
+        `[{"params": means...}, {"params": rhos..., "weight_decay": 0.0[, "lr": posterior_std_lr]}]`; the second
+        group only if some posterior std is trainable.
     """
     if posterior_std_lr is not None and (isinstance(posterior_std_lr, bool) or not posterior_std_lr > 0):
         raise ValueError(f"posterior_std_lr must be a number > 0 or None, got {posterior_std_lr!r}")
@@ -180,12 +182,11 @@ def param_groups(model: nn.Module, posterior_std_lr: float | None = None) -> lis
         for rho in getattr(layer, name).values()
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if posterior_std_lr is None:
-        return [{"params": trainable}]
-    return [
-        {"params": [p for p in trainable if id(p) not in posterior_ids]},
-        {"params": [p for p in trainable if id(p) in posterior_ids], "lr": posterior_std_lr},
-    ]
+    posterior = {"params": [p for p in trainable if id(p) in posterior_ids], "weight_decay": 0.0}
+    if posterior_std_lr is not None:
+        posterior["lr"] = posterior_std_lr
+    groups = [{"params": [p for p in trainable if id(p) not in posterior_ids]}]
+    return groups + [posterior] if posterior["params"] else groups
 
 
 def posterior_std_stats(model: nn.Module, adapter_names: Iterable[str] | str | None = None) -> dict[str, float]:

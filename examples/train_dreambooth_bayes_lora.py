@@ -176,6 +176,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--learning_rate", type=float, default=1e-4)
     train.add_argument(
+        "--posterior_std_learning_rate",
+        type=float,
+        default=None,
+        help=(
+            "Learning rate of the posterior stds' free parameters (default: --learning_rate). The std is softplus(rho): "
+            "Adam moves log(std) by about the learning rate per step; --learning_rate / --posterior_std_init gives "
+            "the paper's step on the std itself at the start."
+        ),
+    )
+    train.add_argument(
         "--scale_lr",
         action="store_true",
         help="Multiply the learning rate by accumulation steps x batch size x processes.",
@@ -309,6 +319,10 @@ def validate_args(args: argparse.Namespace) -> None:
         _check_number(args, name, 0)
     for name in ("learning_rate", "prior_loss_weight", "max_grad_norm", "lora_dropout"):
         _check_number(args, name, 0, integer=False)
+    if args.posterior_std_learning_rate is not None and not args.posterior_std_learning_rate > 0:
+        raise ValueError(
+            f"--posterior_std_learning_rate={args.posterior_std_learning_rate!r} is invalid; expected a number > 0."
+        )
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"--lora_dropout={args.lora_dropout!r} is invalid; expected a number in [0, 1).")
     if args.resume_from_checkpoint not in (None, "latest"):
@@ -742,7 +756,11 @@ def main(args: argparse.Namespace) -> dict:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     parameters = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        parameters,
+        [
+            group
+            for model in trained.values()
+            for group in bayes_adapter.param_groups(model, posterior_std_lr=args.posterior_std_learning_rate)
+        ],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,

@@ -215,15 +215,27 @@ def test_diffusers_adapter_controls_work_on_bayesian_layers():
 def test_param_groups_put_the_posterior_stds_in_their_own_group():
     model = get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q", "conv1"], bayesian_factors="AB"))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    (single,) = bayes_adapter.param_groups(model)
-    assert len(single["params"]) == len(trainable)
-    means, stds = bayes_adapter.param_groups(model, posterior_std_lr=0.3)
     named = {id(p): n for n, p in model.named_parameters()}
-    assert stds["lr"] == 0.3 and "lr" not in means
+    means, stds = bayes_adapter.param_groups(model, posterior_std_lr=0.3)
+    assert stds["lr"] == 0.3 and stds["weight_decay"] == 0.0 and "lr" not in means
     assert stds["params"] and all("lora_posterior_rho" in named[id(p)] for p in stds["params"])
     assert means["params"] and all("lora_posterior_rho" not in named[id(p)] for p in means["params"])
     assert len(means["params"]) + len(stds["params"]) == len(trainable)
-    optimizer = torch.optim.AdamW(bayes_adapter.param_groups(model, posterior_std_lr=0.3), lr=1e-3)
-    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 0.3]
+    optimizer = torch.optim.AdamW(bayes_adapter.param_groups(model), lr=1e-3, weight_decay=0.01)
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-3, 0.01), (1e-3, 0.0)]
     with pytest.raises(ValueError, match="posterior_std_lr must be a number > 0 or None, got 0"):
         bayes_adapter.param_groups(model, posterior_std_lr=0)
+    fixed = get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q"], train_posterior_std=False))
+    assert len(bayes_adapter.param_groups(fixed)) == 1
+
+
+def test_weight_decay_leaves_the_posterior_stds_alone():
+    model = get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q"]))
+    before = posterior_params(model)
+    optimizer = torch.optim.AdamW(bayes_adapter.param_groups(model), lr=0.1, weight_decay=0.5)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, value in posterior_params(model).items():
+        assert torch.equal(value, before[name]), name

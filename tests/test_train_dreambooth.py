@@ -181,6 +181,7 @@ def test_defaults_are_the_papers_and_flags_reach_the_config(tmp_path, instance_d
         ("ok", ["--with_prior_preservation", "--class_prompt", "a dog"], r"needs --class_data_dir"),
         ("ok", ["--posterior_std_init", "-1"], r"posterior_std_init must be a finite number > 0, got -1"),
         ("ok", ["--kl_weight", "-0.5"], r"kl_weight must be a number >= 0, got -0.5"),
+        ("ok", ["--posterior_std_learning_rate", "0"], r"--posterior_std_learning_rate=0.0 is invalid; expected a"),
         ("ok", ["--max_train_steps", "0"], r"--max_train_steps=0 is invalid; expected an integer >= 1"),
         ("ok", ["--resume_from_checkpoint", "checkpoint-7"], r"--resume_from_checkpoint='checkpoint-7' is not"),
         ("ok", ["--push_to_hub"], r"--push_to_hub needs --hub_model_id as 'user/name', got None"),
@@ -351,11 +352,15 @@ def test_prior_preservation_bf16_and_gradient_accumulation(tmp_path, tiny_sd, in
             "bf16",
             "--gradient_accumulation_steps",
             "2",
+            "--posterior_std_learning_rate",
+            "0.5",
             "--report_to",
             "none",
         )
     )
     result = train.main(args)
+    # At the default learning rate (1e-4) two steps move the stds by ~0.02%; at 0.5 by tens of percent.
+    assert abs(bayes_adapter.posterior_std_stats(result["unet"])["mean"] - 0.01) > 1e-3
     # 2 instance and 2 class images: 2 batches per epoch, each one instance image then one class image; 2 optimizer
     # steps of 2 accumulated batches.
     assert len(batches) == 4
