@@ -89,8 +89,7 @@ def test_stage_flags_on_constructed_curves():
 
 def test_shipped_base_model_is_small_and_loads():
     path = os.path.join(SHIPPED, models.WEIGHTS_FILE)
-    if not os.path.exists(path):
-        pytest.skip("base model not shipped yet")
+    assert os.path.exists(path), f"the lab's base model must ship in the repository: {path}"
     assert os.path.getsize(path) < 6 * 2**20
     m = models.load_model(SHIPPED)
     meta = json.load(open(os.path.join(SHIPPED, models.CONFIG_FILE)))
