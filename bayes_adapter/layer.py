@@ -111,7 +111,7 @@ class BayesLoraLayer(LoraLayer):
         for adapter_name, settings in self.bayes_settings.items():
             if not settings.train_posterior_std:
                 for factor in settings.factors:
-                    getattr(self, f"lora_posterior_rho_{factor}")[adapter_name].requires_grad_(False)
+                    self.posterior_rho(adapter_name, factor).requires_grad_(False)
 
     # --- the posterior ------------------------------------------------------------------------------------------
 
@@ -119,9 +119,13 @@ class BayesLoraLayer(LoraLayer):
         """Whether `adapter_name` is a Bayesian adapter on this layer."""
         return adapter_name in self.bayes_settings
 
+    def posterior_rho(self, adapter_name: str, factor: str) -> nn.Parameter:
+        """The free parameter `rho` of factor `"A"` or `"B"` of `adapter_name` (`std = softplus(rho)`)."""
+        return getattr(self, f"lora_posterior_rho_{factor}")[adapter_name]
+
     def posterior_std(self, adapter_name: str, factor: str) -> torch.Tensor:
         """The posterior standard deviation of factor `"A"` or `"B"` of `adapter_name`."""
-        return posterior_std(getattr(self, f"lora_posterior_rho_{factor}")[adapter_name])
+        return posterior_std(self.posterior_rho(adapter_name, factor))
 
     def kl_divergence(self, adapter_name: str) -> torch.Tensor:
         """Closed-form KL(q || p) of `adapter_name`'s Bayesian factors on this layer."""

@@ -122,7 +122,7 @@ def _weighted_kl(model: nn.Module, adapter_names: list[str] | None, use_kl_weigh
             means, rhos = groups.setdefault((settings.prior_std, weight), ([], []))
             for factor in settings.factors:
                 means.append(layer.factor_mean(factor, name).reshape(-1))
-                rhos.append(getattr(layer, f"lora_posterior_rho_{factor}")[name].reshape(-1))
+                rhos.append(layer.posterior_rho(name, factor).reshape(-1))
     total = _zero_like_model(model)
     for (prior_std, weight), (means, rhos) in groups.items():
         kl = gaussian_kl(torch.cat(means), posterior_std(torch.cat(rhos)), prior_std)
