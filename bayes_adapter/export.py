@@ -262,7 +262,8 @@ def _component_of_model(base: nn.Module) -> str:
     module = type(base).__module__
     if module.startswith("diffusers"):
         return "unet" if "UNet" in name else "transformer"
-    if module.startswith("transformers"):
+    if module.startswith("transformers") and name == "CLIPTextModel":
+        # SDXL's second encoder (CLIPTextModelWithProjection), T5 and others are ambiguous: the caller must say.
         return "text_encoder"
     raise ValueError(
         f"component: cannot tell which pipeline component a {name} is; pass component= one of {COMPONENTS}"
@@ -286,8 +287,11 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
             f"writes 'default' at the root, others to a subfolder named after them, each with {PEFT_CONFIG_NAME}); "
             f"adapters found: {found}"
         )
-    config = json.loads((adapter_dir / PEFT_CONFIG_NAME).read_text(encoding="utf-8"))
-    peft_type = config.get("peft_type")
+    try:
+        config = json.loads((adapter_dir / PEFT_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"source={str(adapter_dir)!r}: {PEFT_CONFIG_NAME} is not valid JSON ({error})") from None
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
     if peft_type != PEFT_TYPE_NAME:
         raise ValueError(
             f"source={str(adapter_dir)!r} is not a Bayesian LoRA adapter: its {PEFT_CONFIG_NAME} has peft_type "
@@ -298,7 +302,14 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
         raise FileNotFoundError(
             f"source={str(adapter_dir)!r} has no {PEFT_WEIGHTS_NAME}; only safetensors weights are read (never pickles)"
         )
-    state_dict = {_strip_prefix(k): v for k, v in load_file(str(weights), device="cpu").items()}
+    missing = [key for key in ("r", "lora_alpha") if key not in config]
+    if missing:
+        raise ValueError(f"source={str(adapter_dir)!r}: {PEFT_CONFIG_NAME} lacks {missing}")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as error:  # safetensors raises its own error type for a corrupt file
+        raise ValueError(f"source={str(weights)!r} is not a readable safetensors file ({error})") from None
+    state_dict = {_strip_prefix(k): v for k, v in tensors.items()}
     if component is None:
         component = _component_of_folder(config, state_dict, adapter_dir)
     return _checked(
@@ -318,15 +329,13 @@ def _component_of_folder(config: dict[str, Any], state_dict: dict[str, torch.Ten
         return "unet"
     if "Transformer" in base_class:
         return "transformer"
-    if "CLIPText" in base_class:
+    if base_class == "CLIPTextModel":
         return "text_encoder"
     roots = {key.split(".", 1)[0] for key in state_dict}
-    if roots and roots <= _UNET_ROOTS:
+    if not base_class and roots and roots <= _UNET_ROOTS:
         return "unet"
-    if roots and roots <= _TRANSFORMER_ROOTS:
+    if not base_class and roots and roots <= _TRANSFORMER_ROOTS:
         return "transformer"
-    if roots and (roots == {"text_model"} or roots <= _CLIP_TEXT_ROOTS):
-        return "text_encoder"
     raise ValueError(
         f"component: cannot tell which pipeline component the adapter in {str(folder)!r} belongs to (top-level "
         f"modules {sorted(roots)}); pass component= one of {COMPONENTS}"
@@ -450,15 +459,26 @@ def export_lora(
         Path(adapter.source).resolve(),
     ):
         raise ValueError(f"out_dir={str(out)!r} is the source folder; export to another folder")
-    if "kohya" in formats and adapter.component not in _KOHYA_PREFIXES:
-        raise ValueError(
-            f"format='kohya' supports the components {tuple(_KOHYA_PREFIXES)}, not {adapter.component!r}: DiT kohya "
-            "layouts are specific to each model; use the 'diffusers' format"
-        )
+    if "kohya" in formats:
+        _check_kohya(adapter)
     with atomic_folder(out, overwrite) as tmp:
         write_export(adapter, tmp, formats)
     logger.info("Exported the mean of adapter %r (%s) to %s", adapter.adapter_name, adapter.source, out)
     return out
+
+
+def write_bayesian_adapter(adapter: BayesianAdapter, folder: Path) -> None:
+    """Writes the whole Bayesian adapter (means and posterior) in PEFT's layout into the existing `folder`.
+
+    `PeftModel.from_pretrained(base, folder)` (with bayes_adapter imported) restores it; not atomic (see
+    `atomic_folder`).
+    """
+    config = {k: v for k, v in adapter.config.items() if k != "runtime_config"}
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config["inference_mode"] = True
+    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tensors = {_PEFT_PREFIX + k: v.contiguous() for k, v in adapter.state_dict.items()}
+    save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), {"format": "pt"})
 
 
 def write_export(adapter: BayesianAdapter, folder: Path, formats: Sequence[str] = DEFAULT_FORMATS) -> None:
@@ -519,15 +539,26 @@ def _save_diffusers(adapter: BayesianAdapter, means: dict[str, torch.Tensor], fo
         raise RuntimeError(f"diffusers' save_lora_weights did not write {DIFFUSERS_WEIGHTS_NAME} in {folder}")
 
 
+def _check_kohya(adapter: BayesianAdapter) -> None:
+    """Refuses, before anything is written, what the kohya layout cannot carry."""
+    if adapter.component not in _KOHYA_PREFIXES:
+        raise ValueError(
+            f"format='kohya' supports the components {tuple(_KOHYA_PREFIXES)}, not {adapter.component!r}: DiT kohya "
+            "layouts are specific to each model; use the 'diffusers' format"
+        )
+    means = adapter.mean_state_dict()
+    for module in adapter.target_module_names():
+        if f"{module}.lora_A.weight" not in means:
+            raise ValueError(f"format='kohya' supports Linear and Conv layers only; {module!r} is not one")
+        if f"{module}.lora_B.bias" in means:
+            raise ValueError("format='kohya' cannot carry a LoRA bias (lora_bias=True)")
+
+
 def _kohya_state_dict(adapter: BayesianAdapter, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefix = _KOHYA_PREFIXES[adapter.component]
     modules = adapter.target_module_names()
     alphas = {}
     for module in modules:
-        if f"{module}.lora_A.weight" not in means:
-            raise ValueError(f"format='kohya' supports Linear and Conv layers only; {module!r} is not one")
-        if f"{module}.lora_B.bias" in means:
-            raise ValueError("format='kohya' cannot carry a LoRA bias (lora_bias=True)")
         rank = means[f"{module}.lora_A.weight"].shape[0]
         _, scaling = adapter.module_rank_and_scaling(module)
         # kohya's scale is alpha / rank: the alpha that reproduces PEFT's scaling (also with rsLoRA).

@@ -28,11 +28,10 @@ from .export import (
     DEFAULT_FORMATS,
     DIFFUSERS_WEIGHTS_NAME,
     EXPORT_SUMMARY_NAME,
-    PEFT_CONFIG_NAME,
-    PEFT_WEIGHTS_NAME,
     BayesianAdapter,
     atomic_folder,
     load_bayesian_adapter,
+    write_bayesian_adapter,
     write_export,
 )
 
@@ -144,7 +143,7 @@ def build_model_card(
         f"# Bayesian LoRA: {repo_id}",
         "",
         f"A LoRA for the `{component}` of [{base}](https://huggingface.co/{base}), trained with "
-        "[bayes-adapter](https://github.com/) (Bayesian LoRA: a Gaussian posterior over the LoRA weights) and "
+        "bayes-adapter (Bayesian LoRA: a Gaussian posterior over the LoRA weights) and "
         "exported as its posterior mean: a plain LoRA, loaded and run at plain LoRA's cost, without bayes-adapter.",
         "",
     ]
@@ -202,19 +201,6 @@ def build_model_card(
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
     tags = list(dict.fromkeys([*BASE_TAGS, *_family_tags(base_model, component)]))
     return populate_model_card(card, tags=tags)
-
-
-def _write_bayesian(adapter: BayesianAdapter, folder: Path) -> None:
-    """The full Bayesian adapter in PEFT's layout, for `PeftModel.from_pretrained(..., subfolder=...)`."""
-    from safetensors.torch import save_file
-
-    folder.mkdir()
-    config = {k: v for k, v in adapter.config.items() if k != "runtime_config"}
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    config["inference_mode"] = True
-    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = {f"base_model.model.{k}": v for k, v in adapter.state_dict.items()}
-    save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), {"format": "pt"})
 
 
 def _is_export_dir(path: Path) -> bool:
@@ -313,7 +299,8 @@ def push_to_hub(
         if adapter is not None:
             write_export(adapter, tmp, DEFAULT_FORMATS)
             if include_bayesian:
-                _write_bayesian(adapter, tmp / BAYESIAN_SUBFOLDER)
+                (tmp / BAYESIAN_SUBFOLDER).mkdir()
+                write_bayesian_adapter(adapter, tmp / BAYESIAN_SUBFOLDER)
         else:
             for path in export_dir.iterdir():
                 if path.is_file() and path.name != "README.md":

@@ -94,3 +94,14 @@ def test_push_command_errors(hub, saved_adapter, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert main(["push", str(saved_adapter), REPO]) == 1
     assert "offline mode" in capsys.readouterr().err
+
+
+def test_export_command_corrupt_weights_exit_2(saved_adapter, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_adapter, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert main(["export", str(broken), str(tmp_path / "out")]) == 2
+    assert "is not a readable safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

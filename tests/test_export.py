@@ -474,3 +474,30 @@ def test_interrupted_export_leaves_nothing_that_looks_valid(tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == (["out"] if existing else [])
     if existing:
         assert sorted(os.listdir(tmp_path / "out")) == before
+
+
+def test_sdxl_second_text_encoder_needs_its_component(tmp_path):
+    from peft import inject_adapter_in_model
+    from tiny_models import tiny_text_config
+    from transformers import CLIPTextModelWithProjection
+
+    encoder = CLIPTextModelWithProjection(tiny_text_config(projection_dim=8))
+    inject_adapter_in_model(BayesLoraConfig(r=2, target_modules=["q_proj"]), encoder)
+    with pytest.raises(ValueError, match="cannot tell which pipeline component a CLIPTextModelWithProjection is"):
+        export_lora(encoder, tmp_path / "guess")
+    assert not (tmp_path / "guess").exists()
+    out = export_lora(encoder, tmp_path / "te2", component="text_encoder_2", format=["diffusers", "kohya"])
+    assert all(key.startswith("text_encoder_2.") for key in load_file(str(out / "pytorch_lora_weights.safetensors")))
+    assert all(key.startswith("lora_te2_") for key in load_file(str(out / "lora_kohya.safetensors")))
+
+
+def test_unreadable_saved_adapter_is_a_clear_error(tmp_path):
+    model = get_peft_model(tiny_unet(), unet_config())
+    model.save_pretrained(str(tmp_path / "adapter"))
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="adapter_model.safetensors' is not a readable safetensors file"):
+        export_lora(tmp_path / "adapter", tmp_path / "out")
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        export_lora(tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
