@@ -77,16 +77,25 @@ class _GaussianOutputNoise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-        std = variance.add(_VARIANCE_FLOOR).sqrt_()
+        # At least fp32: in fp16 the floor rounds to 0 and eps / sqrt(0) poisons the gradient.
+        compute_dtype = torch.promote_types(variance.dtype, torch.float32)
+        std = variance.to(compute_dtype).add_(_VARIANCE_FLOOR).sqrt_()
         eps = torch.randn_like(std)
-        output = torch.addcmul(mean, std, eps)
+        output = torch.addcmul(mean.to(compute_dtype), std, eps).to(mean.dtype)
         ctx.save_for_backward(eps.div_(std).mul_(0.5))
+        ctx.variance_dtype = variance.dtype
         return output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (half_eps_over_std,) = ctx.saved_tensors
-        return grad, grad * half_eps_over_std
+        grad_variance = grad * half_eps_over_std
+        if grad_variance.dtype != ctx.variance_dtype:
+            # Near a zero variance this gradient exceeds fp16's range; inf would turn the zero inputs behind that
+            # variance into NaN (0 * inf) in the layer's backward, a finite bound keeps them at 0.
+            limit = torch.finfo(ctx.variance_dtype).max
+            grad_variance = grad_variance.clamp_(-limit, limit).to(ctx.variance_dtype)
+        return grad, grad_variance
 
 
 def local_reparameterisation(

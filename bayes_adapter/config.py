@@ -97,8 +97,13 @@ class BayesLoraConfig(LoraConfig):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         _check_positive_float("posterior_std_init", self.posterior_std_init)
         _check_positive_float("prior_std", self.prior_std)
-        if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
-            raise ValueError(f"kl_weight must be a number >= 0, got {self.kl_weight!r}")
+        if (
+            isinstance(self.kl_weight, bool)
+            or not isinstance(self.kl_weight, (int, float))
+            or not math.isfinite(self.kl_weight)
+            or self.kl_weight < 0
+        ):
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {self.kl_weight!r}")
         for name in ("sample_at_inference", "train_posterior_std"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -173,8 +174,12 @@ def param_groups(model: nn.Module, posterior_std_lr: float | None = None) -> lis
         `[{"params": means...}, {"params": rhos..., "weight_decay": 0.0[, "lr": posterior_std_lr]}]`; the second
         group only if some posterior std is trainable.
     """
-    if posterior_std_lr is not None and (isinstance(posterior_std_lr, bool) or not posterior_std_lr > 0):
-        raise ValueError(f"posterior_std_lr must be a number > 0 or None, got {posterior_std_lr!r}")
+    if posterior_std_lr is not None and (
+        isinstance(posterior_std_lr, bool)
+        or not isinstance(posterior_std_lr, (int, float))
+        or not 0 < posterior_std_lr < math.inf
+    ):
+        raise ValueError(f"posterior_std_lr must be a finite number > 0 or None, got {posterior_std_lr!r}")
     posterior_ids = {
         id(rho)
         for layer in bayes_layers(model)

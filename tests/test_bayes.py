@@ -94,3 +94,17 @@ def test_std_summary():
     assert summary["max"] == pytest.approx(0.3)
     empty = std_summary([])
     assert empty["count"] == 0 and math.isnan(empty["mean"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_local_reparameterisation_gradients_stay_finite_in_half_precision(dtype):
+    # A zero input row gives a zero variance: the floor must not round away in half precision.
+    x = torch.zeros(2, 4, dtype=dtype)
+    x[1] = 1
+    mean = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    std = (torch.rand(3, 4) * 0.1 + 0.01).to(dtype).requires_grad_()
+    out = local_reparameterisation(lambda i, w: i @ w.T, x, x * x, mean, std)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert torch.isfinite(std.grad).all() and torch.isfinite(mean.grad).all()
+    assert std.grad.abs().sum() > 0

@@ -223,8 +223,9 @@ def test_param_groups_put_the_posterior_stds_in_their_own_group():
     assert len(means["params"]) + len(stds["params"]) == len(trainable)
     optimizer = torch.optim.AdamW(bayes_adapter.param_groups(model), lr=1e-3, weight_decay=0.01)
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-3, 0.01), (1e-3, 0.0)]
-    with pytest.raises(ValueError, match="posterior_std_lr must be a number > 0 or None, got 0"):
-        bayes_adapter.param_groups(model, posterior_std_lr=0)
+    for bad in (0, float("inf"), float("nan"), "0.1"):
+        with pytest.raises(ValueError, match=f"posterior_std_lr must be a finite number > 0 or None, got {bad!r}"):
+            bayes_adapter.param_groups(model, posterior_std_lr=bad)
     fixed = get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q"], train_posterior_std=False))
     assert len(bayes_adapter.param_groups(fixed)) == 1
 
