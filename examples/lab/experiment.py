@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 import bayes_adapter
-from bayes_adapter import BayesLoraConfig, kl_divergence
+from bayes_adapter import BayesLoraConfig, kl_divergence, kl_loss
 from bayes_adapter.monitor import copy_rate, corruption_report, nearest_reference_distance
 
 from . import data
@@ -181,7 +181,7 @@ def run_arm(
         loss = diffusion_loss(model, latents[idx], token, generator=g)
         total = loss
         if arm == "bayes_kl":
-            total = total + kl_w * kl_divergence(model.unet) / n_img
+            total = total + kl_loss(model.unet, n_img)  # the config carries kl_weight=kl_w
         elif arm == "l2":
             total = total + l2_coef * sum(p.pow(2).sum() for p in _lora_b_params(model.unet))
         opt.zero_grad(set_to_none=True)
