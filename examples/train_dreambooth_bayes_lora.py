@@ -24,8 +24,10 @@ import argparse
 import hashlib
 import logging
 import math
+import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ from PIL import Image, ImageOps
 
 
 BAYES_ADAPTER_DIR = "bayesian_adapter"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes
 DEFAULT_UNET_TARGETS = "to_k,to_q,to_v,to_out.0"
 DEFAULT_TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
 
@@ -182,13 +185,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help=(
             "Learning rate of the posterior stds' free parameters (default: --learning_rate). The std is softplus(rho): "
             "Adam moves log(std) by about the learning rate per step; --learning_rate / --posterior_std_init gives "
-            "the paper's step on the std itself at the start."
+            "the paper's step on the std itself at the start. Multiplied like --learning_rate with --scale_lr."
         ),
     )
     train.add_argument(
         "--scale_lr",
         action="store_true",
-        help="Multiply the learning rate by accumulation steps x batch size x processes.",
+        help=(
+            "Multiply --learning_rate (and --posterior_std_learning_rate when given) by accumulation steps x batch "
+            "size x processes."
+        ),
     )
     train.add_argument(
         "--lr_scheduler",
@@ -228,7 +234,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--report_to", type=str, default="tensorboard", help="accelerate tracker(s), or 'none'.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload the exported mean LoRA to the Hub.")
     out.add_argument(
-        "--hub_model_id", type=str, default=None, help="Hub repository (default: the output folder name)."
+        "--hub_model_id", type=str, default=None, help="Hub repository as 'user/name' (required with --push_to_hub)."
     )
     out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the cached login).")
 
@@ -254,8 +260,8 @@ def _list_images(folder: Path, argument: str) -> list[Path]:
 
 def _check_number(args: argparse.Namespace, name: str, minimum: float, integer: bool = True) -> None:
     value = getattr(args, name)
-    if value is not None and value < minimum:
-        kind = "an integer" if integer else "a number"
+    if value is not None and not (math.isfinite(value) and value >= minimum):
+        kind = "an integer" if integer else "a finite number"
         raise ValueError(f"--{name}={value!r} is invalid; expected {kind} >= {minimum}.")
 
 
@@ -319,9 +325,12 @@ def validate_args(args: argparse.Namespace) -> None:
         _check_number(args, name, 0)
     for name in ("learning_rate", "prior_loss_weight", "max_grad_norm", "lora_dropout"):
         _check_number(args, name, 0, integer=False)
-    if args.posterior_std_learning_rate is not None and not args.posterior_std_learning_rate > 0:
+    if args.posterior_std_learning_rate is not None and not (
+        math.isfinite(args.posterior_std_learning_rate) and args.posterior_std_learning_rate > 0
+    ):
         raise ValueError(
-            f"--posterior_std_learning_rate={args.posterior_std_learning_rate!r} is invalid; expected a number > 0."
+            f"--posterior_std_learning_rate={args.posterior_std_learning_rate!r} is invalid; expected a finite number "
+            "> 0."
         )
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"--lora_dropout={args.lora_dropout!r} is invalid; expected a number in [0, 1).")
@@ -475,17 +484,19 @@ def save_bayes_adapters(output_dir: str | Path, models: dict, configs: dict) -> 
     """Writes the whole Bayesian adapter (means and posterior rho) of each model: `<dir>/<name>/`.
 
     The folder holds `adapter_model.safetensors` (keys as `peft.get_peft_model_state_dict` gives them) and the
-    `BayesLoraConfig` (`adapter_config.json`).
+    `BayesLoraConfig` (`adapter_config.json`). Each folder is written atomically: a failed save leaves the previous
+    folder (or none), never a half-written one.
     """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from bayes_adapter.export import atomic_folder
+
     for name, model in models.items():
-        folder = Path(output_dir, name)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {key: value.detach().cpu().contiguous() for key, value in get_peft_model_state_dict(model).items()}
-        save_file(state, str(folder / "adapter_model.safetensors"))
-        configs[name].save_pretrained(str(folder))
+        with atomic_folder(Path(output_dir, name), overwrite=True) as tmp:
+            save_file(state, str(tmp / "adapter_model.safetensors"))
+            configs[name].save_pretrained(str(tmp))
 
 
 def load_bayes_adapters(input_dir: str | Path, models: dict) -> None:
@@ -508,19 +519,23 @@ def export_mean_lora(output_dir: str | Path, models: dict, pipeline_cls) -> None
     """Exports the posterior mean as a plain LoRA that loads without bayes_adapter.
 
     Writes `<output_dir>/pytorch_lora_weights.safetensors` (diffusers' format, every trained component in one file,
-    for `pipe.load_lora_weights(output_dir)`) and, through `bayes_adapter.export_lora`, `<output_dir>/export/<name>/`
-    per component (PEFT's format, diffusers' format and a summary of the posterior).
+    for `pipe.load_lora_weights(output_dir)`) and, as `bayes_adapter.export_lora` does, `<output_dir>/export/<name>/`
+    per component (PEFT's format, diffusers' format and a summary of the posterior). Each adapter is read once; every
+    file is written atomically (a temporary folder renamed, or a temporary file moved, into place).
     """
-    from bayes_adapter import export_lora
-    from bayes_adapter.export import diffusers_metadata, load_bayesian_adapter
+    from bayes_adapter.export import atomic_folder, diffusers_metadata, load_bayesian_adapter, write_export
 
     layers = {}
     for name, model in models.items():
-        export_lora(model, Path(output_dir, "export", name), component=name, overwrite=True)
         adapter = load_bayesian_adapter(model, component=name)
+        with atomic_folder(Path(output_dir, "export", name), overwrite=True) as tmp:
+            write_export(adapter, tmp)
         layers[f"{name}_lora_layers"] = adapter.mean_state_dict()
         layers[f"{name}_lora_adapter_metadata"] = diffusers_metadata(adapter)
-    pipeline_cls.save_lora_weights(str(output_dir), **layers)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{LORA_WEIGHTS_NAME}.tmp-", dir=output_dir) as tmp:
+        pipeline_cls.save_lora_weights(tmp, **layers)
+        os.replace(Path(tmp, LORA_WEIGHTS_NAME), Path(output_dir, LORA_WEIGHTS_NAME))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -600,6 +615,14 @@ def log_validation(args, accelerator, pipeline, trained: list, reference, step: 
     return images
 
 
+def cast_adapter_params(models) -> None:
+    """Casts every adapter parameter (name containing `lora_`: means and posterior rho, trainable or frozen) to fp32."""
+    for model in models:
+        for name, param in model.named_parameters():
+            if "lora_" in name and param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+
+
 def main(args: argparse.Namespace) -> dict:
     """Trains, checkpoints, validates and exports; see the module docstring.
 
@@ -614,7 +637,6 @@ def main(args: argparse.Namespace) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
     from peft import inject_adapter_in_model
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -702,7 +724,8 @@ def main(args: argparse.Namespace) -> dict:
         for name in trained:
             if name != "unet":
                 trained[name].gradient_checkpointing_enable()
-    cast_training_params(list(trained.values()), dtype=torch.float32)
+    # cast_training_params only upcasts trainable parameters: the frozen posterior rho (--fixed_posterior_std) too.
+    cast_adapter_params(trained.values())
 
     def unwrap(model):
         model = accelerator.unwrap_model(model)
@@ -723,7 +746,7 @@ def main(args: argparse.Namespace) -> dict:
             model = unwrap(models.pop())
             loaded[by_id[id(model)]] = model
         load_bayes_adapters(checkpoint_dir, loaded)
-        cast_training_params(list(loaded.values()), dtype=torch.float32)
+        cast_adapter_params(loaded.values())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -753,7 +776,10 @@ def main(args: argparse.Namespace) -> dict:
     kl_examples = len(instance_images) if args.kl_scaling == "per_image" else 1
 
     if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        factor = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate *= factor
+        if args.posterior_std_learning_rate is not None:
+            args.posterior_std_learning_rate *= factor
     parameters = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [

@@ -180,9 +180,12 @@ def test_defaults_are_the_papers_and_flags_reach_the_config(tmp_path, instance_d
         ("ok", ["--with_prior_preservation", "--class_data_dir", "cls"], r"--with_prior_preservation needs --class_"),
         ("ok", ["--with_prior_preservation", "--class_prompt", "a dog"], r"needs --class_data_dir"),
         ("ok", ["--posterior_std_init", "-1"], r"posterior_std_init must be a finite number > 0, got -1"),
-        ("ok", ["--kl_weight", "-0.5"], r"kl_weight must be a number >= 0, got -0.5"),
+        ("ok", ["--kl_weight", "-0.5"], r"kl_weight must be a finite number >= 0, got -0.5"),
         ("ok", ["--posterior_std_learning_rate", "0"], r"--posterior_std_learning_rate=0.0 is invalid; expected a"),
         ("ok", ["--max_train_steps", "0"], r"--max_train_steps=0 is invalid; expected an integer >= 1"),
+        ("ok", ["--learning_rate", "nan"], r"--learning_rate=nan is invalid; expected a finite number >= 0"),
+        ("ok", ["--max_grad_norm", "inf"], r"--max_grad_norm=inf is invalid; expected a finite number >= 0"),
+        ("ok", ["--posterior_std_learning_rate", "inf"], r"--posterior_std_learning_rate=inf is invalid; expected a"),
         ("ok", ["--resume_from_checkpoint", "checkpoint-7"], r"--resume_from_checkpoint='checkpoint-7' is not"),
         ("ok", ["--push_to_hub"], r"--push_to_hub needs --hub_model_id as 'user/name', got None"),
         ("ok", ["--push_to_hub", "--hub_model_id", "me/dog"], r"--push_to_hub cannot upload in offline mode"),
@@ -517,3 +520,163 @@ def test_push_to_hub_calls_the_library_with_accepted_arguments(tmp_path, instanc
     images = np.zeros((2, 32, 32, 3), dtype=np.float32)
     with pytest.raises(RuntimeError, match="offline mode"):
         train.push_to_hub(args, tmp_path, {"unet": unet}, images)
+
+
+# --- review fixes: atomic writes, one read per adapter, fp32 frozen rho, --scale_lr, finite numbers ----------------
+
+
+def _tiny_unet_with_adapter(tmp_path, *extra):
+    from tiny_models import tiny_unet
+
+    args = train.parse_args(cli("no/such/model", write_images(tmp_path / "img", 1), tmp_path / "out", *extra))
+    unet = tiny_unet()
+    config = train.lora_config(args, args.unet_target_modules)
+    unet.add_adapter(config)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()
+    return unet, config
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*tmp-*")) + sorted(p.name for p in folder.rglob(".*old-*"))
+
+
+def test_save_bayes_adapters_is_atomic_and_loads_back(tmp_path, monkeypatch):
+    from peft import get_peft_model_state_dict
+
+    unet, config = _tiny_unet_with_adapter(tmp_path)
+    out = tmp_path / "ckpt"
+    train.save_bayes_adapters(out, {"unet": unet}, {"unet": config})
+    saved = load_file(str(out / "unet" / "adapter_model.safetensors"))
+    # The checkpoint layout load_bayes_adapters reads: keys exactly as get_peft_model_state_dict gives them.
+    assert saved.keys() == get_peft_model_state_dict(unet).keys()
+    assert json.loads((out / "unet" / "adapter_config.json").read_text())["peft_type"] == "BAYES_LORA"
+
+    # A save that fails after the weights are written leaves the previous folder as it was, and no temporary folder.
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".lora_B." in name:
+                param.add_(1.0)
+
+    def failing_save_pretrained(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(config, "save_pretrained", failing_save_pretrained)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_bayes_adapters(out, {"unet": unet}, {"unet": config})
+    after = load_file(str(out / "unet" / "adapter_model.safetensors"))
+    assert all(torch.equal(after[k], saved[k]) for k in saved)
+    assert (out / "unet" / "adapter_config.json").is_file()
+    assert _leftovers(out) == []
+    # A first save that fails leaves no folder at all.
+    with pytest.raises(OSError, match="disk full"):
+        train.save_bayes_adapters(tmp_path / "fresh", {"unet": unet}, {"unet": config})
+    assert not (tmp_path / "fresh" / "unet").exists() and _leftovers(tmp_path / "fresh") == []
+    monkeypatch.undo()
+
+    # What was saved loads back into a fresh model holding the same adapter.
+    fresh, _ = _tiny_unet_with_adapter(tmp_path / "other")
+    train.load_bayes_adapters(out, {"unet": fresh})
+    state = get_peft_model_state_dict(fresh)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_export_mean_lora_reads_each_adapter_once_and_writes_atomically(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    import bayes_adapter.export as export
+
+    unet, _ = _tiny_unet_with_adapter(tmp_path)
+    reference = bayes_adapter.export_lora(unet, tmp_path / "reference", component="unet")
+    reads = []
+    load = export.load_bayesian_adapter
+    monkeypatch.setattr(export, "load_bayesian_adapter", lambda *a, **k: reads.append(a) or load(*a, **k))
+    monkeypatch.setattr(bayes_adapter, "export_lora", lambda *a, **k: pytest.fail("export_lora reads the adapter"))
+    out = tmp_path / "out"
+    train.export_mean_lora(out, {"unet": unet}, StableDiffusionPipeline)
+    assert len(reads) == 1
+    # The per-component export is what export_lora writes, byte for byte.
+    files = sorted(p.name for p in reference.iterdir())
+    assert files == sorted(p.name for p in (out / "export" / "unet").iterdir())
+    for name in files:
+        assert (out / "export" / "unet" / name).read_bytes() == (reference / name).read_bytes(), name
+    combined = out / "pytorch_lora_weights.safetensors"
+    before = combined.read_bytes()
+    assert any(key.startswith("unet.") for key in load_file(str(combined)))
+    assert _leftovers(out) == []
+
+    # A failing save_lora_weights (after writing part of its file) leaves the previous file and no temporary folder.
+    class FailingPipeline(StableDiffusionPipeline):
+        @classmethod
+        def save_lora_weights(cls, save_directory, **kwargs):
+            Path(save_directory, "pytorch_lora_weights.safetensors").write_bytes(b"half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        train.export_mean_lora(out, {"unet": unet}, FailingPipeline)
+    assert combined.read_bytes() == before
+    assert _leftovers(out) == []
+
+    # A failing per-component export leaves the previous export folder as it was.
+    exported = {p.name: p.read_bytes() for p in (out / "export" / "unet").iterdir()}
+
+    def failing_write_export(adapter, folder, *args, **kwargs):
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_export", failing_write_export)
+    with pytest.raises(OSError, match="disk full"):
+        train.export_mean_lora(out, {"unet": unet}, StableDiffusionPipeline)
+    assert {p.name: p.read_bytes() for p in (out / "export" / "unet").iterdir()} == exported
+    assert _leftovers(out) == []
+
+
+def test_fixed_posterior_std_rho_is_fp32_under_bf16(tmp_path, tiny_sd, instance_dir):
+    args = train.parse_args(
+        cli(
+            tiny_sd,
+            instance_dir,
+            tmp_path / "out",
+            "--fixed_posterior_std",
+            "--mixed_precision",
+            "bf16",
+            "--max_train_steps",
+            "1",
+            "--report_to",
+            "none",
+        )
+    )
+    unet = train.main(args)["unet"]
+    assert unet.conv_in.weight.dtype == torch.bfloat16
+    rho = {n: p for n, p in unet.named_parameters() if "lora_posterior_rho" in n}
+    assert rho and all(not p.requires_grad for p in rho.values()), "the posterior std is not frozen"
+    assert {p.dtype for p in rho.values()} == {torch.float32}
+    assert {p.dtype for n, p in unet.named_parameters() if "lora_" in n} == {torch.float32}
+
+
+def test_scale_lr_scales_both_learning_rates(tmp_path, tiny_sd, instance_dir, monkeypatch):
+    groups = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            groups.extend({"lr": g["lr"], "size": len(g["params"])} for g in self.param_groups)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    extra = ["--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--max_train_steps", "1"]
+    extra += ["--learning_rate", "1e-4", "--posterior_std_learning_rate", "0.01", "--report_to", "none"]
+    train.main(train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "out", *extra)))
+    # One process: factor 3 x 2 x 1 = 6. The means' group, then the posterior stds' group.
+    assert len(groups) == 2 and all(g["size"] > 0 for g in groups)
+    assert groups[0]["lr"] == pytest.approx(6e-4) and groups[1]["lr"] == pytest.approx(0.06)
+
+
+def test_help_of_hub_model_id_and_scale_lr(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "required with --push_to_hub" in text and "default: the output folder name" not in text
+    assert "Multiply --learning_rate (and --posterior_std_learning_rate when given)" in text
+    assert "Multiplied like --learning_rate with --scale_lr" in text
