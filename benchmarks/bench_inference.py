@@ -35,10 +35,9 @@ PROMPT = "a photo of sks dog"
 
 
 def build_components(size: str, seed: int):
-    from diffusers import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.tiny_models import tiny_tokenizer, tiny_vae
+    from tests.tiny_models import tiny_scheduler, tiny_tokenizer, tiny_vae
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
@@ -56,14 +55,7 @@ def build_components(size: str, seed: int):
             max_position_embeddings=tokenizer.model_max_length,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = tiny_scheduler()
     return dict(
         vae=tiny_vae(seed),
         text_encoder=text_encoder,

@@ -31,6 +31,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
 
+from tests.tiny_models import TINY_UNET_CONFIG  # noqa: E402
+
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -43,17 +45,7 @@ PLAIN = "plain"
 # UNet2DConditionModel configs. "tiny": the one tests/tiny_models.py uses (diffusers' tests); "small": the UNet of
 # the team notes' measured step (block_out_channels (32, 64)); "sd15": SD1.5's UNet config (~860M parameters).
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=2,
-    ),
+    "tiny": TINY_UNET_CONFIG,
     "small": dict(
         block_out_channels=(32, 64),
         layers_per_block=2,

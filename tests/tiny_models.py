@@ -17,21 +17,24 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 CROSS_ATTENTION_DIM = 8
 
 
+# The tiny UNet diffusers' own tests use; benchmarks/common.py builds its "tiny" size from it too.
+TINY_UNET_CONFIG = dict(
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=CROSS_ATTENTION_DIM,
+    norm_num_groups=2,
+)
+
+
 def tiny_unet(seed: int = 0, block_out_channels: tuple[int, int] = (4, 8), **overrides) -> UNet2DConditionModel:
-    """The tiny UNet diffusers' own tests use (block_out_channels=(4, 8)), with random weights."""
+    """`TINY_UNET_CONFIG` with random weights (and any overrides)."""
     torch.manual_seed(seed)
-    config = dict(
-        block_out_channels=block_out_channels,
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CROSS_ATTENTION_DIM,
-        norm_num_groups=2,
-    )
-    return UNet2DConditionModel(**{**config, **overrides})
+    return UNet2DConditionModel(**{**TINY_UNET_CONFIG, "block_out_channels": block_out_channels, **overrides})
 
 
 def _byte_level_codepoints() -> list[int]:
@@ -83,9 +86,9 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
     )
 
 
-def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A whole StableDiffusionPipeline (32 px images, 16 px latents) with random weights."""
-    scheduler = DDIMScheduler(
+def tiny_scheduler() -> DDIMScheduler:
+    """SD's DDIM scheduler settings."""
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -93,12 +96,16 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A whole StableDiffusionPipeline (32 px images, 16 px latents) with random weights."""
     return StableDiffusionPipeline(
         unet=tiny_unet(seed),
         vae=tiny_vae(seed),
         text_encoder=tiny_text_encoder(seed),
         tokenizer=tiny_tokenizer(),
-        scheduler=scheduler,
+        scheduler=tiny_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
