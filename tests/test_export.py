@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import (
+    assert_same_numerics,
     save_tiny_pipeline,
     sd3_transformer_inputs,
     tiny_pipeline,
@@ -210,13 +211,16 @@ def test_export_loads_without_bayes_adapter(tmp_path):
     # The adapter changes the output (so the comparisons below could fail) ...
     assert (reference["unet"] - base).abs().max() > 1e-3
     assert (reference["half_unet"] - reference["unet"]).abs().max() > 1e-4
-    # ... and unfused, the plain LoRA is bit-identical to the Bayesian adapter in eval mode.
-    assert torch.equal(out["peft_unet"], reference["unet"])
-    assert torch.equal(out["diffusers_unet"], reference["unet"])
-    assert torch.equal(out["diffusers_te"], reference["te"])
-    assert torch.equal(out["image"], reference["image"])
-    assert torch.equal(out["half_unet"], reference["half_unet"])
-    assert torch.equal(out["half_unet_pipe"], reference["half_unet"])
+    # ... and unfused, the plain LoRA computed in the other process equals the Bayesian adapter in eval mode to
+    # float32 rounding (a process boundary and a file separate them: see assert_same_numerics).
+    for key, expected in (("peft_unet", "unet"), ("diffusers_unet", "unet"), ("diffusers_te", "te")):
+        assert_same_numerics(out[key], reference[expected], msg=key)
+    assert_same_numerics(out["image"], reference["image"], msg="image")
+    assert_same_numerics(out["half_unet"], reference["half_unet"], msg="half_unet")
+    assert_same_numerics(out["half_unet_pipe"], reference["half_unet"], msg="half_unet_pipe")
+    # (Bit-identity with a plain PEFT LoRA holding the same A and B, same process and tensors, is checked per layer type
+    # in test_layer.py; here even an in-process plain UNet differs by ~7e-7, since pipe.unet's base weights come from a
+    # file.)
     # Fused: within fp32 rounding.
     torch.testing.assert_close(out["fused_unet"], reference["unet"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["fused_te"], reference["te"], rtol=1e-5, atol=1e-5)
@@ -272,11 +276,11 @@ def test_export_files_keys_and_configs(tmp_path, wrap):
 
     loaded = PeftModel.from_pretrained(tiny_unet(), str(out)).eval()
     assert type(loaded.peft_config["default"]) is LoraConfig
-    assert torch.equal(run_unet(loaded, unet_inputs()), reference)
+    assert_same_numerics(run_unet(loaded, unet_inputs()), reference)
 
     plain = tiny_unet()
     plain.load_lora_adapter(str(out), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
-    assert torch.equal(run_unet(plain, unet_inputs()), reference)
+    assert_same_numerics(run_unet(plain, unet_inputs()), reference)
 
 
 def test_export_one_of_several_adapters(tmp_path):
@@ -299,7 +303,7 @@ def test_export_one_of_several_adapters(tmp_path):
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], expected[k]) for k in weights)
     loaded = PeftModel.from_pretrained(tiny_unet(), str(out)).eval()
-    assert torch.equal(run_unet(loaded, unet_inputs()), reference)
+    assert_same_numerics(run_unet(loaded, unet_inputs()), reference)
 
 
 def test_export_from_saved_folder_matches_memory(tmp_path):
@@ -336,7 +340,7 @@ def test_export_dit_transformer(tmp_path):
     loaded = tiny_sd3_transformer()
     loaded.load_lora_adapter(str(out), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
     with torch.no_grad():
-        assert torch.equal(loaded(**sd3_transformer_inputs()).sample, reference)
+        assert_same_numerics(loaded(**sd3_transformer_inputs()).sample, reference)
     with pytest.raises(ValueError, match="kohya"):
         export_lora(transformer, tmp_path / "dit_kohya", format="kohya")
     assert not (tmp_path / "dit_kohya").exists()
@@ -361,7 +365,7 @@ def test_kohya_format_round_trips_through_diffusers(tmp_path, alpha_pattern):
     if alpha_pattern:
         torch.testing.assert_close(loaded, reference, rtol=1e-5, atol=1e-5)
     else:
-        assert torch.equal(loaded, reference)
+        assert_same_numerics(loaded, reference)
 
 
 def test_kohya_text_encoder_layout(tmp_path):
@@ -394,7 +398,7 @@ def test_kohya_text_encoder_through_diffusers(tmp_path):
     pipe = tiny_pipeline()
     pipe.load_lora_weights(str(out))
     with torch.no_grad():
-        assert torch.equal(pipe.text_encoder(ids)[0], reference)
+        assert_same_numerics(pipe.text_encoder(ids)[0], reference)
 
 
 # --- bad input: a clear error, nothing written --------------------------------------------------------------------

@@ -12,14 +12,13 @@ import os
 
 import httpx2
 import pytest
-import torch
 from huggingface_hub import ModelCard, constants, set_client_factory, snapshot_download
 from huggingface_hub.utils import _http as hub_http
 from peft import PeftModel
 from PIL import Image
 from safetensors import safe_open
 from test_export import bayesian_unet, run_unet, unet_inputs
-from tiny_models import tiny_pipeline, tiny_unet
+from tiny_models import assert_same_numerics, tiny_pipeline, tiny_unet
 
 import bayes_adapter
 from bayes_adapter import export_lora, push_to_hub
@@ -177,14 +176,14 @@ def test_push_model_then_load_by_repo_id(hub, tmp_path, monkeypatch, caplog, cap
     # subfolder twice), so the snapshot folder is given here, with the same subfolder argument.
     bayesian = PeftModel.from_pretrained(tiny_unet(), snapshot, subfolder="bayesian").eval()
     assert bayes_adapter.posterior_std_stats(bayesian) == pytest.approx(stats)
-    assert torch.equal(run_unet(bayesian, unet_inputs()), reference)
+    assert_same_numerics(run_unet(bayesian, unet_inputs()), reference)  # loaded from files
 
     pipe = tiny_pipeline()
     pipe.load_lora_weights(snapshot)  # finds the mean LoRA at the root
-    assert torch.equal(run_unet(pipe.unet, unet_inputs()), reference)
+    assert_same_numerics(run_unet(pipe.unet, unet_inputs()), reference)
     pipe.unload_lora_weights()
     pipe.load_lora_weights(REPO, cache_dir=str(cache), weight_name="pytorch_lora_weights.safetensors")
-    assert torch.equal(run_unet(pipe.unet, unet_inputs()), reference)
+    assert_same_numerics(run_unet(pipe.unet, unet_inputs()), reference)
 
 
 def test_push_export_dir(hub, tmp_path):

@@ -173,3 +173,24 @@ def sd3_transformer_inputs(seed: int = 0) -> dict:
         "pooled_projections": torch.randn(1, 64, generator=generator),
         "timestep": torch.tensor([10]),
     }
+
+
+# --- comparing float results ------------------------------------------------------------------------------------
+
+# A few float32 ulps: rounding, not a bug, is all that may separate the two sides of `assert_same_numerics`.
+FLOAT32_ROUNDING_ULPS = 8
+
+
+def assert_same_numerics(actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None) -> None:
+    """Asserts that two float results agree to float32 rounding: a few ulps of `expected`'s scale.
+
+    torch gives bit-identical floats only for the same op on the same tensors in one process. Two rows of one batch
+    need not be bit-identical (a CPU's gemm kernel may treat rows differently: AVX-512 machines do), nor need a
+    result computed in another process, or from tensors loaded from a file (other memory alignment, other kernel
+    paths; ~1e-7 apart on AVX-512). Use this helper for exactly those comparisons, and `torch.equal` where both sides
+    run the same kernels on the same tensors in one process, or compare stored tensors (a file keeps every bit).
+    """
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(expected.detach().abs().max().item(), 1.0) if expected.numel() else 1.0
+    atol = FLOAT32_ROUNDING_ULPS * torch.finfo(torch.float32).eps * scale
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=atol, msg=msg)
