@@ -9,7 +9,7 @@ from . import _peft_compat
 
 _peft_compat.check_peft_version()
 
-from .bayes import gaussian_kl, posterior_std, softplus_inverse  # noqa: E402
+from .bayes import elbo_kl_weight, gaussian_kl, posterior_std, softplus_inverse  # noqa: E402
 from .config import PEFT_TYPE_NAME, BayesLoraConfig  # noqa: E402
 from .export import export_lora, load_bayesian_adapter  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
@@ -21,10 +21,18 @@ from .layer import (  # noqa: E402
     BayesLinear,
     BayesLoraLayer,
 )
-from .model import BayesLoraModel, bayes_layers, kl_divergence, kl_loss, param_groups, posterior_std_stats  # noqa: E402
+from .model import (  # noqa: E402
+    BayesLoraModel,
+    bayes_layers,
+    kl_divergence,
+    kl_loss,
+    param_groups,
+    posterior_std_stats,
+    posterior_stds,
+)
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _peft_compat.register(PEFT_TYPE_NAME.lower(), BayesLoraConfig, BayesLoraModel, prefix=BayesLoraModel.prefix)
 
@@ -38,6 +46,7 @@ __all__ = [
     "BayesLoraLayer",
     "BayesLoraModel",
     "bayes_layers",
+    "elbo_kl_weight",
     "export_lora",
     "gaussian_kl",
     "kl_divergence",
@@ -46,6 +55,7 @@ __all__ = [
     "load_bayesian_adapter",
     "posterior_std",
     "posterior_std_stats",
+    "posterior_stds",
     "push_to_hub",
     "softplus_inverse",
 ]

@@ -1,9 +1,17 @@
 """The Bayesian maths of bayes-adapter, in plain torch (no PEFT import).
 
 A Bayesian LoRA factor is a mean-field Gaussian posterior q(W) = N(mean, posterior_std^2) over every entry of the
-factor, with `posterior_std = softplus(rho)` so that it stays positive for any value of the free parameter `rho`. The
-prior is p(W) = N(0, prior_std^2): since LoRA adds `B @ A` to the pretrained weight, a zero-mean prior on a factor
-centres the prior of the full weight on the pretrained model.
+factor. The prior is p(W) = N(0, prior_std^2): since LoRA adds `B @ A` to the pretrained weight, a zero-mean prior on
+a factor centres the prior of the full weight on the pretrained model.
+
+The std is held by a free parameter `rho`, in one of two parametrisations (`POSTERIOR_STD_PARAMETRISATIONS`):
+
+- ``"scaled_exp"`` (the default since 0.2.0): `posterior_std = std_init * exp(rho / std_init)`, `rho` starting at 0.
+  Adam moves `rho` by about the learning rate per step, so it moves the std by about `lr / std_init` relative per step
+  (1% at lr 1e-4 and std 0.01, as the paper's code, which stores the std itself), at any learning rate a LoRA uses.
+  The std stays positive without a clamp, and weight decay pulls it back to its initial value.
+- ``"softplus"`` (0.1.0's): `posterior_std = softplus(rho)`. Adam moves `log(std)` by about the learning rate per step:
+  at fine-tuning learning rates the std barely moves. Kept so that adapters saved by 0.1.0 load unchanged.
 
 Three estimators turn the posterior into a forward pass during training:
 
@@ -24,6 +32,7 @@ import torch.nn.functional as F
 
 
 ESTIMATORS = ("weight", "local", "flipout")
+POSTERIOR_STD_PARAMETRISATIONS = ("scaled_exp", "softplus")
 
 # Keeps sqrt differentiable where a local-reparameterisation variance is exactly zero (e.g. zero inputs).
 _VARIANCE_FLOOR = 1e-16
@@ -41,25 +50,96 @@ def softplus_inverse(std: float) -> float:
     return std if std > 20 else math.log(math.expm1(std))
 
 
-def posterior_std(rho: torch.Tensor) -> torch.Tensor:
-    """The posterior standard deviation held by the free parameter `rho`: `softplus(rho)`, always positive."""
+def initial_rho(posterior_std_init: float, parametrisation: str) -> float:
+    """The value of the free parameter `rho` that holds the std `posterior_std_init`.
+
+    Args:
+        posterior_std_init: The initial posterior standard deviation, > 0.
+        parametrisation: One of `POSTERIOR_STD_PARAMETRISATIONS`.
+    """
+    _check_parametrisation(parametrisation)
+    return 0.0 if parametrisation == "scaled_exp" else softplus_inverse(posterior_std_init)
+
+
+def posterior_log_std(
+    rho: torch.Tensor, parametrisation: str = "softplus", posterior_std_init: float = 1.0
+) -> torch.Tensor:
+    """`log(posterior_std)`, computed directly where the parametrisation allows, so that it stays finite.
+
+    Args:
+        rho: The free parameter.
+        parametrisation: One of `POSTERIOR_STD_PARAMETRISATIONS`.
+        posterior_std_init: The `std_init` of the "scaled_exp" parametrisation (unused by "softplus").
+    """
+    _check_parametrisation(parametrisation)
+    if parametrisation == "scaled_exp":
+        return rho / posterior_std_init + math.log(posterior_std_init)
+    return F.softplus(rho).log()
+
+
+def posterior_std(
+    rho: torch.Tensor, parametrisation: str = "softplus", posterior_std_init: float = 1.0
+) -> torch.Tensor:
+    """The posterior standard deviation held by the free parameter `rho`, always >= 0.
+
+    Args:
+        rho: The free parameter.
+        parametrisation: One of `POSTERIOR_STD_PARAMETRISATIONS`; the default is 0.1.0's `softplus(rho)`.
+        posterior_std_init: The `std_init` of the "scaled_exp" parametrisation (unused by "softplus").
+    """
+    _check_parametrisation(parametrisation)
+    if parametrisation == "scaled_exp":
+        return torch.exp(rho / posterior_std_init) * posterior_std_init
     return F.softplus(rho)
 
 
-def gaussian_kl(mean: torch.Tensor, std: torch.Tensor, prior_std: float) -> torch.Tensor:
+def _check_parametrisation(parametrisation: str) -> None:
+    if parametrisation not in POSTERIOR_STD_PARAMETRISATIONS:
+        raise ValueError(f"parametrisation must be one of {POSTERIOR_STD_PARAMETRISATIONS}, got {parametrisation!r}")
+
+
+def gaussian_kl(
+    mean: torch.Tensor, std: torch.Tensor, prior_std: float, log_std: torch.Tensor | None = None
+) -> torch.Tensor:
     """Closed-form KL(N(mean, std^2) || N(0, prior_std^2)), summed over all entries.
 
     Args:
         mean: Posterior means.
-        std: Posterior standard deviations, same shape as `mean`, all > 0.
+        std: Posterior standard deviations, same shape as `mean`.
         prior_std: Standard deviation of the zero-mean prior.
+        log_std: `log(std)`, if known directly: keeps the KL finite where `std` underflows to 0.
 
     Returns:
-        A 0-dim tensor, differentiable with respect to `mean` and `std`.
+        A 0-dim tensor, differentiable with respect to `mean` and `std` (or `log_std`).
     """
+    if log_std is None:
+        log_std = torch.log(std)
     variance_ratio = (std / prior_std) ** 2
-    kl = 0.5 * (variance_ratio + (mean / prior_std) ** 2 - 1.0 - torch.log(variance_ratio))
+    kl = 0.5 * (variance_ratio + (mean / prior_std) ** 2 - 1.0) - (log_std - math.log(prior_std))
     return kl.sum()
+
+
+def elbo_kl_weight(latent_shape: Sequence[int], num_train_timesteps: int) -> float:
+    """The KL weight `2 / (D * T)` that makes `mse + kl_weight * KL / num_examples` a negative ELBO per example.
+
+    Diffusion losses average the squared error over the D numbers of a latent and sample one of T timesteps. Read
+    as a unit-variance Gaussian likelihood of the noise, summed over the D numbers and the T terms of the variational
+    bound, the negative log-likelihood of one example is `D * T * mse / 2`; dividing the whole ELBO by that scale puts
+    the KL (already spread over the training set by `kl_loss`) at `2 / (D * T)` times the mean loss.
+
+    Args:
+        latent_shape: The shape of one example's latent (the model input without its batch axis), e.g. `(4, 64, 64)`
+            for Stable Diffusion 1.5 at 512 px, or its packed DiT token shape `(4096, 64)` for Flux at 1024 px.
+        num_train_timesteps: T, the scheduler's `config.num_train_timesteps` (1000 for SD, SDXL, SD3 and Flux).
+
+    Example: `BayesLoraConfig(..., kl_weight=elbo_kl_weight((4, 64, 64), 1000))` gives `kl_weight=1.22e-07`.
+    """
+    shape = tuple(latent_shape)
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"latent_shape must be a non-empty sequence of positive ints, got {latent_shape!r}")
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+    return 2.0 / (math.prod(shape) * num_train_timesteps)
 
 
 def sample_weight(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

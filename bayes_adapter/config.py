@@ -9,11 +9,13 @@ from typing import Literal
 from peft import LoraConfig
 
 from . import _peft_compat
-from .bayes import ESTIMATORS
+from .bayes import ESTIMATORS, POSTERIOR_STD_PARAMETRISATIONS
 
 
 PEFT_TYPE_NAME = "BAYES_LORA"
 BAYESIAN_FACTORS = ("A", "B", "AB")
+# What a saved config without `posterior_std_parametrisation` was written with: bayes-adapter 0.1.0's softplus.
+LEGACY_POSTERIOR_STD_PARAMETRISATION = "softplus"
 
 
 def _check_positive_float(name: str, value: object) -> None:
@@ -78,6 +80,18 @@ class BayesLoraConfig(LoraConfig):
             )
         },
     )
+    posterior_std_parametrisation: Literal["scaled_exp", "softplus"] = field(
+        default="scaled_exp",
+        metadata={
+            "help": (
+                "How the free parameter rho holds the std: 'scaled_exp' (std = posterior_std_init * "
+                "exp(rho / posterior_std_init), rho from 0: Adam moves the std by about lr / posterior_std_init "
+                "relative per step, so it learns at LoRA learning rates) or 'softplus' (std = softplus(rho), "
+                "bayes-adapter 0.1.0's: the std barely moves at fine-tuning learning rates). Saved with the adapter; "
+                "a config saved without it (0.1.0) loads as 'softplus'."
+            )
+        },
+    )
     kl_weight: float = field(
         default=0.0,
         metadata={
@@ -93,6 +107,11 @@ class BayesLoraConfig(LoraConfig):
         self.peft_type = _peft_compat.peft_type_member(PEFT_TYPE_NAME)
         if self.bayesian_factors not in BAYESIAN_FACTORS:
             raise ValueError(f"bayesian_factors must be one of {BAYESIAN_FACTORS}, got {self.bayesian_factors!r}")
+        if self.posterior_std_parametrisation not in POSTERIOR_STD_PARAMETRISATIONS:
+            raise ValueError(
+                f"posterior_std_parametrisation must be one of {POSTERIOR_STD_PARAMETRISATIONS}, got "
+                f"{self.posterior_std_parametrisation!r}"
+            )
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         _check_positive_float("posterior_std_init", self.posterior_std_init)
@@ -119,3 +138,14 @@ class BayesLoraConfig(LoraConfig):
                 f"target_parameters={self.target_parameters!r} is not supported by BayesLoraConfig: target modules "
                 "(target_modules) instead."
             )
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Called by PEFT on a saved config before building it: a config from 0.1.0 keeps its softplus std."""
+        kwargs = super().check_kwargs(**kwargs)
+        return {"posterior_std_parametrisation": saved_parametrisation(kwargs), **kwargs}
+
+
+def saved_parametrisation(config: dict) -> str:
+    """The posterior-std parametrisation a saved config (`adapter_config.json` as a dict) was written with."""
+    return config.get("posterior_std_parametrisation") or LEGACY_POSTERIOR_STD_PARAMETRISATION

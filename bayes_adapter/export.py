@@ -40,7 +40,7 @@ from torch import nn
 
 from ._peft_compat import get_pattern_key
 from .bayes import posterior_std, std_summary
-from .config import PEFT_TYPE_NAME, BayesLoraConfig
+from .config import PEFT_TYPE_NAME, BayesLoraConfig, saved_parametrisation
 from .layer import BayesLoraLayer
 
 
@@ -144,11 +144,18 @@ class BayesianAdapter:
 
     def posterior_std_stats(self) -> dict[str, float]:
         """Mean, min, max posterior std over the Bayesian weights and their count (as `posterior_std_stats`)."""
-        return std_summary(posterior_std(rho) for key, rho in self.state_dict.items() if _POSTERIOR_MARKER in key)
+        parametrisation = saved_parametrisation(self.config)
+        std_init = float(self.config.get("posterior_std_init", BayesLoraConfig.posterior_std_init))
+        return std_summary(
+            posterior_std(rho, parametrisation, std_init)
+            for key, rho in self.state_dict.items()
+            if _POSTERIOR_MARKER in key
+        )
 
     def bayesian_settings(self) -> dict[str, Any]:
         """The Bayesian fields of the config (factors, estimator, prior std, KL weight, ...)."""
-        return {name: self.config.get(name) for name in BAYESIAN_CONFIG_FIELDS}
+        settings = {name: self.config.get(name) for name in BAYESIAN_CONFIG_FIELDS}
+        return {**settings, "posterior_std_parametrisation": saved_parametrisation(self.config)}
 
     def summary(self) -> dict[str, Any]:
         """What `bayes_lora_export.json` records about the export."""

@@ -18,7 +18,15 @@ from transformers.pytorch_utils import Conv1D
 
 from . import _peft_compat
 from ._peft_compat import LoraLayer, LoraVariant
-from .bayes import gaussian_kl, local_reparameterisation, posterior_std, random_signs, sample_weight, softplus_inverse
+from .bayes import (
+    gaussian_kl,
+    initial_rho,
+    local_reparameterisation,
+    posterior_log_std,
+    posterior_std,
+    random_signs,
+    sample_weight,
+)
 from .config import BayesLoraConfig
 
 
@@ -29,6 +37,8 @@ class BayesSettings:
     factors: str
     estimator: str
     prior_std: float
+    posterior_std_parametrisation: str
+    posterior_std_init: float
     sample_at_inference: bool
     train_posterior_std: bool
     kl_weight: float
@@ -64,7 +74,8 @@ class BayesLoraLayer(LoraLayer):
     """What every Bayesian LoRA layer adds to PEFT's LoRA layer; combined with a concrete PEFT layer class.
 
     Per adapter and Bayesian factor it holds `lora_posterior_rho_{A,B}[adapter]`, a free parameter of the factor's
-    shape with `posterior_std = softplus(rho)`, and `bayes_settings[adapter]`.
+    shape holding the std (`bayes.posterior_std`, by the adapter's `posterior_std_parametrisation`), and
+    `bayes_settings[adapter]`.
     """
 
     posterior_param_names = ("lora_posterior_rho_A", "lora_posterior_rho_B")
@@ -88,7 +99,7 @@ class BayesLoraLayer(LoraLayer):
 
     def init_posterior(self, adapter_name: str, config: BayesLoraConfig) -> None:
         """Creates the posterior parameters of `adapter_name`, every std at `config.posterior_std_init`."""
-        rho_init = softplus_inverse(config.posterior_std_init)
+        rho_init = initial_rho(config.posterior_std_init, config.posterior_std_parametrisation)
         for factor in config.bayesian_factors:
             mean = self.factor_mean(factor, adapter_name)
             rho = nn.Parameter(torch.full_like(mean, rho_init), requires_grad=config.train_posterior_std)
@@ -97,6 +108,8 @@ class BayesLoraLayer(LoraLayer):
             factors=config.bayesian_factors,
             estimator=config.estimator,
             prior_std=float(config.prior_std),
+            posterior_std_parametrisation=config.posterior_std_parametrisation,
+            posterior_std_init=float(config.posterior_std_init),
             sample_at_inference=config.sample_at_inference,
             train_posterior_std=config.train_posterior_std,
             kl_weight=float(config.kl_weight),
@@ -120,18 +133,37 @@ class BayesLoraLayer(LoraLayer):
         return adapter_name in self.bayes_settings
 
     def posterior_rho(self, adapter_name: str, factor: str) -> nn.Parameter:
-        """The free parameter `rho` of factor `"A"` or `"B"` of `adapter_name` (`std = softplus(rho)`)."""
+        """The free parameter `rho` holding the std of factor `"A"` or `"B"` of `adapter_name`."""
         return getattr(self, f"lora_posterior_rho_{factor}")[adapter_name]
 
     def posterior_std(self, adapter_name: str, factor: str) -> torch.Tensor:
         """The posterior standard deviation of factor `"A"` or `"B"` of `adapter_name`."""
-        return posterior_std(self.posterior_rho(adapter_name, factor))
+        settings = self.bayes_settings[adapter_name]
+        return posterior_std(
+            self.posterior_rho(adapter_name, factor),
+            settings.posterior_std_parametrisation,
+            settings.posterior_std_init,
+        )
+
+    def posterior_log_std(self, adapter_name: str, factor: str) -> torch.Tensor:
+        """`log(posterior_std)` of factor `"A"` or `"B"` of `adapter_name`, computed directly where possible."""
+        settings = self.bayes_settings[adapter_name]
+        return posterior_log_std(
+            self.posterior_rho(adapter_name, factor),
+            settings.posterior_std_parametrisation,
+            settings.posterior_std_init,
+        )
 
     def kl_divergence(self, adapter_name: str) -> torch.Tensor:
         """Closed-form KL(q || p) of `adapter_name`'s Bayesian factors on this layer."""
         settings = self.bayes_settings[adapter_name]
         kls = [
-            gaussian_kl(self.factor_mean(f, adapter_name), self.posterior_std(adapter_name, f), settings.prior_std)
+            gaussian_kl(
+                self.factor_mean(f, adapter_name),
+                self.posterior_std(adapter_name, f),
+                settings.prior_std,
+                log_std=self.posterior_log_std(adapter_name, f),
+            )
             for f in settings.factors
         ]
         return torch.stack(kls).sum()

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ._peft_compat import BaseTunerLayer, LoraLayer, PluginLoraModel
-from .bayes import gaussian_kl, posterior_std, std_summary
+from .bayes import gaussian_kl, posterior_log_std, posterior_std, std_summary
 from .config import BayesLoraConfig
 from .layer import BayesLoraLayer, bayes_layer_class
 
@@ -113,20 +113,23 @@ def _weighted_kl(model: nn.Module, adapter_names: list[str] | None, use_kl_weigh
     The closed form runs once per (prior std, weight) group over the concatenated parameters of all layers: per-layer
     evaluation costs ~12 autograd ops per factor, several percent of a small UNet's step (benchmarks/RESULTS.md).
     """
-    groups: dict[tuple[float, float], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    groups: dict[tuple[float, float, str, float], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for layer in bayes_layers(model):
         for name in _selected_adapters(layer, adapter_names):
             settings = layer.bayes_settings[name]
             weight = settings.kl_weight if use_kl_weight else 1.0
             if not weight:
                 continue
-            means, rhos = groups.setdefault((settings.prior_std, weight), ([], []))
+            key = (settings.prior_std, weight, settings.posterior_std_parametrisation, settings.posterior_std_init)
+            means, rhos = groups.setdefault(key, ([], []))
             for factor in settings.factors:
                 means.append(layer.factor_mean(factor, name).reshape(-1))
                 rhos.append(layer.posterior_rho(name, factor).reshape(-1))
     total = _zero_like_model(model)
-    for (prior_std, weight), (means, rhos) in groups.items():
-        kl = gaussian_kl(torch.cat(means), posterior_std(torch.cat(rhos)), prior_std)
+    for (prior_std, weight, parametrisation, std_init), (means, rhos) in groups.items():
+        rho = torch.cat(rhos)
+        std, log_std = posterior_std(rho, parametrisation, std_init), posterior_log_std(rho, parametrisation, std_init)
+        kl = gaussian_kl(torch.cat(means), std, prior_std, log_std=log_std)
         total = total + (kl if weight == 1.0 else weight * kl)
     return total
 
@@ -160,11 +163,12 @@ def kl_loss(model: nn.Module, num_examples: int, adapter_names: Iterable[str] | 
 def param_groups(model: nn.Module, posterior_std_lr: float | None = None) -> list[dict[str, Any]]:
     """Optimizer parameter groups: the trainable parameters, the posterior stds' free parameters in their own group.
 
-    The posterior group never gets weight decay: decaying `rho` towards 0 would push the std towards
-    `softplus(0) = 0.69`. Its learning rate can differ: the std is `softplus(rho)`, so near a small std Adam moves
-    `log(std)` by about the learning rate per step, whereas the paper's code stores the std itself, which Adam moves
-    by the learning rate (30% per step at std 0.01 and lr 3e-3). `posterior_std_lr = lr / posterior_std_init` gives
-    the paper's step at the start of training.
+    Not needed for the std to learn: with the default "scaled_exp" parametrisation one optimizer over all trainable
+    parameters moves the std by about `lr / posterior_std_init` relative per step, as the paper's code (which stores
+    the std itself) does. The groups are for a separate learning rate for the stds, and for no weight decay on them
+    (decay pulls a "scaled_exp" std back to its initial value, a 0.1.0 "softplus" one towards `softplus(0) = 0.69`).
+    With the "softplus" parametrisation Adam moves `log(std)` by about the learning rate per step, and
+    `posterior_std_lr = lr / posterior_std_init` gives the paper's step at the start of training.
 
     Args:
         model: A model holding Bayesian LoRA layers.
@@ -194,6 +198,16 @@ def param_groups(model: nn.Module, posterior_std_lr: float | None = None) -> lis
     return groups + [posterior] if posterior["params"] else groups
 
 
+def _posterior_std_tensors(model: nn.Module, adapter_names: Iterable[str] | str | None) -> Iterator[torch.Tensor]:
+    adapter_names = _check_adapter_names(model, adapter_names)
+    return (
+        layer.posterior_std(name, factor).detach()
+        for layer in bayes_layers(model)
+        for name in _selected_adapters(layer, adapter_names)
+        for factor in layer.bayes_settings[name].factors
+    )
+
+
 def posterior_std_stats(model: nn.Module, adapter_names: Iterable[str] | str | None = None) -> dict[str, float]:
     """Mean, min and max posterior standard deviation over the Bayesian weights, and how many there are.
 
@@ -201,10 +215,15 @@ def posterior_std_stats(model: nn.Module, adapter_names: Iterable[str] | str | N
         model: A model holding Bayesian LoRA layers.
         adapter_names: The adapters to include; by default the active ones.
     """
-    adapter_names = _check_adapter_names(model, adapter_names)
-    return std_summary(
-        layer.posterior_std(name, factor)
-        for layer in bayes_layers(model)
-        for name in _selected_adapters(layer, adapter_names)
-        for factor in layer.bayes_settings[name].factors
-    )
+    return std_summary(_posterior_std_tensors(model, adapter_names))
+
+
+def posterior_stds(model: nn.Module, adapter_names: Iterable[str] | str | None = None) -> torch.Tensor:
+    """Every posterior standard deviation of the Bayesian weights as one flat float32 tensor (for histograms).
+
+    Args:
+        model: A model holding Bayesian LoRA layers.
+        adapter_names: The adapters to include; by default the active ones.
+    """
+    stds = [std.float().reshape(-1).cpu() for std in _posterior_std_tensors(model, adapter_names)]
+    return torch.cat(stds) if stds else torch.zeros(0)

@@ -31,24 +31,33 @@ class CachedKLExperiment:
     def __init__(self, model: torch.nn.Module):
         import bayes_adapter
 
-        self.groups: dict[tuple[float, float], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for layer in bayes_adapter.bayes_layers(model):
             for name in layer.active_adapters:
                 settings = layer.bayes_settings[name]
                 if not layer.is_bayesian(name) or not settings.kl_weight:
                     continue
-                means, rhos = self.groups.setdefault((settings.prior_std, settings.kl_weight), ([], []))
+                key = (
+                    settings.prior_std,
+                    settings.kl_weight,
+                    settings.posterior_std_parametrisation,
+                    settings.posterior_std_init,
+                )
+                means, rhos = self.groups.setdefault(key, ([], []))
                 for factor in settings.factors:
                     means.append(layer.factor_mean(factor, name))
                     rhos.append(getattr(layer, f"lora_posterior_rho_{factor}")[name])
 
     def __call__(self, num_examples: int = 1) -> torch.Tensor:
-        from bayes_adapter.bayes import gaussian_kl, posterior_std
+        from bayes_adapter.bayes import gaussian_kl, posterior_log_std, posterior_std
 
         total = torch.zeros(())
-        for (prior_std, weight), (means, rhos) in self.groups.items():
+        for (prior_std, weight, parametrisation, std_init), (means, rhos) in self.groups.items():
             mean = torch.cat([t.reshape(-1) for t in means])
-            kl = gaussian_kl(mean, posterior_std(torch.cat([t.reshape(-1) for t in rhos])), prior_std)
+            rho = torch.cat([t.reshape(-1) for t in rhos])
+            std = posterior_std(rho, parametrisation, std_init)
+            log_std = posterior_log_std(rho, parametrisation, std_init)
+            kl = gaussian_kl(mean, std, prior_std, log_std=log_std)
             total = total + (kl if weight == 1.0 else weight * kl)
         return total / num_examples
 

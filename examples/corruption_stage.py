@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
             return {}
     base = models.load_model(args.model_dir)
     cfg = build_config(args)
-    result = experiment.run_experiment(base, cfg)
+    result = experiment.run_experiment(base, cfg, tensorboard_dir=os.path.join(args.out, "tensorboard"))
     paths = report.write_outputs(result, args.out, command.strip())
     print(open(paths["summary"]).read())
     print(f"wrote {paths['figure']}, {paths['json']}, {paths['summary']} in {time.time() - t0:.0f} s")

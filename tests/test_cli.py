@@ -9,7 +9,10 @@ import sys
 
 import pytest
 from huggingface_hub import constants
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
+from tiny_models import ADAPTER_V0_1_0
 from test_export import bayesian_unet
 from test_hub import REPO, TOKEN, hub  # noqa: F401  (the fake Hub fixture)
 
@@ -105,3 +108,23 @@ def test_export_command_corrupt_weights_exit_2(saved_adapter, tmp_path, capsys):
     assert main(["export", str(broken), str(tmp_path / "out")]) == 2
     assert "is not a readable safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_command_accepts_an_adapter_saved_by_v0_1_0(tmp_path, capsys):
+    out = tmp_path / "mean"
+    assert main(["export", str(ADAPTER_V0_1_0), str(out), "--format", "diffusers"]) == 0
+    summary = json.loads((out / "bayes_lora_export.json").read_text())
+    assert summary["bayesian"]["posterior_std_parametrisation"] == "softplus"
+    reference = load_file(str(ADAPTER_V0_1_0 / "reference_v0_1_0.safetensors"))
+    stds = torch.cat([v.flatten() for k, v in reference.items() if k.startswith("posterior_std.")])
+    assert summary["posterior_std"]["count"] == stds.numel()
+    assert summary["posterior_std"]["min"] == pytest.approx(stds.min().item(), rel=1e-6)
+    assert summary["posterior_std"]["max"] == pytest.approx(stds.max().item(), rel=1e-6)
+    assert summary["posterior_std"]["mean"] == pytest.approx(stds.double().mean().item(), rel=1e-5)
+    saved = load_file(str(ADAPTER_V0_1_0 / "adapter_model.safetensors"))
+    exported = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    means = {k: v for k, v in saved.items() if "posterior" not in k}
+    assert len(exported) == len(means)
+    assert sorted(torch.cat([v.flatten() for v in exported.values()]).tolist()) == sorted(
+        torch.cat([v.flatten() for v in means.values()]).tolist()
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -29,6 +31,10 @@ TINY_UNET_CONFIG = dict(
     cross_attention_dim=CROSS_ATTENTION_DIM,
     norm_num_groups=2,
 )
+
+
+# A Bayesian LoRA adapter saved by bayes-adapter 0.1.0 (see tests/fixtures/make_adapter_v0_1_0.py), over tiny_unet().
+ADAPTER_V0_1_0 = Path(__file__).resolve().parent / "fixtures" / "adapter_v0_1_0"
 
 
 def tiny_unet(seed: int = 0, block_out_channels: tuple[int, int] = (4, 8), **overrides) -> UNet2DConditionModel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -125,8 +126,13 @@ def run_arm(
     recon: torch.Tensor,
     keep_samples: bool = False,
     progress: Callable[[int], None] | None = None,
+    tensorboard_dir: str | None = None,
 ) -> dict:
-    """Fine-tunes one adapter and returns its measured curves (and, if asked, the evaluation samples)."""
+    """Fine-tunes one adapter and returns its measured curves (and, if asked, the evaluation samples).
+
+    With `tensorboard_dir`, the run also logs its loss, fidelity, corruption score and the posterior std's mean, min,
+    max and histogram there (one sub-folder per arm, training-set size and seed).
+    """
     n_img = train_images.shape[0]
     kl_w = cfg.kl_weight if cfg.kl_weight is not None else kl_weight_default(base)
     model = copy.copy(base)
@@ -143,7 +149,14 @@ def run_arm(
     # L2 control: the KL's own pull on the means of B (its mu^2 / 2 prior^2 term), without the noise.
     l2_coef = kl_w / (2 * cfg.sigma**2 * n_img)
 
-    curves: dict[str, list] = {k: [] for k in ("iteration", "loss", "posterior_std", "kl", "flicker", "width")}
+    bayesian = arm.startswith("bayes") or arm == "fixed_noise"
+    curve_names = ("iteration", "loss", "posterior_std", "posterior_std_min", "posterior_std_max", "kl", "flicker")
+    curves: dict[str, list] = {k: [] for k in (*curve_names, "width")}
+    writer = None
+    if tensorboard_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(tensorboard_dir, f"{arm}_n{n_img}_seed{seed}"))
     samples_kept = []
     prev = None
     run_loss, run_n = 0.0, 0
@@ -165,12 +178,22 @@ def run_arm(
         curves["flicker"].append(float((imgs - prev).pow(2).mean().sqrt()) if prev is not None else float("nan"))
         prev = imgs
         curves["width"].append(learned_width(model, latents, data.SUBJECT_TOKEN, list(cfg.width_timesteps)))
-        if arm.startswith("bayes") or arm == "fixed_noise":
-            curves["posterior_std"].append(bayes_adapter.posterior_std_stats(model.unet)["mean"])
+        if bayesian:
+            stats = bayes_adapter.posterior_std_stats(model.unet)
+            for key in ("mean", "min", "max"):
+                curves["posterior_std" if key == "mean" else f"posterior_std_{key}"].append(stats[key])
             curves["kl"].append(float(kl_divergence(model.unet).detach()))
         else:
-            curves["posterior_std"].append(float("nan"))
-            curves["kl"].append(float("nan"))
+            for key in ("posterior_std", "posterior_std_min", "posterior_std_max", "kl"):
+                curves[key].append(float("nan"))
+        if writer is not None:
+            for key in ("loss", "fidelity", "corruption", "copy_rate", "posterior_std", "kl"):
+                if not math.isnan(curves[key][-1]):
+                    writer.add_scalar(f"lab/{key}", curves[key][-1], it)
+            if bayesian:
+                writer.add_scalar("posterior_std/min", stats["min"], it)
+                writer.add_scalar("posterior_std/max", stats["max"], it)
+                writer.add_histogram("posterior_std/values", bayes_adapter.posterior_stds(model.unet), it)
         if keep_samples:
             samples_kept.append(_to_uint8(imgs[: cfg.grid_n]))
         model.unet.train()
@@ -193,6 +216,8 @@ def run_arm(
             evaluate(it)
         if progress:
             progress(1)
+    if writer is not None:
+        writer.close()
     out = {
         "arm": arm,
         "seed": seed,
@@ -206,8 +231,10 @@ def run_arm(
     return out
 
 
-def run_experiment(base: LabModel, cfg: ExperimentConfig) -> dict:
-    """Every arm x training-set size x seed; returns a JSON-ready dict (samples for the grids kept aside)."""
+def run_experiment(base: LabModel, cfg: ExperimentConfig, tensorboard_dir: str | None = None) -> dict:
+    """Every arm x training-set size x seed; returns a JSON-ready dict (samples for the grids kept aside).
+
+    With `tensorboard_dir`, each run logs its curves and posterior-std histograms there (see `run_arm`)."""
     t0 = time.time()
     subject = data.make_subject_set(max(cfg.n_images), seed=cfg.subject_seed, size=base.cfg.image_size)
     with torch.no_grad():
@@ -225,7 +252,17 @@ def run_experiment(base: LabModel, cfg: ExperimentConfig) -> dict:
                 for seed in cfg.seeds:
                     bar.set_postfix(arm=arm, n=n_img, seed=seed)
                     keep = seed == cfg.grid_seed
-                    r = run_arm(base, arm, train, seed, cfg, recon[:n_img], keep_samples=keep, progress=bar.update)
+                    r = run_arm(
+                        base,
+                        arm,
+                        train,
+                        seed,
+                        cfg,
+                        recon[:n_img],
+                        keep_samples=keep,
+                        progress=bar.update,
+                        tensorboard_dir=tensorboard_dir,
+                    )
                     if keep:
                         grids[f"{arm}/{n_img}"] = r.pop("samples")
                     runs.append(r)
@@ -266,6 +303,8 @@ def summarise(result: dict) -> dict:
             "flicker",
             "loss",
             "posterior_std",
+            "posterior_std_min",
+            "posterior_std_max",
         ):
             m = torch.tensor([r["curves"][key] for r in rs], dtype=torch.float64)
             entry[key] = {"mean": m.mean(0).tolist(), "std": m.std(0, unbiased=False).tolist()}

@@ -75,6 +75,7 @@ def make_figure(result: dict, summary: dict, path: str) -> None:
         ("corruption", "corruption score (log HF energy vs training)", False),
         ("diversity", "diversity (mean pairwise feature distance)", False),
         ("copy_rate", "copy rate", False),
+        ("posterior_std", "posterior std (mean; dotted: min, max)", True),
         ("width_small", f"learned width at t={cfg['width_timesteps'][0]} (latent units)", True),
         ("width_mid", f"learned width at t={cfg['width_timesteps'][len(cfg['width_timesteps']) // 2]}", True),
     ]
@@ -102,6 +103,9 @@ def make_figure(result: dict, summary: dict, path: str) -> None:
                 hi = [a + b for a, b in zip(m, sd)]
                 ax.plot(x, m, color=COLOURS[arm], label=ARM_LABELS[arm], lw=1.5)
                 ax.fill_between(x, lo, hi, color=COLOURS[arm], alpha=0.15, lw=0)
+                if key == "posterior_std" and "posterior_std_min" in s:
+                    for bound in ("posterior_std_min", "posterior_std_max"):
+                        ax.plot(x, s[bound]["mean"], color=COLOURS[arm], ls=":", lw=1.0)
             ref = result.get("references", {}).get(f"autoencoder_reconstruction/{n_img}", {})
             if key in ("fidelity", "corruption") and key in ref:
                 ax.axhline(ref[key], color="k", ls="--", lw=0.8, label="AE reconstruction of training images")
