@@ -6,10 +6,13 @@ a factor centres the prior of the full weight on the pretrained model.
 
 The std is held by a free parameter `rho`, in one of two parametrisations (`POSTERIOR_STD_PARAMETRISATIONS`):
 
-- ``"scaled_exp"`` (the default since 0.2.0): `posterior_std = std_init * exp(rho / std_init)`, `rho` starting at 0.
-  Adam moves `rho` by about the learning rate per step, so it moves the std by about `lr / std_init` relative per step
-  (1% at lr 1e-4 and std 0.01, as the paper's code, which stores the std itself), at any learning rate a LoRA uses.
-  The std stays positive without a clamp, and weight decay pulls it back to its initial value.
+- ``"exp_linear"`` (the default since 0.2.0): `posterior_std = std_init * (1 + elu(rho / std_init))`, `rho` from 0:
+  exponential below the initial std (`std_init * exp(rho / std_init)`, so it never reaches 0 and needs no clamp),
+  linear above it (`std_init + rho`, as the paper's code, which stores the std itself). Adam moves `rho` by about the
+  learning rate per step, so the std moves by about `lr / std_init` relative per step near its start (1% at lr 1e-4
+  and std 0.01) at any learning rate a LoRA uses, and by at most about `lr` per step when it grows, so a noisy
+  gradient cannot blow it up (a pure exponential did, in the lab: examples/corruption_stage/RESULTS.md). Weight decay
+  pulls it back to its initial value.
 - ``"softplus"`` (0.1.0's): `posterior_std = softplus(rho)`. Adam moves `log(std)` by about the learning rate per step:
   at fine-tuning learning rates the std barely moves. Kept so that adapters saved by 0.1.0 load unchanged.
 
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 
 
 ESTIMATORS = ("weight", "local", "flipout")
-POSTERIOR_STD_PARAMETRISATIONS = ("scaled_exp", "softplus")
+POSTERIOR_STD_PARAMETRISATIONS = ("exp_linear", "softplus")
 
 # Keeps sqrt differentiable where a local-reparameterisation variance is exactly zero (e.g. zero inputs).
 _VARIANCE_FLOOR = 1e-16
@@ -58,7 +61,7 @@ def initial_rho(posterior_std_init: float, parametrisation: str) -> float:
         parametrisation: One of `POSTERIOR_STD_PARAMETRISATIONS`.
     """
     _check_parametrisation(parametrisation)
-    return 0.0 if parametrisation == "scaled_exp" else softplus_inverse(posterior_std_init)
+    return 0.0 if parametrisation == "exp_linear" else softplus_inverse(posterior_std_init)
 
 
 def posterior_log_std(
@@ -69,11 +72,13 @@ def posterior_log_std(
     Args:
         rho: The free parameter.
         parametrisation: One of `POSTERIOR_STD_PARAMETRISATIONS`.
-        posterior_std_init: The `std_init` of the "scaled_exp" parametrisation (unused by "softplus").
+        posterior_std_init: The `std_init` of the "exp_linear" parametrisation (unused by "softplus").
     """
     _check_parametrisation(parametrisation)
-    if parametrisation == "scaled_exp":
-        return rho / posterior_std_init + math.log(posterior_std_init)
+    if parametrisation == "exp_linear":
+        scaled = rho / posterior_std_init
+        # clamp: log1p's gradient at the unused (negative) branch must stay finite.
+        return torch.where(scaled > 0, torch.log1p(scaled.clamp(min=0)), scaled) + math.log(posterior_std_init)
     return F.softplus(rho).log()
 
 
@@ -85,11 +90,14 @@ def posterior_std(
     Args:
         rho: The free parameter.
         parametrisation: One of `POSTERIOR_STD_PARAMETRISATIONS`; the default is 0.1.0's `softplus(rho)`.
-        posterior_std_init: The `std_init` of the "scaled_exp" parametrisation (unused by "softplus").
+        posterior_std_init: The `std_init` of the "exp_linear" parametrisation (unused by "softplus").
     """
     _check_parametrisation(parametrisation)
-    if parametrisation == "scaled_exp":
-        return torch.exp(rho / posterior_std_init) * posterior_std_init
+    if parametrisation == "exp_linear":
+        scaled = rho / posterior_std_init
+        # Not elu(scaled) + 1: that cancels to 0 in float32 below scaled ~ -17. The clamp keeps exp's unused branch
+        # from overflowing (inf * 0 gradients are NaN).
+        return torch.where(scaled > 0, scaled + 1.0, torch.exp(scaled.clamp(max=0))) * posterior_std_init
     return F.softplus(rho)
 
 

@@ -80,13 +80,14 @@ class BayesLoraConfig(LoraConfig):
             )
         },
     )
-    posterior_std_parametrisation: Literal["scaled_exp", "softplus"] = field(
-        default="scaled_exp",
+    posterior_std_parametrisation: Literal["exp_linear", "softplus"] = field(
+        default="exp_linear",
         metadata={
             "help": (
-                "How the free parameter rho holds the std: 'scaled_exp' (std = posterior_std_init * "
-                "exp(rho / posterior_std_init), rho from 0: Adam moves the std by about lr / posterior_std_init "
-                "relative per step, so it learns at LoRA learning rates) or 'softplus' (std = softplus(rho), "
+                "How the free parameter rho holds the std: 'exp_linear' (std = posterior_std_init * (1 + "
+                "elu(rho / posterior_std_init)), rho from 0: exponential below the initial std, linear above; Adam "
+                "moves the std by about lr / posterior_std_init relative per step, so it learns at LoRA learning "
+                "rates, and by at most about lr per step upwards) or 'softplus' (std = softplus(rho), "
                 "bayes-adapter 0.1.0's: the std barely moves at fine-tuning learning rates). Saved with the adapter; "
                 "a config saved without it (0.1.0) loads as 'softplus'."
             )

@@ -163,10 +163,10 @@ def kl_loss(model: nn.Module, num_examples: int, adapter_names: Iterable[str] | 
 def param_groups(model: nn.Module, posterior_std_lr: float | None = None) -> list[dict[str, Any]]:
     """Optimizer parameter groups: the trainable parameters, the posterior stds' free parameters in their own group.
 
-    Not needed for the std to learn: with the default "scaled_exp" parametrisation one optimizer over all trainable
+    Not needed for the std to learn: with the default "exp_linear" parametrisation one optimizer over all trainable
     parameters moves the std by about `lr / posterior_std_init` relative per step, as the paper's code (which stores
     the std itself) does. The groups are for a separate learning rate for the stds, and for no weight decay on them
-    (decay pulls a "scaled_exp" std back to its initial value, a 0.1.0 "softplus" one towards `softplus(0) = 0.69`).
+    (decay pulls an "exp_linear" std back to its initial value, a 0.1.0 "softplus" one towards `softplus(0) = 0.69`).
     With the "softplus" parametrisation Adam moves `log(std)` by about the learning rate per step, and
     `posterior_std_lr = lr / posterior_std_init` gives the paper's step at the start of training.
 

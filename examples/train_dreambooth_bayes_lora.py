@@ -39,6 +39,8 @@ from PIL import Image, ImageOps
 BAYES_ADAPTER_DIR = "bayesian_adapter"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes
 DEFAULT_UNET_TARGETS = "to_k,to_q,to_v,to_out.0"
+# Chosen by the lab's pre-registered rule (examples/corruption_stage/RESULTS.md, "0.2.0"); the README says why.
+DEFAULT_KL_WEIGHT: float | str = 0.0
 DEFAULT_TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
 
 
@@ -143,9 +145,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     bayes.add_argument(
         "--kl_weight",
-        type=float,
-        default=0.0,
-        help="Weight of KL(q||p) in the loss (0 reproduces the paper's released runs).",
+        type=kl_weight_arg,
+        default=DEFAULT_KL_WEIGHT,
+        help=(
+            "Weight of KL(q||p) in the loss: a number, or 'elbo' for bayes_adapter.elbo_kl_weight(latent shape, "
+            "scheduler timesteps) = 2 / (D * T), which makes loss + KL / images a negative ELBO per image "
+            "(1.2e-7 for SD 1.5 at 512 px, 3.1e-8 for SDXL at 1024). 0 reproduces the paper's released runs. "
+            f"Default: {DEFAULT_KL_WEIGHT} (see the README)."
+        ),
     )
     bayes.add_argument(
         "--kl_scaling",
@@ -154,6 +161,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=["per_image", "none"],
         help="per_image: the loss adds kl_weight * KL / number of instance images (Bayes by "
         "Backprop); none: kl_weight * KL.",
+    )
+    bayes.add_argument(
+        "--posterior_std_parametrisation",
+        type=str,
+        default="exp_linear",
+        choices=["exp_linear", "softplus"],
+        help="How the posterior std is stored: exp_linear (exponential below --posterior_std_init, linear above; "
+        "learns at LoRA learning rates) or softplus (0.1.0's; barely moves at fine-tuning learning rates).",
     )
     bayes.add_argument(
         "--fixed_posterior_std",
@@ -183,9 +198,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help=(
-            "Learning rate of the posterior stds' free parameters (default: --learning_rate). The std is softplus(rho): "
-            "Adam moves log(std) by about the learning rate per step; --learning_rate / --posterior_std_init gives "
-            "the paper's step on the std itself at the start. Multiplied like --learning_rate with --scale_lr."
+            "Learning rate of the posterior stds' free parameters (default: --learning_rate, no weight decay). With "
+            "exp_linear, Adam moves the std by about this / --posterior_std_init relative per step near its start "
+            "(1%% at 1e-4 and 0.01) and by at most about this per step upwards, as the paper's code. Multiplied like "
+            "--learning_rate with --scale_lr."
         ),
     )
     train.add_argument(
@@ -358,7 +374,7 @@ def validate_args(args: argparse.Namespace) -> None:
             )
     # The Bayesian settings are checked by BayesLoraConfig itself (no model needed); name the flags in the error.
     try:
-        lora_config(args, args.unet_target_modules)
+        lora_config(args, args.unet_target_modules, kl_weight=0.0 if args.kl_weight == "elbo" else args.kl_weight)
     except (ValueError, TypeError) as error:
         raise ValueError(
             f"Invalid Bayesian LoRA arguments (--rank, --lora_alpha, --posterior_std_init, --prior_std, "
@@ -366,7 +382,25 @@ def validate_args(args: argparse.Namespace) -> None:
         ) from None
 
 
-def lora_config(args: argparse.Namespace, target_modules: str):
+def kl_weight_arg(value: str) -> float | str:
+    """`--kl_weight`: 'elbo' or a number (checked with the other Bayesian settings)."""
+    if value.strip().lower() == "elbo":
+        return "elbo"
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'elbo', got {value!r}") from None
+
+
+def elbo_kl_weight_for(args: argparse.Namespace, vae_config, scheduler_config) -> float:
+    """`bayes_adapter.elbo_kl_weight` for the training latents: `--resolution` through the VAE, the scheduler's T."""
+    from bayes_adapter import elbo_kl_weight
+
+    side = args.resolution // 2 ** (len(vae_config.block_out_channels) - 1)
+    return elbo_kl_weight((vae_config.latent_channels, side, side), scheduler_config.num_train_timesteps)
+
+
+def lora_config(args: argparse.Namespace, target_modules: str, kl_weight: float):
     """The `BayesLoraConfig` the arguments describe, for the given comma-separated target modules."""
     from bayes_adapter import BayesLoraConfig
 
@@ -380,7 +414,8 @@ def lora_config(args: argparse.Namespace, target_modules: str):
         posterior_std_init=args.posterior_std_init,
         prior_std=args.prior_std,
         estimator=args.estimator,
-        kl_weight=args.kl_weight,
+        kl_weight=kl_weight,
+        posterior_std_parametrisation=args.posterior_std_parametrisation,
         train_posterior_std=not args.fixed_posterior_std,
         sample_at_inference=args.sample_at_inference,
     )
@@ -623,6 +658,19 @@ def cast_adapter_params(models) -> None:
                 param.data = param.data.to(torch.float32)
 
 
+def log_std_histograms(accelerator, wrapped: dict, step: int) -> None:
+    """A histogram of every component's posterior stds, for TensorBoard (other trackers get the scalars only)."""
+    import bayes_adapter
+
+    if not accelerator.is_main_process or not any(t.name == "tensorboard" for t in accelerator.trackers):
+        return
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    for name, model in wrapped.items():
+        stds = bayes_adapter.posterior_stds(accelerator.unwrap_model(model))
+        if stds.numel():
+            writer.add_histogram(f"posterior_std/{name}", stds, step)
+
+
 def main(args: argparse.Namespace) -> dict:
     """Trains, checkpoints, validates and exports; see the module docstring.
 
@@ -711,12 +759,16 @@ def main(args: argparse.Namespace) -> dict:
         model.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
 
     # Bayesian LoRA adapters; their parameters are trained in fp32 whatever the mixed precision.
-    configs = {"unet": lora_config(args, args.unet_target_modules)}
+    kl_weight = args.kl_weight
+    if kl_weight == "elbo":
+        kl_weight = elbo_kl_weight_for(args, vae.config, noise_scheduler.config)
+        logger.info(f"--kl_weight elbo: {kl_weight:.3g} (2 / (D * T))")
+    configs = {"unet": lora_config(args, args.unet_target_modules, kl_weight)}
     unet.add_adapter(configs["unet"])
     trained = {"unet": unet}
     if args.train_text_encoder:
         for name, text_encoder in zip(encoder_names, text_encoders):
-            configs[name] = lora_config(args, args.text_encoder_target_modules)
+            configs[name] = lora_config(args, args.text_encoder_target_modules, kl_weight)
             inject_adapter_in_model(configs[name], text_encoder, adapter_name="default")
             trained[name] = text_encoder
     if args.gradient_checkpointing:
@@ -922,6 +974,8 @@ def main(args: argparse.Namespace) -> dict:
                         )
                 progress_bar.set_postfix(loss=logs["loss"], sigma=logs["sigma_mean"])
                 accelerator.log(logs, step=global_step)
+                if global_step == 1 or global_step % args.validation_steps == 0:
+                    log_std_histograms(accelerator, wrapped, global_step)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:

@@ -5,8 +5,11 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from bayes_adapter.bayes import (
+    elbo_kl_weight,
     gaussian_kl,
+    initial_rho,
     local_reparameterisation,
+    posterior_log_std,
     posterior_std,
     random_signs,
     sample_weight,
@@ -108,3 +111,55 @@ def test_local_reparameterisation_gradients_stay_finite_in_half_precision(dtype)
     out.float().sum().backward()
     assert torch.isfinite(std.grad).all() and torch.isfinite(mean.grad).all()
     assert std.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("parametrisation", ["exp_linear", "softplus"])
+@pytest.mark.parametrize("std_init", [1e-3, 0.01, 0.5])
+def test_initial_rho_holds_the_initial_std(parametrisation, std_init):
+    rho = torch.tensor(initial_rho(std_init, parametrisation), dtype=torch.float64)
+    assert posterior_std(rho, parametrisation, std_init).item() == pytest.approx(std_init)
+    assert posterior_log_std(rho, parametrisation, std_init).item() == pytest.approx(math.log(std_init))
+
+
+def test_exp_linear_is_exponential_below_the_initial_std_and_linear_above():
+    std_init = 0.01
+    rho = torch.tensor([-0.3, -0.01, 0.0, 0.01, 0.5], dtype=torch.float64, requires_grad=True)
+    std = posterior_std(rho, "exp_linear", std_init)
+    expected = torch.where(rho > 0, std_init + rho, std_init * torch.exp(rho / std_init))
+    torch.testing.assert_close(std, expected)
+    # Near the start an Adam step of size lr in rho moves the std by lr / std_init relative.
+    (grad,) = torch.autograd.grad(std[2], rho)
+    assert grad[2].item() == pytest.approx(1.0)
+    log_std = posterior_log_std(rho, "exp_linear", std_init)
+    torch.testing.assert_close(log_std, std.log())
+
+
+def test_exp_linear_kl_stays_finite_where_the_std_underflows():
+    rho = torch.full((3,), -5.0, requires_grad=True)  # std = 0.01 * exp(-500): 0 in float32
+    std = posterior_std(rho, "exp_linear", 0.01)
+    assert (std == 0).all()
+    log_std = posterior_log_std(rho, "exp_linear", 0.01)
+    kl = gaussian_kl(torch.zeros(3), std, 0.01, log_std=log_std)
+    kl.backward()
+    assert torch.isfinite(kl) and torch.isfinite(rho.grad).all()
+    assert kl.item() == pytest.approx(3 * (500.0 - 0.5), rel=1e-6)  # -log(std / prior) - 1/2 per entry
+
+
+def test_elbo_kl_weight():
+    assert elbo_kl_weight((4, 64, 64), 1000) == pytest.approx(2 / (4 * 64 * 64 * 1000))
+    assert elbo_kl_weight([16, 8, 8], 1) == pytest.approx(2 / 1024)
+
+
+@pytest.mark.parametrize(
+    "shape, steps, message",
+    [
+        ((), 1000, "latent_shape must be a non-empty sequence of positive ints, got ()"),
+        ((4, 0, 8), 1000, r"latent_shape .* got \(4, 0, 8\)"),
+        ((4, 8.0), 1000, r"latent_shape .* got \(4, 8.0\)"),
+        ((4, 8, 8), 0, "num_train_timesteps must be a positive int, got 0"),
+        ((4, 8, 8), True, "num_train_timesteps must be a positive int, got True"),
+    ],
+)
+def test_elbo_kl_weight_rejects_bad_input(shape, steps, message):
+    with pytest.raises(ValueError, match=message):
+        elbo_kl_weight(shape, steps)

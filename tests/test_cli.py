@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from huggingface_hub import constants
 import torch
+from huggingface_hub import constants
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_models import ADAPTER_V0_1_0
 from test_export import bayesian_unet
 from test_hub import REPO, TOKEN, hub  # noqa: F401  (the fake Hub fixture)
+from tiny_models import ADAPTER_V0_1_0
 
 from bayes_adapter.cli import main
 

@@ -92,6 +92,19 @@ def scalars(log_dir: Path, tag: str) -> dict[int, float]:
     return values
 
 
+def histogram_steps(log_dir: Path, tag: str) -> list[int]:
+    """The steps at which the TensorBoard histogram `tag` was written under `log_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"histograms": 0})  # 0: keep every step
+        accumulator.Reload()
+        if tag in accumulator.Tags().get("histograms", []):
+            steps += [event.step for event in accumulator.Histograms(tag)]
+    return sorted(steps)
+
+
 def unet_inputs(seed: int = 0, cross_attention_dim: int = 8) -> tuple:
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, 4, 16, 16, generator=generator)
@@ -118,6 +131,7 @@ def test_help_lists_every_bayesian_option(capsys):
         "sample_at_inference",
         "train_posterior_std",
         "kl_weight",
+        "posterior_std_parametrisation",
     }
     for field in BAYESIAN_CONFIG_FIELDS:
         assert ("--fixed_posterior_std" if field == "train_posterior_std" else f"--{field}") in text
@@ -134,7 +148,7 @@ def test_help_lists_every_bayesian_option(capsys):
 
 def test_defaults_are_the_papers_and_flags_reach_the_config(tmp_path, instance_dir):
     args = train.parse_args(cli("no/such/model", instance_dir, tmp_path / "out"))
-    config = train.lora_config(args, args.unet_target_modules)
+    config = train.lora_config(args, args.unet_target_modules, args.kl_weight)
     defaults = BayesLoraConfig()
     for field in ("bayesian_factors", "posterior_std_init", "prior_std", "estimator", "kl_weight"):
         assert getattr(config, field) == getattr(defaults, field)
@@ -163,7 +177,7 @@ def test_defaults_are_the_papers_and_flags_reach_the_config(tmp_path, instance_d
             "16",
         )
     )
-    config = train.lora_config(args, "to_q,to_v")
+    config = train.lora_config(args, "to_q,to_v", args.kl_weight)
     assert (config.bayesian_factors, config.posterior_std_init, config.prior_std) == ("AB", 0.02, 0.5)
     assert (config.estimator, config.kl_weight, config.train_posterior_std) == ("flipout", 0.1, False)
     assert (config.sample_at_inference, config.r, config.lora_alpha) == (True, 8, 16)
@@ -281,6 +295,8 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir, mon
     assert all(value > 0 for value in kl.values())
     sigma = scalars(out / "logs", "sigma_mean")
     assert sigma[1] == pytest.approx(0.01, rel=0.05) and sigma[4] != sigma[1]
+    assert scalars(out / "logs", "sigma_min")[4] < sigma[4] < scalars(out / "logs", "sigma_max")[4]
+    assert histogram_steps(out / "logs", "posterior_std/unet") == [1, 2, 4]
     assert sorted(scalars(out / "logs", "validation/monitor_corruption")) == [2, 4]
     assert sorted(scalars(out / "logs", "test/monitor_corruption")) == [4]
 
@@ -357,14 +373,15 @@ def test_prior_preservation_bf16_and_gradient_accumulation(tmp_path, tiny_sd, in
             "--gradient_accumulation_steps",
             "2",
             "--posterior_std_learning_rate",
-            "0.5",
+            "5e-3",
             "--report_to",
             "none",
         )
     )
     result = train.main(args)
-    # At the default learning rate (1e-4) two steps move the stds by ~0.02%; at 0.5 by tens of percent.
-    assert abs(bayes_adapter.posterior_std_stats(result["unet"])["mean"] - 0.01) > 1e-3
+    # Each step at 5e-3 moves an exp_linear std (init 0.01) by up to 0.005 upwards or a factor e^-0.5 downwards.
+    stats = bayes_adapter.posterior_std_stats(result["unet"])
+    assert stats["max"] / stats["min"] > 2
     # 2 instance and 2 class images: 2 batches per epoch, each one instance image then one class image; 2 optimizer
     # steps of 2 accumulated batches.
     assert len(batches) == 4
@@ -517,7 +534,7 @@ def test_push_to_hub_calls_the_library_with_accepted_arguments(tmp_path, instanc
     args = train.parse_args(cli("no/such/model", instance_dir, tmp_path, "--push_to_hub", "--hub_model_id", "me/dog"))
     monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
     unet = tiny_unet()
-    unet.add_adapter(train.lora_config(args, args.unet_target_modules))
+    unet.add_adapter(train.lora_config(args, args.unet_target_modules, args.kl_weight))
     images = np.zeros((2, 32, 32, 3), dtype=np.float32)
     with pytest.raises(RuntimeError, match="offline mode"):
         train.push_to_hub(args, tmp_path, {"unet": unet}, images)
@@ -531,7 +548,7 @@ def _tiny_unet_with_adapter(tmp_path, *extra):
 
     args = train.parse_args(cli("no/such/model", write_images(tmp_path / "img", 1), tmp_path / "out", *extra))
     unet = tiny_unet()
-    config = train.lora_config(args, args.unet_target_modules)
+    config = train.lora_config(args, args.unet_target_modules, args.kl_weight)
     unet.add_adapter(config)
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -692,3 +709,24 @@ def test_help_of_hub_model_id_and_scale_lr(capsys):
     assert "required with --push_to_hub" in text and "default: the output folder name" not in text
     assert "Multiply --learning_rate (and --posterior_std_learning_rate when given)" in text
     assert "Multiplied like --learning_rate with --scale_lr" in text
+
+
+def test_kl_weight_elbo_is_computed_from_the_latents_and_the_scheduler(tmp_path, tiny_sd, instance_dir):
+    from bayes_adapter import elbo_kl_weight
+
+    assert train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "o", "--kl_weight", "ELBO")).kl_weight == "elbo"
+    extra = ["--kl_weight", "elbo", "--max_train_steps", "1", "--report_to", "none"]
+    result = train.main(train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "out", *extra)))
+    # The tiny VAE halves the 32 px resolution once (two blocks) into 4 latent channels; DDPM's T is 1000.
+    expected = elbo_kl_weight((4, 16, 16), 1000)
+    assert result["unet"].peft_config["default"].kl_weight == pytest.approx(expected)
+    saved = json.loads((tmp_path / "out" / "bayesian_adapter" / "unet" / "adapter_config.json").read_text())
+    assert saved["kl_weight"] == pytest.approx(expected)
+    assert saved["posterior_std_parametrisation"] == "exp_linear"
+
+
+def test_kl_weight_must_be_a_number_or_elbo(tmp_path, instance_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(cli("no/such/model", instance_dir, tmp_path / "out", "--kl_weight", "big"))
+    assert exit_info.value.code == 2
+    assert "expected a number >= 0 or 'elbo', got 'big'" in capsys.readouterr().err

@@ -15,6 +15,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+import bayes_adapter
+
 
 CROSS_ATTENTION_DIM = 8
 
@@ -200,3 +202,27 @@ def assert_same_numerics(actual: torch.Tensor, expected: torch.Tensor, msg: str 
     scale = max(expected.detach().abs().max().item(), 1.0) if expected.numel() else 1.0
     atol = FLOAT32_ROUNDING_ULPS * torch.finfo(torch.float32).eps * scale
     torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=atol, msg=msg)
+
+
+def train_diffusion_loss(model, steps: int, lr: float = 1e-4, seed: int = 0, latent_size: int = 16) -> list[float]:
+    """`steps` of the noise-prediction loss on two fixed latents with a plain AdamW over every trainable parameter.
+
+    What a user who never calls `param_groups` runs; returns the losses. `model` is a tiny UNet holding adapters.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, latent_size, latent_size, generator=generator)
+    text = torch.randn(2, 3, CROSS_ATTENTION_DIM, generator=generator)
+    scheduler = tiny_scheduler()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        prediction = model(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise) + bayes_adapter.kl_loss(model, len(latents))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -85,7 +85,7 @@ def make_figure(result: dict, summary: dict, path: str) -> None:
     heights = [2.6] * len(sizes) + [1.1 * len(arms)] * len(sizes)
     gs = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.45)
     for row, n_img in enumerate(sizes):
-        sub = gs[row].subgridspec(1, len(panels), wspace=0.35)
+        sub = gs[row].subgridspec(1, len(panels), wspace=0.5)
         for col, (key, title, logy) in enumerate(panels):
             ax = fig.add_subplot(sub[col])
             for arm in arms:
