@@ -176,6 +176,7 @@ def build_model_card(
         f"| initial posterior std | {bayesian.get('posterior_std_init')} |",
         f"| KL weight | {bayesian.get('kl_weight')} |",
         f"| posterior std learned | {bayesian.get('train_posterior_std')} |",
+        f"| posterior std parametrisation | {bayesian.get('posterior_std_parametrisation')} |",
         f"| posterior std (mean / min / max) | {_format_float(stats.get('mean'))} / {_format_float(stats.get('min'))}"
         f" / {_format_float(stats.get('max'))} over {stats.get('count')} weights |",
         "",

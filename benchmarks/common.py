@@ -118,7 +118,8 @@ def share_base_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def lora_config(arm: str, targets: Sequence[str], r: int = 4, kl_weight: float = 1.0):
-    """The adapter config of an arm: "plain" (PEFT LoraConfig) or "<estimator>_<factors>" (BayesLoraConfig)."""
+    """The adapter config of an arm: "plain" (PEFT LoraConfig) or "<estimator>_<factors>[-<parametrisation>]"
+    (BayesLoraConfig; the posterior-std parametrisation defaults to the library's, e.g. weight_B-softplus for 0.1.0's)."""
     common = dict(r=r, lora_alpha=r, target_modules=list(targets), init_lora_weights=True)
     if arm == PLAIN:
         from peft import LoraConfig
@@ -126,15 +127,26 @@ def lora_config(arm: str, targets: Sequence[str], r: int = 4, kl_weight: float =
         return LoraConfig(**common)
     from bayes_adapter import BayesLoraConfig
 
-    estimator, factors = parse_arm(arm)
-    return BayesLoraConfig(**common, estimator=estimator, bayesian_factors=factors, kl_weight=kl_weight)
+    estimator, factors, parametrisation = parse_arm(arm)
+    extra = {"posterior_std_parametrisation": parametrisation} if parametrisation else {}
+    return BayesLoraConfig(**common, estimator=estimator, bayesian_factors=factors, kl_weight=kl_weight, **extra)
 
 
-def parse_arm(arm: str) -> tuple[str, str]:
-    estimator, _, factors = arm.partition("_")
-    if estimator not in ESTIMATORS or factors not in FACTORS:
-        raise ValueError(f"unknown arm {arm!r}: 'plain' or '<estimator>_<factors>', e.g. weight_B")
-    return estimator, factors
+def parse_arm(arm: str) -> tuple[str, str, str | None]:
+    from bayes_adapter.bayes import POSTERIOR_STD_PARAMETRISATIONS
+
+    name, _, parametrisation = arm.partition("-")
+    estimator, _, factors = name.partition("_")
+    if (
+        estimator not in ESTIMATORS
+        or factors not in FACTORS
+        or (parametrisation and parametrisation not in POSTERIOR_STD_PARAMETRISATIONS)
+    ):
+        raise ValueError(
+            f"unknown arm {arm!r}: 'plain' or '<estimator>_<factors>[-<parametrisation>]', e.g. weight_B or "
+            "weight_B-softplus"
+        )
+    return estimator, factors, parametrisation or None
 
 
 def all_arms(estimators: Sequence[str] = ESTIMATORS, factors: Sequence[str] = FACTORS) -> list[str]:

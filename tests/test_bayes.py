@@ -123,7 +123,7 @@ def test_initial_rho_holds_the_initial_std(parametrisation, std_init):
 
 def test_exp_linear_is_exponential_below_the_initial_std_and_linear_above():
     std_init = 0.01
-    rho = torch.tensor([-0.3, -0.01, 0.0, 0.01, 0.5], dtype=torch.float64, requires_grad=True)
+    rho = torch.tensor([-0.1, -0.01, 0.0, 0.01, 0.5], dtype=torch.float64, requires_grad=True)
     std = posterior_std(rho, "exp_linear", std_init)
     expected = torch.where(rho > 0, std_init + rho, std_init * torch.exp(rho / std_init))
     torch.testing.assert_close(std, expected)

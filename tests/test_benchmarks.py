@@ -92,6 +92,10 @@ def test_profile_step(tmp_path):
 def test_unknown_arm_is_refused():
     with pytest.raises(ValueError, match="unknown arm"):
         common.parse_arm("weights_C")
+    with pytest.raises(ValueError, match="unknown arm"):
+        common.parse_arm("weight_B-cubic")
+    assert common.parse_arm("weight_B-softplus") == ("weight", "B", "softplus")
+    assert common.lora_config("weight_AB-softplus", ["to_q"]).posterior_std_parametrisation == "softplus"
 
 
 def test_count_outputs(tmp_path):

@@ -147,6 +147,7 @@ def test_push_model_then_load_by_repo_id(hub, tmp_path, monkeypatch, caplog, cap
     assert 'subfolder="bayesian"' in card.text
     stats = bayes_adapter.posterior_std_stats(model)
     assert f"{stats['mean']:.4g}" in card.text and "| Bayesian factors | AB |" in card.text
+    assert "| posterior std parametrisation | exp_linear |" in card.text
 
     # The mean at the root, sigma only in bayesian/.
     for name, data in hub.files.items():
