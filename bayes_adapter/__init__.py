@@ -5,13 +5,15 @@ diffusers' `add_adapter`, `save_pretrained` and `PeftModel.from_pretrained` acce
 """
 
 from . import _peft_compat
+from ._version import __version__  # noqa: F401  (bayes_adapter.__version__)
 
 
 _peft_compat.check_peft_version()
 
+from .adapter import BayesianAdapter, load_bayesian_adapter, save_bayesian_adapter  # noqa: E402
 from .bayes import elbo_kl_weight, gaussian_kl, posterior_std, softplus_inverse  # noqa: E402
 from .config import PEFT_TYPE_NAME, BayesLoraConfig  # noqa: E402
-from .export import export_lora, load_bayesian_adapter  # noqa: E402
+from .export import export_lora  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
 from .layer import (  # noqa: E402
     BayesConv1d,
@@ -32,8 +34,6 @@ from .model import (  # noqa: E402
 )
 
 
-__version__ = "0.2.0"
-
 _peft_compat.register(PEFT_TYPE_NAME.lower(), BayesLoraConfig, BayesLoraModel, prefix=BayesLoraModel.prefix)
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "BayesLoraConfig",
     "BayesLoraLayer",
     "BayesLoraModel",
+    "BayesianAdapter",
     "bayes_layers",
     "elbo_kl_weight",
     "export_lora",
@@ -57,5 +58,6 @@ __all__ = [
     "posterior_std_stats",
     "posterior_stds",
     "push_to_hub",
+    "save_bayesian_adapter",
     "softplus_inverse",
 ]

@@ -12,7 +12,8 @@ EXIT_FAILED = 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .export import COMPONENTS, DEFAULT_FORMATS, FORMATS
+    from .adapter import COMPONENTS
+    from .export import DEFAULT_FORMATS, FORMATS
 
     parser = argparse.ArgumentParser(
         prog="bayes-adapter",

@@ -24,16 +24,9 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
-from .export import (
-    DEFAULT_FORMATS,
-    DIFFUSERS_WEIGHTS_NAME,
-    EXPORT_SUMMARY_NAME,
-    BayesianAdapter,
-    atomic_folder,
-    load_bayesian_adapter,
-    write_bayesian_adapter,
-    write_export,
-)
+from ._atomic import atomic_folder
+from .adapter import BayesianAdapter, load_bayesian_adapter, write_bayesian_adapter
+from .export import DEFAULT_FORMATS, DIFFUSERS_WEIGHTS_NAME, EXPORT_SUMMARY_NAME, write_export
 
 
 logger = logging.getLogger(__name__)

@@ -525,7 +525,7 @@ def save_bayes_adapters(output_dir: str | Path, models: dict, configs: dict) -> 
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from bayes_adapter.export import atomic_folder
+    from bayes_adapter._atomic import atomic_folder
 
     for name, model in models.items():
         state = {key: value.detach().cpu().contiguous() for key, value in get_peft_model_state_dict(model).items()}
@@ -558,7 +558,9 @@ def export_mean_lora(output_dir: str | Path, models: dict, pipeline_cls) -> None
     per component (PEFT's format, diffusers' format and a summary of the posterior). Each adapter is read once; every
     file is written atomically (a temporary folder renamed, or a temporary file moved, into place).
     """
-    from bayes_adapter.export import atomic_folder, diffusers_metadata, load_bayesian_adapter, write_export
+    from bayes_adapter._atomic import atomic_folder
+    from bayes_adapter.adapter import load_bayesian_adapter
+    from bayes_adapter.export import diffusers_metadata, write_export
 
     layers = {}
     for name, model in models.items():

@@ -14,3 +14,25 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The fake Hub installed as huggingface_hub's HTTP client, offline mode off; everything restored after."""
+    # Imported here: huggingface_hub reads HF_HUB_OFFLINE when first imported, which must come after it is set above.
+    import httpx2
+    from fake_hub import FakeHub
+    from huggingface_hub import constants, set_client_factory
+    from huggingface_hub.utils import _http as hub_http
+
+    fake = FakeHub()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    previous_factory = hub_http._GLOBAL_CLIENT_FACTORY
+    fake.uninstall = lambda: set_client_factory(previous_factory)
+    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake.handle)))
+    try:
+        yield fake
+    finally:
+        fake.uninstall()

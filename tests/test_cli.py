@@ -9,12 +9,11 @@ import sys
 
 import pytest
 import torch
+from fake_hub import REPO, TOKEN
 from huggingface_hub import constants
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_export import bayesian_unet
-from test_hub import REPO, TOKEN, hub  # noqa: F401  (the fake Hub fixture)
-from tiny_models import ADAPTER_V0_1_0
+from tiny_models import ADAPTER_V0_1_0, bayesian_unet
 
 from bayes_adapter.cli import main
 
@@ -79,7 +78,7 @@ def test_export_command_bad_input(saved_adapter, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
-def test_push_command(hub, saved_adapter, tmp_path, capsys):  # noqa: F811
+def test_push_command(hub, saved_adapter, tmp_path, capsys):
     argv = ["push", str(saved_adapter), REPO, "--token", TOKEN, "--include-bayesian", "--base-model", "org/base"]
     assert main([*argv, "--local-dir", str(tmp_path / "upload")]) == 0
     assert "bayesian/adapter_model.safetensors" in hub.files and "pytorch_lora_weights.safetensors" in hub.files
@@ -87,7 +86,7 @@ def test_push_command(hub, saved_adapter, tmp_path, capsys):  # noqa: F811
     assert REPO in out.out and TOKEN not in out.out + out.err
 
 
-def test_push_command_errors(hub, saved_adapter, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_push_command_errors(hub, saved_adapter, tmp_path, capsys, monkeypatch):
     assert main(["push", str(saved_adapter), "not a repo"]) == 2
     assert "repo_id='not a repo'" in capsys.readouterr().err
     hub.fail["/commit/"] = 403

@@ -16,74 +16,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import (
     assert_same_numerics,
+    bayesian_unet,
+    randomise,
+    read_safetensors_metadata,
+    run_unet,
     save_tiny_pipeline,
     sd3_transformer_inputs,
     tiny_pipeline,
     tiny_sd3_transformer,
     tiny_text_encoder,
     tiny_unet,
+    unet_config,
+    unet_inputs,
 )
 
 import bayes_adapter
 from bayes_adapter import BayesLoraConfig, export_lora
 from bayes_adapter import export as export_module
-
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
-
-
-def unet_config(**overrides) -> BayesLoraConfig:
-    """alpha != r, a rank pattern, an alpha pattern, Linear and Conv2d targets."""
-    kwargs = dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=UNET_TARGETS,
-        rank_pattern={"to_k": 2},
-        alpha_pattern={"to_v": 3},
-        bayesian_factors="AB",
-    )
-    kwargs.update(overrides)
-    return BayesLoraConfig(**kwargs)
-
-
-def randomise(model: torch.nn.Module, adapter_name: str = "default", seed: int = 1) -> None:
-    """Non-zero means (B starts at zero) and spread-out posterior stds, so that a wrong export shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if f".{adapter_name}" not in name:
-                continue
-            noise = torch.randn(parameter.shape, generator=generator)
-            if ".lora_A." in name or ".lora_B." in name:
-                parameter.copy_(0.3 * noise)
-            elif "lora_posterior_rho" in name:
-                parameter.copy_(0.5 * noise - 3.0)
-
-
-def unet_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "x": torch.randn(1, 4, 16, 16, generator=generator),
-        "t": torch.tensor([10]),
-        "enc": torch.randn(1, 5, 8, generator=generator),
-    }
-
-
-@torch.no_grad()
-def run_unet(unet: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return unet(inputs["x"], inputs["t"], inputs["enc"]).sample
-
-
-def bayesian_unet(wrap: str = "add_adapter", config: BayesLoraConfig | None = None, seed: int = 1):
-    unet = tiny_unet()
-    config = config or unet_config()
-    if wrap == "peft":
-        model = get_peft_model(unet, config)
-    else:
-        unet.add_adapter(config)
-        model = unet
-    randomise(model, seed=seed)
-    return model.eval()
+from bayes_adapter.adapter import BAYESIAN_CONFIG_FIELDS
 
 
 def safetensors_keys(path) -> list[str]:
@@ -246,7 +196,7 @@ def test_export_files_keys_and_configs(tmp_path, wrap):
     assert config["peft_type"] == "LORA"
     assert config["r"] == 4 and config["lora_alpha"] == 8
     assert config["rank_pattern"] == {"to_k": 2} and config["alpha_pattern"] == {"to_v": 3}
-    assert not set(export_module.BAYESIAN_CONFIG_FIELDS) & set(config)
+    assert not set(BAYESIAN_CONFIG_FIELDS) & set(config)
 
     peft_keys = safetensors_keys(out / "adapter_model.safetensors")
     diffusers_keys = safetensors_keys(out / "pytorch_lora_weights.safetensors")
@@ -258,9 +208,7 @@ def test_export_files_keys_and_configs(tmp_path, wrap):
     }
     assert any(".resnets.0.conv1.lora_A.weight" in k for k in diffusers_keys)  # a Conv2d target
 
-    metadata = json.loads(
-        export_module.read_safetensors_metadata(out / "pytorch_lora_weights.safetensors")["lora_adapter_metadata"]
-    )
+    metadata = json.loads(read_safetensors_metadata(out / "pytorch_lora_weights.safetensors")["lora_adapter_metadata"])
     assert metadata["unet.r"] == 4 and metadata["unet.lora_alpha"] == 8
     assert metadata["unet.rank_pattern"] == {"to_k": 2} and metadata["unet.alpha_pattern"] == {"to_v": 3}
     # Only keys every PEFT version accepts: LoraConfig(**metadata) is what diffusers does with them.

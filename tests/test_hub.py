@@ -5,80 +5,21 @@ No test reaches the network: the fake Hub answers every request `huggingface_hub
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
 
-import httpx2
 import pytest
-from huggingface_hub import ModelCard, constants, set_client_factory, snapshot_download
-from huggingface_hub.utils import _http as hub_http
+from fake_hub import COMMIT, REPO, TOKEN
+from huggingface_hub import ModelCard, constants, snapshot_download
 from peft import PeftModel
 from PIL import Image
 from safetensors import safe_open
-from test_export import bayesian_unet, run_unet, unet_inputs
-from tiny_models import assert_same_numerics, tiny_pipeline, tiny_unet
+from tiny_models import assert_same_numerics, bayesian_unet, run_unet, tiny_pipeline, tiny_unet, unet_inputs
 
 import bayes_adapter
 from bayes_adapter import export_lora, push_to_hub
 from bayes_adapter.hub import HubPushError
-
-
-REPO = "someone/sks-dog-bayes-lora"
-TOKEN = "hf_TESTtokenNEVERwritten0123456789"
-COMMIT = "b" * 40
-
-
-class FakeHub:
-    """Answers the repo-creation, YAML-validation, preupload and commit endpoints; records every request."""
-
-    def __init__(self):
-        self.requests: list[tuple[str, str, str | None]] = []
-        self.files: dict[str, bytes] = {}
-        self.fail: dict[str, int] = {}  # path substring -> status code
-
-    def handle(self, request: httpx2.Request) -> httpx2.Response:
-        path = request.url.path
-        self.requests.append((request.method, path, request.headers.get("authorization")))
-        for needle, status in self.fail.items():
-            if needle in path:
-                return httpx2.Response(status, json={"error": f"refused by the fake Hub ({status})"})
-        if path == "/api/repos/create":
-            return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO}", "name": REPO, "id": "1"})
-        if path == "/api/validate-yaml":
-            return httpx2.Response(200, json={"errors": [], "warnings": []})
-        if path == f"/api/models/{REPO}/preupload/main":
-            files = json.loads(request.content)["files"]
-            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
-            return httpx2.Response(200, json={"files": modes, "commitOid": "a" * 40})
-        if path == f"/api/models/{REPO}/commit/main":
-            for line in request.content.decode().splitlines():
-                entry = json.loads(line)
-                if entry["key"] == "file":
-                    self.files[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
-            url = f"https://huggingface.co/{REPO}/commit/{COMMIT}"
-            return httpx2.Response(200, json={"commitUrl": url, "commitOid": COMMIT, "pullRequestUrl": None})
-        return httpx2.Response(404, json={"error": "not served by the fake Hub"})
-
-    def paths(self) -> list[str]:
-        return [path for _, path, _ in self.requests if path != "/api/agent-harnesses"]
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """The fake Hub installed as huggingface_hub's HTTP client, offline mode off; everything restored after."""
-    fake = FakeHub()
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    previous_factory = hub_http._GLOBAL_CLIENT_FACTORY
-    fake.uninstall = lambda: set_client_factory(previous_factory)
-    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake.handle)))
-    try:
-        yield fake
-    finally:
-        fake.uninstall()
 
 
 def tensor_keys(data: bytes, tmp_path, name: str) -> list[str]:

@@ -12,21 +12,18 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import ADAPTER_V0_1_0, CROSS_ATTENTION_DIM, assert_same_numerics, tiny_unet, train_diffusion_loss
+from tiny_models import (
+    ADAPTER_V0_1_0,
+    UNET_TARGETS,
+    assert_same_numerics,
+    tiny_unet,
+    train_diffusion_loss,
+    unet_inputs,
+)
 from torch import nn
 
 import bayes_adapter
 from bayes_adapter import BayesLoraConfig, BayesLoraLayer, kl_loss, posterior_std_stats
-
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-
-
-def unet_batch(batch_size=2, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch_size, 4, 16, 16, generator=generator)
-    text = torch.randn(batch_size, 3, CROSS_ATTENTION_DIM, generator=generator)
-    return latents, text
 
 
 def posterior_params(model):
@@ -34,7 +31,8 @@ def posterior_params(model):
 
 
 def eval_loss(model):
-    latents, text = unet_batch()
+    inputs = unet_inputs(seed=1, batch_size=2, tokens=3)
+    latents, text = inputs["x"], inputs["enc"]
     target = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
     model.eval()
     with torch.no_grad():
@@ -43,7 +41,8 @@ def eval_loss(model):
 
 def train_steps(model, steps, lr=1e-3):
     """A few denoising-style steps towards a fixed target; returns the losses."""
-    latents, text = unet_batch()
+    inputs = unet_inputs(seed=1, batch_size=2, tokens=3)
+    latents, text = inputs["x"], inputs["enc"]
     target = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -90,7 +89,8 @@ def test_add_adapter_and_get_peft_model_agree_in_eval():
     unet = tiny_unet()
     unet.add_adapter(BayesLoraConfig(**config))
     unet.load_state_dict({k.removeprefix("base_model.model."): v for k, v in wrapped.state_dict().items()})
-    latents, text = unet_batch()
+    inputs = unet_inputs(seed=1, batch_size=2, tokens=3)
+    latents, text = inputs["x"], inputs["enc"]
     wrapped.eval()
     unet.eval()
     assert torch.equal(wrapped(latents, 10, text).sample, unet(latents, 10, text).sample)
@@ -201,7 +201,8 @@ def test_diffusers_adapter_controls_work_on_bayesian_layers():
     unet = tiny_unet()
     unet.add_adapter(BayesLoraConfig(target_modules=UNET_TARGETS, init_lora_weights=False), adapter_name="bayes")
     unet.eval()
-    latents, text = unet_batch()
+    inputs = unet_inputs(seed=1, batch_size=2, tokens=3)
+    latents, text = inputs["x"], inputs["enc"]
     with torch.no_grad():
         full = unet(latents, 10, text).sample
         unet.disable_adapters()

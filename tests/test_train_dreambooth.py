@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import assert_same_numerics, save_tiny_pipeline, tiny_sdxl_pipeline
+from tiny_models import assert_same_numerics, run_unet, save_tiny_pipeline, tiny_sdxl_pipeline, unet_inputs
 
 import bayes_adapter
 from bayes_adapter import BayesLoraConfig
@@ -105,13 +105,6 @@ def histogram_steps(log_dir: Path, tag: str) -> list[int]:
     return sorted(steps)
 
 
-def unet_inputs(seed: int = 0, cross_attention_dim: int = 8) -> tuple:
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(2, 4, 16, 16, generator=generator)
-    hidden = torch.randn(2, 5, cross_attention_dim, generator=generator)
-    return latents, torch.tensor([10, 500]), hidden
-
-
 # --- arguments ----------------------------------------------------------------------------------------------------
 
 
@@ -121,7 +114,7 @@ def test_help_lists_every_bayesian_option(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     # Every field BayesLoraConfig adds to LoraConfig has its flag (train_posterior_std=False is --fixed_posterior_std).
-    from bayes_adapter.export import BAYESIAN_CONFIG_FIELDS
+    from bayes_adapter.adapter import BAYESIAN_CONFIG_FIELDS
 
     assert set(BAYESIAN_CONFIG_FIELDS) == {
         "bayesian_factors",
@@ -305,9 +298,9 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir, mon
     pipe.load_lora_weights(str(out))
     unet.eval()
     with torch.no_grad():
-        expected = unet(*unet_inputs()).sample
-        got = pipe.unet(*unet_inputs()).sample
-        base = StableDiffusionPipeline.from_pretrained(str(tiny_sd)).unet(*unet_inputs()).sample
+        expected = run_unet(unet, unet_inputs(batch_size=2))
+        got = run_unet(pipe.unet, unet_inputs(batch_size=2))
+        base = run_unet(StableDiffusionPipeline.from_pretrained(str(tiny_sd)).unet, unet_inputs(batch_size=2))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(base, expected, atol=1e-6), "the adapter does not change the output"
     for name in ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
@@ -429,7 +422,8 @@ def test_sdxl_with_bayesian_text_encoders(tmp_path, instance_dir):
         with torch.no_grad():
             expected = trained(ids, output_hidden_states=True).hidden_states[-2]
             torch.testing.assert_close(loaded(ids, output_hidden_states=True).hidden_states[-2], expected)
-    latents, timesteps, hidden = unet_inputs(cross_attention_dim=16)
+    inputs = unet_inputs(batch_size=2, cross_attention_dim=16)
+    latents, timesteps, hidden = inputs["x"], inputs["t"], inputs["enc"]
     added = {"text_embeds": torch.randn(2, 8), "time_ids": torch.tensor([[40.0, 48, 0, 3, 32, 32]] * 2)}
     result["unet"].eval()
     with torch.no_grad():
@@ -615,13 +609,13 @@ def _file_content(path: Path):
 def test_export_mean_lora_reads_each_adapter_once_and_writes_atomically(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
-    import bayes_adapter.export as export
+    import bayes_adapter.adapter as adapter_module
 
     unet, _ = _tiny_unet_with_adapter(tmp_path)
     reference = bayes_adapter.export_lora(unet, tmp_path / "reference", component="unet")
     reads = []
-    load = export.load_bayesian_adapter
-    monkeypatch.setattr(export, "load_bayesian_adapter", lambda *a, **k: reads.append(a) or load(*a, **k))
+    load = adapter_module.load_bayesian_adapter
+    monkeypatch.setattr(adapter_module, "load_bayesian_adapter", lambda *a, **k: reads.append(a) or load(*a, **k))
     monkeypatch.setattr(bayes_adapter, "export_lora", lambda *a, **k: pytest.fail("export_lora reads the adapter"))
     out = tmp_path / "out"
     train.export_mean_lora(out, {"unet": unet}, StableDiffusionPipeline)
@@ -655,7 +649,7 @@ def test_export_mean_lora_reads_each_adapter_once_and_writes_atomically(tmp_path
         (folder / "adapter_model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "write_export", failing_write_export)
+    monkeypatch.setattr(bayes_adapter.export, "write_export", failing_write_export)
     with pytest.raises(OSError, match="disk full"):
         train.export_mean_lora(out, {"unet": unet}, StableDiffusionPipeline)
     assert {p.name: p.read_bytes() for p in (out / "export" / "unet").iterdir()} == exported

@@ -13,9 +13,11 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from peft import get_peft_model
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import bayes_adapter
+from bayes_adapter import BayesLoraConfig
 
 
 CROSS_ATTENTION_DIM = 8
@@ -204,6 +206,72 @@ def assert_same_numerics(actual: torch.Tensor, expected: torch.Tensor, msg: str 
     torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=atol, msg=msg)
 
 
+# --- Bayesian UNets and their inputs, shared by the test modules ---------------------------------------------------
+
+# Linear (attention, proj_in) and Conv2d (resnet) targets of the tiny UNet.
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2"]
+
+
+def unet_config(**overrides) -> BayesLoraConfig:
+    """alpha != r, a rank pattern, an alpha pattern, Linear and Conv2d targets, both factors Bayesian."""
+    kwargs = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=UNET_TARGETS,
+        rank_pattern={"to_k": 2},
+        alpha_pattern={"to_v": 3},
+        bayesian_factors="AB",
+    )
+    kwargs.update(overrides)
+    return BayesLoraConfig(**kwargs)
+
+
+def randomise(model: torch.nn.Module, adapter_name: str = "default", seed: int = 1) -> None:
+    """Non-zero means (B starts at zero) and spread-out posterior stds, so that a wrong export shows.
+
+    The stds are spread around the default `posterior_std_init` (0.01) of the default "exp_linear" parametrisation.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if f".{adapter_name}" not in name:
+                continue
+            noise = torch.randn(parameter.shape, generator=generator)
+            if ".lora_A." in name or ".lora_B." in name:
+                parameter.copy_(0.3 * noise)
+            elif "lora_posterior_rho" in name:
+                parameter.copy_(0.005 * noise)
+
+
+def bayesian_unet(wrap: str = "add_adapter", config: BayesLoraConfig | None = None, seed: int = 1):
+    """A tiny UNet with a randomised Bayesian adapter, in eval mode: `wrap` "peft" (get_peft_model) or "add_adapter"."""
+    unet = tiny_unet()
+    config = config or unet_config()
+    if wrap == "peft":
+        model = get_peft_model(unet, config)
+    else:
+        unet.add_adapter(config)
+        model = unet
+    randomise(model, seed=seed)
+    return model.eval()
+
+
+def unet_inputs(seed: int = 0, batch_size: int = 1, tokens: int = 5, cross_attention_dim: int = CROSS_ATTENTION_DIM):
+    """Latents `x`, timesteps `t` (10, then up to 500) and text states `enc` for a tiny UNet."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(batch_size, 4, 16, 16, generator=generator),
+        "t": torch.linspace(10, 500, batch_size).long() if batch_size > 1 else torch.tensor([10]),
+        "enc": torch.randn(batch_size, tokens, cross_attention_dim, generator=generator),
+    }
+
+
+@torch.no_grad()
+def run_unet(unet: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The UNet's output on `unet_inputs`, without gradients."""
+    return unet(inputs["x"], inputs["t"], inputs["enc"]).sample
+
+
 def train_diffusion_loss(model, steps: int, lr: float = 1e-4, seed: int = 0, latent_size: int = 16) -> list[float]:
     """`steps` of the noise-prediction loss on two fixed latents with a plain AdamW over every trainable parameter.
 
@@ -226,3 +294,11 @@ def train_diffusion_loss(model, steps: int, lr: float = 1e-4, seed: int = 0, lat
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def read_safetensors_metadata(path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (without reading its tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
