@@ -10,7 +10,12 @@ from ._version import __version__  # noqa: F401  (bayes_adapter.__version__)
 
 _peft_compat.check_peft_version()
 
-from .adapter import BayesianAdapter, load_bayesian_adapter, save_bayesian_adapter  # noqa: E402
+from .adapter import (  # noqa: E402
+    BayesianAdapter,
+    load_bayesian_adapter,
+    load_bayesian_weights,
+    save_bayesian_adapter,
+)
 from .bayes import elbo_kl_weight, gaussian_kl, posterior_std, softplus_inverse  # noqa: E402
 from .config import PEFT_TYPE_NAME, BayesLoraConfig  # noqa: E402
 from .export import export_lora  # noqa: E402
@@ -26,6 +31,7 @@ from .layer import (  # noqa: E402
 from .model import (  # noqa: E402
     BayesLoraModel,
     bayes_layers,
+    cast_adapter_params,
     kl_divergence,
     kl_loss,
     param_groups,
@@ -47,6 +53,7 @@ __all__ = [
     "BayesLoraModel",
     "BayesianAdapter",
     "bayes_layers",
+    "cast_adapter_params",
     "elbo_kl_weight",
     "export_lora",
     "gaussian_kl",
@@ -54,6 +61,7 @@ __all__ = [
     "kl_loss",
     "param_groups",
     "load_bayesian_adapter",
+    "load_bayesian_weights",
     "posterior_std",
     "posterior_std_stats",
     "posterior_stds",

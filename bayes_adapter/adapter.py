@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,6 +36,7 @@ __all__ = [
     "PEFT_WEIGHTS_NAME",
     "BayesianAdapter",
     "load_bayesian_adapter",
+    "load_bayesian_weights",
     "save_bayesian_adapter",
     "write_bayesian_adapter",
 ]
@@ -381,3 +382,47 @@ def save_bayesian_adapter(
     with atomic_folder(out_dir, overwrite) as tmp:
         write_bayesian_adapter(adapter, tmp)
     return Path(out_dir)
+
+
+def load_bayesian_weights(
+    model: nn.Module,
+    source: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    component: str | None = None,
+) -> None:
+    """Loads a saved Bayesian adapter's tensors (means and posterior) into `model`, which already holds it.
+
+    What `save_bayesian_adapter` (or `save_pretrained`) wrote goes back into a model to which the same adapter was
+    added, e.g. when resuming training from a checkpoint. Every tensor must match in name and shape.
+
+    Args:
+        model: A `PeftModel` or a model with an added Bayesian adapter named `adapter_name`.
+        source: The saved folder.
+        adapter_name: The adapter to fill.
+        component: The pipeline component (only needed where the folder does not tell it, e.g. a text encoder).
+
+    Raises:
+        ValueError: if the model has no such Bayesian adapter, or the saved tensors do not match it (names, shapes),
+            all before anything is changed.
+    """
+    current = _read_model(model, adapter_name, component or "unet")  # component only labels the data here
+    saved = load_bayesian_adapter(source, adapter_name, component)
+    missing = sorted(current.state_dict.keys() - saved.state_dict.keys())
+    unexpected = sorted(saved.state_dict.keys() - current.state_dict.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"source={saved.source!r} does not match adapter {adapter_name!r} of the {type(model).__name__}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)"
+        )
+    for key, tensor in saved.state_dict.items():
+        if tensor.shape != current.state_dict[key].shape:
+            raise ValueError(
+                f"source={saved.source!r}: {key} has shape {tuple(tensor.shape)}, adapter {adapter_name!r} of the "
+                f"model has {tuple(current.state_dict[key].shape)} (saved with another rank or targets?)"
+            )
+    prefix = PEFT_PREFIX if isinstance(model, PeftModel) else ""
+    state = {prefix + key: tensor for key, tensor in saved.state_dict.items()}
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"PEFT did not place {result.unexpected_keys[:3]} from {saved.source!r}")

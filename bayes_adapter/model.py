@@ -227,3 +227,21 @@ def posterior_stds(model: nn.Module, adapter_names: Iterable[str] | str | None =
     """
     stds = [std.float().reshape(-1).cpu() for std in _posterior_std_tensors(model, adapter_names)]
     return torch.cat(stds) if stds else torch.zeros(0)
+
+
+def cast_adapter_params(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Casts every adapter parameter (LoRA means and posterior std parameters, trainable or frozen) to `dtype`.
+
+    For mixed-precision training with a half-precision base model: diffusers' `cast_training_params` casts only the
+    trainable parameters, which would leave a frozen posterior (`train_posterior_std=False`) in half precision.
+
+    Args:
+        model: A model holding PEFT adapter layers.
+        dtype: The dtype to cast to.
+    """
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for name in module.adapter_layer_names:
+                for parameter in getattr(module, name).parameters():
+                    if parameter.dtype != dtype:
+                        parameter.data = parameter.data.to(dtype)

@@ -515,39 +515,23 @@ def encode_prompt(text_encoders, tokenizers, prompts: list[str], device):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_bayes_adapters(output_dir: str | Path, models: dict, configs: dict) -> None:
-    """Writes the whole Bayesian adapter (means and posterior rho) of each model: `<dir>/<name>/`.
-
-    The folder holds `adapter_model.safetensors` (keys as `peft.get_peft_model_state_dict` gives them) and the
-    `BayesLoraConfig` (`adapter_config.json`). Each folder is written atomically: a failed save leaves the previous
-    folder (or none), never a half-written one.
-    """
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    from bayes_adapter._atomic import atomic_folder
+def save_bayes_adapters(output_dir: str | Path, models: dict) -> None:
+    """The whole Bayesian adapter (means and posterior) of each component, atomically: `<output_dir>/<name>/`."""
+    import bayes_adapter
 
     for name, model in models.items():
-        state = {key: value.detach().cpu().contiguous() for key, value in get_peft_model_state_dict(model).items()}
-        with atomic_folder(Path(output_dir, name), overwrite=True) as tmp:
-            save_file(state, str(tmp / "adapter_model.safetensors"))
-            configs[name].save_pretrained(str(tmp))
+        bayes_adapter.save_bayesian_adapter(model, Path(output_dir, name), component=name, overwrite=True)
 
 
 def load_bayes_adapters(input_dir: str | Path, models: dict) -> None:
-    """Restores what `save_bayes_adapters` wrote into models that already hold the same (Bayesian) adapter."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    """Restores what `save_bayes_adapters` wrote into models that already hold the same Bayesian adapter."""
+    import bayes_adapter
 
     for name, model in models.items():
-        path = Path(input_dir, name, "adapter_model.safetensors")
-        if not path.is_file():
-            raise ValueError(f"Checkpoint {str(input_dir)!r} has no adapter for {name!r} (expected {str(path)!r}).")
-        result = set_peft_model_state_dict(model, load_file(str(path)))
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(
-                f"Checkpoint {str(input_dir)!r}: keys that {name} does not have: {result.unexpected_keys[:5]}"
-            )
+        if not Path(input_dir, name).is_dir():
+            raise ValueError(f"Checkpoint {str(input_dir)!r} has no adapter for {name!r}.")
+        bayes_adapter.load_bayesian_weights(model, Path(input_dir, name), component=name)
+        bayes_adapter.cast_adapter_params(model, torch.float32)
 
 
 def export_mean_lora(output_dir: str | Path, models: dict, pipeline_cls) -> None:
@@ -650,14 +634,6 @@ def log_validation(args, accelerator, pipeline, trained: list, reference, step: 
         model.train()
     del pipeline
     return images
-
-
-def cast_adapter_params(models) -> None:
-    """Casts every adapter parameter (name containing `lora_`: means and posterior rho, trainable or frozen) to fp32."""
-    for model in models:
-        for name, param in model.named_parameters():
-            if "lora_" in name and param.dtype != torch.float32:
-                param.data = param.data.to(torch.float32)
 
 
 def log_std_histograms(accelerator, wrapped: dict, step: int) -> None:
@@ -779,7 +755,8 @@ def main(args: argparse.Namespace) -> dict:
             if name != "unet":
                 trained[name].gradient_checkpointing_enable()
     # cast_training_params only upcasts trainable parameters: the frozen posterior rho (--fixed_posterior_std) too.
-    cast_adapter_params(trained.values())
+    for model in trained.values():
+        bayes_adapter.cast_adapter_params(model, torch.float32)
 
     def unwrap(model):
         model = accelerator.unwrap_model(model)
@@ -789,7 +766,7 @@ def main(args: argparse.Namespace) -> dict:
     def save_model_hook(models, weights, checkpoint_dir):
         if accelerator.is_main_process:
             by_id = {id(model): name for name, model in trained.items()}
-            save_bayes_adapters(checkpoint_dir, {by_id[id(unwrap(m))]: unwrap(m) for m in models}, configs)
+            save_bayes_adapters(checkpoint_dir, {by_id[id(unwrap(m))]: unwrap(m) for m in models})
         while weights:
             weights.pop()  # keep accelerate from saving the full models
 
@@ -800,7 +777,6 @@ def main(args: argparse.Namespace) -> dict:
             model = unwrap(models.pop())
             loaded[by_id[id(model)]] = model
         load_bayes_adapters(checkpoint_dir, loaded)
-        cast_adapter_params(loaded.values())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -988,7 +964,7 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         for model in final.values():
             model.eval()
-        save_bayes_adapters(output_dir / BAYES_ADAPTER_DIR, final, configs)
+        save_bayes_adapters(output_dir / BAYES_ADAPTER_DIR, final)
         export_mean_lora(output_dir, final, pipeline_cls)
         logger.info(f"Exported the mean LoRA to {output_dir} and the Bayesian adapters to {BAYES_ADAPTER_DIR}/")
         images = None

@@ -15,7 +15,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import assert_same_numerics, run_unet, save_tiny_pipeline, tiny_sdxl_pipeline, unet_inputs
+from tiny_models import (
+    assert_same_numerics,
+    run_unet,
+    save_tiny_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_unet,
+    unet_inputs,
+)
 
 import bayes_adapter
 from bayes_adapter import BayesLoraConfig
@@ -278,6 +285,7 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir, mon
         files = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
         assert files == {"unet", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
     saved = load_file(str(out / "checkpoint-4" / "unet" / "adapter_model.safetensors"))
+    saved = {k.removeprefix("base_model.model."): v for k, v in saved.items()}  # PEFT's save_pretrained layout
     assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in final)
     config = json.loads((out / "checkpoint-4" / "unet" / "adapter_config.json").read_text())
     assert config["peft_type"] == "BAYES_LORA" and config["kl_weight"] == 1.0
@@ -515,7 +523,8 @@ def test_two_cpu_processes_under_accelerate_launch(tmp_path, tiny_sd, instance_d
     assert {"checkpoint-1", "checkpoint-2", "bayesian_adapter", "export", "logs"} <= written
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     saved = load_file(str(out / "bayesian_adapter" / "unet" / "adapter_model.safetensors"))
-    assert all(torch.equal(saved[k], states[0][k]) for k in saved)
+    saved = {k.removeprefix("base_model.model."): v for k, v in saved.items()}  # PEFT's save_pretrained layout
+    assert saved.keys() == states[0].keys() and all(torch.equal(saved[k], states[0][k]) for k in saved)
 
 
 def test_push_to_hub_calls_the_library_with_accepted_arguments(tmp_path, instance_dir, monkeypatch):
@@ -538,8 +547,6 @@ def test_push_to_hub_calls_the_library_with_accepted_arguments(tmp_path, instanc
 
 
 def _tiny_unet_with_adapter(tmp_path, *extra):
-    from tiny_models import tiny_unet
-
     args = train.parse_args(cli("no/such/model", write_images(tmp_path / "img", 1), tmp_path / "out", *extra))
     unet = tiny_unet()
     config = train.lora_config(args, args.unet_target_modules, args.kl_weight)
@@ -556,35 +563,38 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_save_bayes_adapters_is_atomic_and_loads_back(tmp_path, monkeypatch):
-    from peft import get_peft_model_state_dict
+    from peft import PeftModel, get_peft_model_state_dict
+
+    import bayes_adapter.adapter as adapter_module
 
     unet, config = _tiny_unet_with_adapter(tmp_path)
     out = tmp_path / "ckpt"
-    train.save_bayes_adapters(out, {"unet": unet}, {"unet": config})
+    train.save_bayes_adapters(out, {"unet": unet})
     saved = load_file(str(out / "unet" / "adapter_model.safetensors"))
-    # The checkpoint layout load_bayes_adapters reads: keys exactly as get_peft_model_state_dict gives them.
-    assert saved.keys() == get_peft_model_state_dict(unet).keys()
+    # PEFT's save_pretrained layout: PeftModel.from_pretrained reads it.
+    assert saved.keys() == {"base_model.model." + k for k in get_peft_model_state_dict(unet)}
     assert json.loads((out / "unet" / "adapter_config.json").read_text())["peft_type"] == "BAYES_LORA"
+    PeftModel.from_pretrained(tiny_unet(), str(out / "unet"))
 
-    # A save that fails after the weights are written leaves the previous folder as it was, and no temporary folder.
+    # A save that fails after the config is written leaves the previous folder as it was, and no temporary folder.
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if ".lora_B." in name:
                 param.add_(1.0)
 
-    def failing_save_pretrained(*args, **kwargs):
+    def failing_save_file(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(config, "save_pretrained", failing_save_pretrained)
+    monkeypatch.setattr(adapter_module, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
-        train.save_bayes_adapters(out, {"unet": unet}, {"unet": config})
+        train.save_bayes_adapters(out, {"unet": unet})
     after = load_file(str(out / "unet" / "adapter_model.safetensors"))
     assert all(torch.equal(after[k], saved[k]) for k in saved)
     assert (out / "unet" / "adapter_config.json").is_file()
     assert _leftovers(out) == []
     # A first save that fails leaves no folder at all.
     with pytest.raises(OSError, match="disk full"):
-        train.save_bayes_adapters(tmp_path / "fresh", {"unet": unet}, {"unet": config})
+        train.save_bayes_adapters(tmp_path / "fresh", {"unet": unet})
     assert not (tmp_path / "fresh" / "unet").exists() and _leftovers(tmp_path / "fresh") == []
     monkeypatch.undo()
 
@@ -592,7 +602,11 @@ def test_save_bayes_adapters_is_atomic_and_loads_back(tmp_path, monkeypatch):
     fresh, _ = _tiny_unet_with_adapter(tmp_path / "other")
     train.load_bayes_adapters(out, {"unet": fresh})
     state = get_peft_model_state_dict(fresh)
-    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert all(torch.equal(state[k], saved["base_model.model." + k]) for k in state)
+    # ... and is refused, naming the file, by a model holding a different adapter (another rank).
+    other, _ = _tiny_unet_with_adapter(tmp_path / "r2", "--rank", "2")
+    with pytest.raises(ValueError, match=r"has shape \(4, 8\), adapter .default. of the model has \(2, 8\)"):
+        train.load_bayes_adapters(out, {"unet": other})
 
 
 def _file_content(path: Path):
