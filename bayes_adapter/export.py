@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "FORMATS",
     "KOHYA_WEIGHTS_NAME",
     "diffusers_metadata",
+    "export_components",
     "export_lora",
     "write_export",
 ]
@@ -114,6 +116,54 @@ def export_lora(
         write_export(adapter, tmp, formats)
     logger.info("Exported the mean of adapter %r (%s) to %s", adapter.adapter_name, adapter.source, out)
     return out
+
+
+def export_components(
+    models: Mapping[str, nn.Module | BayesianAdapter],
+    out_dir: str | os.PathLike,
+    pipeline_cls: Any,
+    adapter_name: str = "default",
+) -> Path:
+    """Exports the means of several components' Bayesian adapters (UNet or transformer, text encoders) together.
+
+    Writes `<out_dir>/pytorch_lora_weights.safetensors`, every component in one file in diffusers' format (written by
+    `pipeline_cls.save_lora_weights`, so `pipe.load_lora_weights(out_dir)` loads all of them), and, as `export_lora`
+    does, `<out_dir>/export/<component>/` for each. Each adapter is read once; each file and folder is replaced
+    atomically (other files in `out_dir`, e.g. a training run's checkpoints, are left alone).
+
+    Args:
+        models: `{component: model}`, components among `COMPONENTS` (e.g. `{"unet": unet, "text_encoder": te}`);
+            a value may also be a `BayesianAdapter` already read.
+        out_dir: The folder to write into (created if needed).
+        pipeline_cls: The diffusers pipeline class whose `save_lora_weights` takes these components, e.g.
+            `StableDiffusionPipeline` or `StableDiffusionXLPipeline`.
+        adapter_name: The adapter to export from each model.
+
+    Returns:
+        The path of the combined diffusers file.
+    """
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"models must be a non-empty {{component: model}} mapping, got {models!r}")
+    if not callable(getattr(pipeline_cls, "save_lora_weights", None)):
+        raise ValueError(
+            f"pipeline_cls must be a diffusers pipeline class with save_lora_weights, got {pipeline_cls!r}"
+        )
+    adapters = {
+        name: model if isinstance(model, BayesianAdapter) else load_bayesian_adapter(model, adapter_name, name)
+        for name, model in models.items()
+    }
+    out = Path(out_dir)
+    layers: dict[str, Any] = {}
+    for name, adapter in adapters.items():
+        with atomic_folder(out / "export" / name, overwrite=True) as tmp:
+            write_export(adapter, tmp)
+        layers[f"{name}_lora_layers"] = adapter.mean_state_dict()
+        layers[f"{name}_lora_adapter_metadata"] = diffusers_metadata(adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{DIFFUSERS_WEIGHTS_NAME}.tmp-", dir=out) as tmp:
+        pipeline_cls.save_lora_weights(tmp, **layers)
+        os.replace(Path(tmp, DIFFUSERS_WEIGHTS_NAME), out / DIFFUSERS_WEIGHTS_NAME)
+    return out / DIFFUSERS_WEIGHTS_NAME
 
 
 def write_export(adapter: BayesianAdapter, folder: Path, formats: Sequence[str] = DEFAULT_FORMATS) -> None:

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from ._atomic import atomic_folder
 from .adapter import BayesianAdapter, load_bayesian_adapter, write_bayesian_adapter
-from .export import DEFAULT_FORMATS, DIFFUSERS_WEIGHTS_NAME, EXPORT_SUMMARY_NAME, write_export
+from .export import DEFAULT_FORMATS, DIFFUSERS_WEIGHTS_NAME, EXPORT_SUMMARY_NAME, export_components, write_export
 
 
 logger = logging.getLogger(__name__)
@@ -215,6 +215,7 @@ def push_to_hub(
     adapter_name: str = "default",
     component: str | None = None,
     local_dir: str | os.PathLike | None = None,
+    pipeline_cls: Any = None,
 ) -> str:
     """Pushes the mean LoRA of a Bayesian adapter to a Hub model repo, with a model card.
 
@@ -225,7 +226,9 @@ def push_to_hub(
 
     Args:
         model_or_export_dir: A model with a Bayesian adapter (PeftModel or `add_adapter`), a folder saved by
-            `save_pretrained` holding one, or a folder written by `export_lora`.
+            `save_pretrained` holding one, a folder written by `export_lora`, or a `{component: model}` mapping
+            (UNet or transformer and text encoders): then the root holds every component in one diffusers file
+            (`export_components`, needs `pipeline_cls`), `export/<component>/` each, and `bayesian/<component>/`.
         repo_id: The Hub repo, "user/name".
         token: A Hub token with write access; by default the stored login or `HF_TOKEN`.
         private: Create the repo private (None: the Hub's default). Ignored for an existing repo.
@@ -239,6 +242,7 @@ def push_to_hub(
         component: The pipeline component ("unet", "transformer", "text_encoder", "text_encoder_2"); inferred if None.
         local_dir: Where to write what is uploaded (must not exist); a new temporary folder by default. Kept either
             way: after a failed upload, push it again with `push_to_hub(local_dir, repo_id)`.
+        pipeline_cls: For a mapping: the diffusers pipeline class whose `save_lora_weights` writes the components.
 
     Returns:
         The URL of the commit.
@@ -273,8 +277,23 @@ def push_to_hub(
 
     # Read and check the source before writing anything.
     adapter: BayesianAdapter | None = None
+    components: dict[str, BayesianAdapter] | None = None
     export_dir: Path | None = None
-    if isinstance(model_or_export_dir, (str, os.PathLike)) and _is_export_dir(Path(model_or_export_dir)):
+    if isinstance(model_or_export_dir, Mapping):
+        if not model_or_export_dir or not callable(getattr(pipeline_cls, "save_lora_weights", None)):
+            raise ValueError(
+                "a {component: model} mapping needs at least one component and pipeline_cls, a diffusers pipeline "
+                f"class with save_lora_weights; got {sorted(model_or_export_dir)} and {pipeline_cls!r}"
+            )
+        components = {
+            name: load_bayesian_adapter(model, adapter_name, name) for name, model in model_or_export_dir.items()
+        }
+        # The card describes the denoiser's adapter (the text encoders' share its settings in the scripts).
+        main = next(
+            (components[n] for n in ("unet", "transformer") if n in components), next(iter(components.values()))
+        )
+        summary = {**main.summary(), "components": sorted(components)}
+    elif isinstance(model_or_export_dir, (str, os.PathLike)) and _is_export_dir(Path(model_or_export_dir)):
         export_dir = Path(model_or_export_dir)
         if include_bayesian:
             raise ValueError(
@@ -290,7 +309,13 @@ def push_to_hub(
         Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="bayes-adapter-push-")) / "upload"
     )
     with atomic_folder(staging) as tmp:
-        if adapter is not None:
+        if components is not None:
+            export_components(components, tmp, pipeline_cls)
+            if include_bayesian:
+                for name, component_adapter in components.items():
+                    (tmp / BAYESIAN_SUBFOLDER / name).mkdir(parents=True)
+                    write_bayesian_adapter(component_adapter, tmp / BAYESIAN_SUBFOLDER / name)
+        elif adapter is not None:
             write_export(adapter, tmp, DEFAULT_FORMATS)
             if include_bayesian:
                 (tmp / BAYESIAN_SUBFOLDER).mkdir()

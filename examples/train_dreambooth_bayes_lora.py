@@ -24,10 +24,8 @@ import argparse
 import hashlib
 import logging
 import math
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,6 @@ from PIL import Image, ImageOps
 
 
 BAYES_ADAPTER_DIR = "bayesian_adapter"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes
 DEFAULT_UNET_TARGETS = "to_k,to_q,to_v,to_out.0"
 # Chosen by the lab's pre-registered rule (examples/corruption_stage/RESULTS.md, "0.2.0"); the README says why.
 DEFAULT_KL_WEIGHT: float | str = 0.0
@@ -535,28 +532,14 @@ def load_bayes_adapters(input_dir: str | Path, models: dict) -> None:
 
 
 def export_mean_lora(output_dir: str | Path, models: dict, pipeline_cls) -> None:
-    """Exports the posterior mean as a plain LoRA that loads without bayes_adapter.
+    """The posterior mean as a plain LoRA that loads without bayes_adapter: `bayes_adapter.export_components`.
 
-    Writes `<output_dir>/pytorch_lora_weights.safetensors` (diffusers' format, every trained component in one file,
-    for `pipe.load_lora_weights(output_dir)`) and, as `bayes_adapter.export_lora` does, `<output_dir>/export/<name>/`
-    per component (PEFT's format, diffusers' format and a summary of the posterior). Each adapter is read once; every
-    file is written atomically (a temporary folder renamed, or a temporary file moved, into place).
+    `<output_dir>/pytorch_lora_weights.safetensors` (every trained component, for `pipe.load_lora_weights`) and
+    `<output_dir>/export/<component>/` (PEFT's and diffusers' formats and a summary of the posterior).
     """
-    from bayes_adapter._atomic import atomic_folder
-    from bayes_adapter.adapter import load_bayesian_adapter
-    from bayes_adapter.export import diffusers_metadata, write_export
+    from bayes_adapter.export import export_components
 
-    layers = {}
-    for name, model in models.items():
-        adapter = load_bayesian_adapter(model, component=name)
-        with atomic_folder(Path(output_dir, "export", name), overwrite=True) as tmp:
-            write_export(adapter, tmp)
-        layers[f"{name}_lora_layers"] = adapter.mean_state_dict()
-        layers[f"{name}_lora_adapter_metadata"] = diffusers_metadata(adapter)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{LORA_WEIGHTS_NAME}.tmp-", dir=output_dir) as tmp:
-        pipeline_cls.save_lora_weights(tmp, **layers)
-        os.replace(Path(tmp, LORA_WEIGHTS_NAME), Path(output_dir, LORA_WEIGHTS_NAME))
+    export_components(models, output_dir, pipeline_cls)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -978,7 +961,7 @@ def main(args: argparse.Namespace) -> dict:
             pipeline.load_lora_weights(str(output_dir))
             images = log_validation(args, accelerator, pipeline, [], reference, global_step, "test")
         if args.push_to_hub:
-            push_to_hub(args, output_dir, final, images)
+            push_to_hub(args, output_dir, final, images, pipeline_cls)
     accelerator.end_training()
     return {
         "global_step": global_step,
@@ -1001,47 +984,28 @@ def save_checkpoint(args, accelerator, output_dir: Path, global_step: int, logge
     logger.info(f"Saved state to {path}")
 
 
-def push_to_hub(args, output_dir: Path, final: dict, images: np.ndarray | None) -> None:
-    """Uploads the exported mean LoRA (never the checkpoints) to `--hub_model_id`.
+def push_to_hub(args, output_dir: Path, final: dict, images: np.ndarray | None, pipeline_cls=None) -> None:
+    """Uploads the mean LoRA (never the checkpoints) to `--hub_model_id` with `bayes_adapter.push_to_hub`.
 
-    A UNet-only adapter goes through `bayes_adapter.push_to_hub` (model card with the Bayesian settings and the last
-    validation images). With text-encoder adapters, which that function (one component per call) does not combine,
-    the combined `pytorch_lora_weights.safetensors` and the `export/` folder are uploaded with huggingface_hub.
+    A UNet-only adapter is pushed as one component; with text-encoder adapters, the mapping of every trained
+    component (all in one diffusers file, `pipeline_cls.save_lora_weights`). The card holds the Bayesian settings and
+    the last validation images.
     """
     import bayes_adapter
 
     pil_images = [
         Image.fromarray((image * 255).round().astype(np.uint8)) for image in (images if images is not None else [])
     ]
-    if list(final) == ["unet"]:
-        bayes_adapter.push_to_hub(
-            final["unet"],
-            args.hub_model_id,
-            token=args.hub_token,
-            base_model=args.pretrained_model_name_or_path,
-            instance_prompt=args.instance_prompt,
-            validation_images=pil_images or None,
-            component="unet",
-        )
-        return
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(args.hub_model_id, exist_ok=True).repo_id
-    card = output_dir / "README.md"
-    if not card.exists():
-        card.write_text(
-            f"---\nlibrary_name: diffusers\nbase_model: {args.pretrained_model_name_or_path}\ntags:\n- lora\n"
-            f"- bayes-adapter\n- dreambooth\n---\n\n# Bayesian LoRA DreamBooth: {args.instance_prompt}\n\n"
-            f"The posterior mean of Bayesian LoRA adapters on {', '.join(final)}, as a plain LoRA: "
-            f"`pipe.load_lora_weights({repo_id!r})`.\n"
-        )
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(output_dir),
-        commit_message="End of training",
-        allow_patterns=["README.md", "pytorch_lora_weights.safetensors", "export/**"],
+    common = dict(
+        token=args.hub_token,
+        base_model=args.pretrained_model_name_or_path,
+        instance_prompt=args.instance_prompt,
+        validation_images=pil_images or None,
     )
+    if list(final) == ["unet"]:
+        bayes_adapter.push_to_hub(final["unet"], args.hub_model_id, component="unet", **common)
+    else:
+        bayes_adapter.push_to_hub(final, args.hub_model_id, pipeline_cls=pipeline_cls, **common)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,22 @@ import logging
 import os
 
 import pytest
+import torch
 from fake_hub import COMMIT, REPO, TOKEN
 from huggingface_hub import ModelCard, constants, snapshot_download
 from peft import PeftModel
 from PIL import Image
 from safetensors import safe_open
-from tiny_models import assert_same_numerics, bayesian_unet, run_unet, tiny_pipeline, tiny_unet, unet_inputs
+from tiny_models import (
+    assert_same_numerics,
+    bayesian_unet,
+    randomise,
+    run_unet,
+    tiny_pipeline,
+    tiny_text_encoder,
+    tiny_unet,
+    unet_inputs,
+)
 
 import bayes_adapter
 from bayes_adapter import export_lora, push_to_hub
@@ -193,3 +203,49 @@ def test_offline_mode_gives_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\)"):
         push_to_hub(bayesian_unet(), REPO, token=TOKEN, local_dir=tmp_path / "upload")
     assert not (tmp_path / "upload").exists()
+
+
+def test_push_several_components_in_one_diffusers_file(hub, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+    from peft import inject_adapter_in_model
+
+    from bayes_adapter import BayesLoraConfig
+
+    unet = bayesian_unet()
+    encoder = tiny_text_encoder()
+    inject_adapter_in_model(BayesLoraConfig(r=2, target_modules=["q_proj", "v_proj"]), encoder)
+    randomise(encoder)
+    encoder.eval()
+    ids = torch.tensor([[0, 40, 41, 42, 2]])
+    with torch.no_grad():
+        reference_text = encoder(ids)[0]
+    reference = run_unet(unet, unet_inputs())
+
+    with pytest.raises(ValueError, match="needs at least one component and pipeline_cls"):
+        push_to_hub({"unet": unet, "text_encoder": encoder}, REPO, token=TOKEN)
+    assert hub.requests == []
+    push_to_hub(
+        {"unet": unet, "text_encoder": encoder},
+        REPO,
+        token=TOKEN,
+        include_bayesian=True,
+        pipeline_cls=StableDiffusionPipeline,
+        instance_prompt="a photo of sks dog",
+    )
+    assert {"README.md", "pytorch_lora_weights.safetensors", "bayesian/unet/adapter_config.json"} <= set(hub.files)
+    assert {"bayesian/text_encoder/adapter_model.safetensors", "export/text_encoder/adapter_config.json"} <= set(
+        hub.files
+    )
+    keys = tensor_keys(hub.files["pytorch_lora_weights.safetensors"], tmp_path, "combined")
+    assert {key.split(".", 1)[0] for key in keys} == {"unet", "text_encoder"}
+
+    # Both components load from the one file, with plain diffusers.
+    cache = tmp_path / "cache"
+    snapshot_cache(hub.files, cache)
+    hub.uninstall()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(snapshot_download(REPO, cache_dir=str(cache)))
+    assert_same_numerics(run_unet(pipe.unet, unet_inputs()), reference)
+    with torch.no_grad():
+        assert_same_numerics(pipe.text_encoder(ids)[0], reference_text)

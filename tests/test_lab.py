@@ -1,22 +1,27 @@
-"""The corruption-stage lab (examples/lab): data, model I/O, the stage reading, and a smoke run at tiny sizes."""
+"""The corruption-stage lab (examples/corruption_stage): data, model I/O, the stage reading, a tiny smoke run."""
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
+# Importable because pyproject.toml puts the repository root on pytest's pythonpath: no sys.path edit here.
+from examples.corruption_stage import data, experiment, models, report
 
-torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-
-from lab import data, experiment, models, report  # noqa: E402
-
-
 SHIPPED = os.path.join(ROOT, "examples", "corruption_stage", "base_model")
+
+
+def test_the_readme_command_runs_from_the_repository_root():
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.corruption_stage", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--pretrain-only" in result.stdout
 
 
 def test_data_is_deterministic_and_in_range():
@@ -100,8 +105,8 @@ def test_shipped_base_model_is_small_and_loads():
 def test_lab_smoke_run_end_to_end(tmp_path):
     """Pretrains a throwaway base model for a few steps, then runs the entry script's --tiny configuration with
     two arms and checks every output."""
-    import corruption_stage
-    from lab import pretrain
+    from examples.corruption_stage import __main__ as corruption_stage
+    from examples.corruption_stage import pretrain
 
     model_dir = tmp_path / "base"
     pretrain.pretrain(str(model_dir), n_images=32, ae_steps=2, unet_steps=2, ae_batch=4, unet_batch=4)

@@ -623,13 +623,13 @@ def _file_content(path: Path):
 def test_export_mean_lora_reads_each_adapter_once_and_writes_atomically(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
-    import bayes_adapter.adapter as adapter_module
-
     unet, _ = _tiny_unet_with_adapter(tmp_path)
     reference = bayes_adapter.export_lora(unet, tmp_path / "reference", component="unet")
     reads = []
-    load = adapter_module.load_bayesian_adapter
-    monkeypatch.setattr(adapter_module, "load_bayesian_adapter", lambda *a, **k: reads.append(a) or load(*a, **k))
+    load = bayes_adapter.export.load_bayesian_adapter
+    monkeypatch.setattr(
+        bayes_adapter.export, "load_bayesian_adapter", lambda *a, **k: reads.append(a) or load(*a, **k)
+    )
     monkeypatch.setattr(bayes_adapter, "export_lora", lambda *a, **k: pytest.fail("export_lora reads the adapter"))
     out = tmp_path / "out"
     train.export_mean_lora(out, {"unet": unet}, StableDiffusionPipeline)

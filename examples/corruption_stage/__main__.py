@@ -1,13 +1,13 @@
-"""The corruption-stage lab, end to end on a laptop CPU.
+"""The corruption-stage lab, end to end on a laptop CPU: `python -m examples.corruption_stage` (from the repository root).
 
 Fine-tunes the shipped tiny latent diffusion model (examples/corruption_stage/base_model) on an unseen subject with
 plain LoRA and Bayesian LoRA (and, with --full, the skeptics' controls), measures fidelity, a corruption score,
 diversity, copy rate and the learned width every few iterations, and writes a figure, a JSON of every number and a
 markdown summary.
 
-    python examples/corruption_stage.py                 # default configuration (a few minutes, one thread)
-    python examples/corruption_stage.py --full          # all arms, 1 and 3 images, 3 seeds
-    python examples/corruption_stage.py --pretrain      # retrain the base model (~25 min on one core)
+    python -m examples.corruption_stage                 # default configuration (a few minutes, one thread)
+    python -m examples.corruption_stage --full          # all arms, 1 and 3 images, 3 seeds
+    python -m examples.corruption_stage --pretrain      # retrain the base model (~25 min on one core)
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ import shlex
 import sys
 import time
 
+import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import torch  # noqa: E402
-from lab import experiment, models, pretrain, report  # noqa: E402
+from . import experiment, models, pretrain, report
 
 
-DEFAULT_MODEL_DIR = os.path.join(HERE, "corruption_stage", "base_model")
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
 
 
 def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    command = "python examples/corruption_stage.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m examples.corruption_stage " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.time()
     if args.pretrain or args.pretrain_only:
         pretrain.pretrain(args.model_dir)

@@ -1,5 +1,5 @@
 """Seeded pretraining of the lab's latent diffusion model: first the autoencoder, then the conditioned UNet on its
-latents. ``python -m lab.pretrain --out DIR`` (from ``examples/``) or ``python examples/corruption_stage.py
+latents. ``python -m examples.corruption_stage.pretrain --out DIR`` or ``python -m examples.corruption_stage
 --pretrain``. Deterministic for a given seed, torch version and thread count (one thread is used)."""
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def pretrain(
     un = train_unet(model, latents, labels, unet_steps, unet_batch, lr=1e-3, seed=seed + 2)
     extra = {
         "how_made": (
-            "python examples/corruption_stage.py --pretrain (examples/lab/pretrain.py): "
+            "python -m examples.corruption_stage --pretrain (examples/corruption_stage/pretrain.py): "
             f"{n_images} procedural images (seed {seed}), AutoencoderKL {ae_steps} steps batch {ae_batch} "
             f"(L1 + MSE + 1e-4 KL/dim, AdamW 2e-3 cosine), then UNet2DConditionModel {unet_steps} steps batch "
             f"{unet_batch} (epsilon MSE, cosine schedule, 10% condition dropout, AdamW 1e-3 cosine, EMA 0.999), "
