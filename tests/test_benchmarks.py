@@ -6,13 +6,9 @@ The benchmarks themselves are not part of the test run; these only check that th
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_export, bench_inference, bench_kl, bench_train_step, common, profile_step  # noqa: E402
 
