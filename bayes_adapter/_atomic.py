@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-__all__ = ["atomic_folder", "check_output_folder"]
+__all__ = ["atomic_folder", "check_not_overlapping", "check_output_folder"]
 
 
 @contextlib.contextmanager
@@ -34,15 +34,42 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap(out, tmp)
         else:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap(out: Path, new: Path) -> None:
+    """Replaces the folder `out` by `new`; if any step fails, `out` is what it was before."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        os.replace(out, old / out.name)
+    except BaseException:
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old / out.name, out)  # put the previous folder back before reporting the failure
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_not_overlapping(out: Path, *sources: Path) -> None:
+    """Refuses an output folder that is, contains, or lies inside one of `sources`: replacing it would lose data."""
+    resolved = out.resolve()
+    for source in sources:
+        source = source.resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            relation = "is" if resolved == source else "contains" if source.is_relative_to(resolved) else "lies inside"
+            raise ValueError(
+                f"out_dir={str(out)!r} {relation} the source folder {str(source)!r}; writing there could delete the "
+                "source. Export to a folder outside it."
+            )
 
 
 def check_output_folder(out: Path, overwrite: bool) -> None:

@@ -288,6 +288,13 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
     except Exception as error:  # safetensors raises its own error type for a corrupt file
         raise ValueError(f"source={str(weights)!r} is not a readable safetensors file ({error})") from None
     state_dict = {_strip_prefix(k): v for k, v in tensors.items()}
+    recorded = _component_of_base_class(config)
+    if component is not None and recorded is not None and component != recorded:
+        if not (recorded == "text_encoder" and component == "text_encoder_2"):  # both are CLIPTextModel* classes
+            raise ValueError(
+                f"component={component!r} contradicts the adapter in {str(adapter_dir)!r}: its {PEFT_CONFIG_NAME} "
+                f"records base_model_class {config['auto_mapping']['base_model_class']!r}, a {recorded!r}"
+            )
     if component is None:
         component = _component_of_folder(config, state_dict, adapter_dir)
     return _checked(
@@ -301,7 +308,8 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
     )
 
 
-def _component_of_folder(config: dict[str, Any], state_dict: dict[str, torch.Tensor], folder: Path) -> str:
+def _component_of_base_class(config: dict[str, Any]) -> str | None:
+    """The component the saved config's `auto_mapping.base_model_class` names, or None if it names none."""
     base_class = (config.get("auto_mapping") or {}).get("base_model_class") or ""
     if "UNet" in base_class:
         return "unet"
@@ -309,6 +317,14 @@ def _component_of_folder(config: dict[str, Any], state_dict: dict[str, torch.Ten
         return "transformer"
     if base_class == "CLIPTextModel":
         return "text_encoder"
+    return None
+
+
+def _component_of_folder(config: dict[str, Any], state_dict: dict[str, torch.Tensor], folder: Path) -> str:
+    recorded = _component_of_base_class(config)
+    if recorded is not None:
+        return recorded
+    base_class = (config.get("auto_mapping") or {}).get("base_model_class") or ""
     roots = {key.split(".", 1)[0] for key in state_dict}
     if not base_class and roots and roots <= _UNET_ROOTS:
         return "unet"
@@ -338,6 +354,24 @@ def _checked(adapter: BayesianAdapter) -> BayesianAdapter:
         raise ValueError(f"adapter {adapter.adapter_name!r} holds tensors that are not LoRA factors: {unknown[:5]}")
     if not adapter.target_module_names():
         raise ValueError(f"adapter {adapter.adapter_name!r} from {adapter.source} holds no LoRA weights")
+    for field, kind in (("r", int), ("lora_alpha", (int, float))):
+        if isinstance(config.get(field), bool) or not isinstance(config.get(field), kind) or config[field] <= 0:
+            raise ValueError(f"{adapter.source}: {PEFT_CONFIG_NAME} has {field}={config.get(field)!r}; expected > 0")
+    means = adapter.mean_state_dict()
+    for module in adapter.target_module_names():
+        rank, _ = adapter.module_rank_and_scaling(module)
+        for suffix, axis in (
+            (".lora_A.weight", 0),
+            (".lora_B.weight", 1),
+            (".lora_embedding_A", 0),
+            (".lora_embedding_B", 1),
+        ):
+            tensor = means.get(module + suffix)
+            if tensor is not None and tensor.shape[axis] != rank:
+                raise ValueError(
+                    f"{adapter.source}: {module}{suffix} has rank {tensor.shape[axis]} (shape {tuple(tensor.shape)}), "
+                    f"but the config (r, rank_pattern) gives {module!r} rank {rank}"
+                )
     return adapter
 
 

@@ -18,9 +18,24 @@ BAYESIAN_FACTORS = ("A", "B", "AB")
 LEGACY_POSTERIOR_STD_PARAMETRISATION = "softplus"
 
 
+# The smallest std accepted: the KL squares `mean / prior_std` and `std / prior_std`, and the adapters train in
+# float32, whose squares overflow past 3.4e38 (a mean of 1 over a prior std of 1e-19) and whose numbers underflow to
+# 0 below 1.4e-45. 1e-12 keeps both far away for any mean a LoRA reaches.
+MIN_STD = 1e-12
+
+
 def _check_positive_float(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_std(name: str, value: object) -> None:
+    _check_positive_float(name, value)
+    if value < MIN_STD:
+        raise ValueError(
+            f"{name}={value!r} is too small for float32 (the KL would be infinite or NaN); the smallest accepted "
+            f"value is {MIN_STD:g}"
+        )
 
 
 @dataclass
@@ -115,8 +130,8 @@ class BayesLoraConfig(LoraConfig):
             )
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        _check_positive_float("posterior_std_init", self.posterior_std_init)
-        _check_positive_float("prior_std", self.prior_std)
+        _check_std("posterior_std_init", self.posterior_std_init)
+        _check_std("prior_std", self.prior_std)
         if (
             isinstance(self.kl_weight, bool)
             or not isinstance(self.kl_weight, (int, float))

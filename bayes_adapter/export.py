@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ._atomic import atomic_folder, check_output_folder
+from ._atomic import atomic_folder, check_not_overlapping, check_output_folder
 from .adapter import PEFT_PREFIX, PEFT_WEIGHTS_NAME, BayesianAdapter, load_bayesian_adapter
 
 
@@ -61,6 +61,8 @@ _KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encod
 
 
 def _check_formats(format: str | Sequence[str]) -> tuple[str, ...]:
+    if not isinstance(format, (str, Sequence)):
+        raise TypeError(f"format must be one of {FORMATS} or a list of them, got {format!r}")
     formats = (format,) if isinstance(format, str) else tuple(format)
     bad = [f for f in formats if f not in FORMATS]
     if not formats or bad:
@@ -105,11 +107,8 @@ def export_lora(
     out = Path(out_dir)
     check_output_folder(out, overwrite)
     adapter = load_bayesian_adapter(source, adapter_name, component)
-    if isinstance(source, (str, os.PathLike)) and out.resolve() in (
-        Path(source).resolve(),
-        Path(adapter.source).resolve(),
-    ):
-        raise ValueError(f"out_dir={str(out)!r} is the source folder; export to another folder")
+    if isinstance(source, (str, os.PathLike)):
+        check_not_overlapping(out, Path(source), Path(adapter.source))
     if "kohya" in formats:
         _check_kohya(adapter)
     with atomic_folder(out, overwrite) as tmp:

@@ -59,3 +59,28 @@ def test_cast_adapter_params_casts_frozen_posteriors_too():
     assert any("posterior" in n and not p.requires_grad for n, p in adapter.items())
     assert all(p.dtype == torch.float32 for p in adapter.values())
     assert all(p.dtype == torch.bfloat16 for n, p in unet.named_parameters() if "lora_" not in n)
+
+
+def test_a_saved_adapter_is_checked_against_its_own_config(tmp_path):
+    import json
+
+    folder = save_bayesian_adapter(bayesian_unet(), tmp_path / "adapter")
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(r=8, rank_pattern={})  # the tensors are rank 4
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter: .*lora_A.weight has rank 4 .* gives '.*' rank 8"):
+        bayes_adapter.export_lora(folder, tmp_path / "out")
+    config.update(r="4")
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"has r='4'; expected > 0"):
+        bayes_adapter.export_lora(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_component_contradicting_the_recorded_base_model_is_refused(tmp_path):
+    folder = tmp_path / "adapter"
+    get_peft_model(tiny_unet(), unet_config()).save_pretrained(str(folder))
+    with pytest.raises(ValueError, match="component='text_encoder' contradicts .* a 'unet'"):
+        bayes_adapter.export_lora(folder, tmp_path / "out", component="text_encoder")
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from peft import LoraConfig, PeftConfig
 from peft.utils import PeftType
 
@@ -80,3 +81,25 @@ def test_round_trips_through_peft_config(tmp_path):
         0.2,
         0.5,
     )
+
+
+@pytest.mark.parametrize("name", ["posterior_std_init", "prior_std"])
+@pytest.mark.parametrize("value", [1e-50, 1e-30, 1e-13])
+def test_stds_that_float32_cannot_carry_are_refused(name, value):
+    with pytest.raises(
+        ValueError, match=rf"{name}={value!r} is too small for float32 .* smallest accepted value is 1e-12"
+    ):
+        BayesLoraConfig(target_modules=["to_q"], **{name: value})
+
+
+def test_the_smallest_accepted_stds_give_a_finite_kl():
+    from peft import get_peft_model
+    from tiny_models import randomise, tiny_unet
+
+    import bayes_adapter
+
+    model = get_peft_model(
+        tiny_unet(), BayesLoraConfig(target_modules=["to_q"], posterior_std_init=1e-12, prior_std=1e-12)
+    )
+    randomise(model)
+    assert torch.isfinite(bayes_adapter.kl_divergence(model))

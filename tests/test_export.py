@@ -453,3 +453,15 @@ def test_unreadable_saved_adapter_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
         export_lora(tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_into_a_folder_holding_the_source_is_refused_and_deletes_nothing(tmp_path):
+    run = tmp_path / "run"
+    bayesian_unet("peft").save_pretrained(str(run / "bayesian_adapter" / "unet"))
+    (run / "checkpoint-2").mkdir()
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="contains the source folder"):
+        export_lora(run / "bayesian_adapter" / "unet", run, overwrite=True)
+    with pytest.raises(TypeError, match="format must be one of"):
+        export_lora(run / "bayesian_adapter" / "unet", tmp_path / "out", format=None)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
