@@ -197,6 +197,20 @@ def build_model_card(
     return populate_model_card(card, tags=tags)
 
 
+def _mask_tokens(text: str, token: str | None) -> str:
+    """`text` with every token the Hub client could have sent replaced by ***: explicit, `HF_TOKEN`, stored login."""
+    from huggingface_hub import get_token
+
+    try:
+        stored = get_token()
+    except Exception:  # a broken token file must not hide the real error
+        stored = None
+    for candidate in {token, os.environ.get("HF_TOKEN"), stored}:
+        if candidate:
+            text = text.replace(candidate, "***")
+    return text
+
+
 def _is_export_dir(path: Path) -> bool:
     return (path / DIFFUSERS_WEIGHTS_NAME).is_file() and (path / EXPORT_SUMMARY_NAME).is_file()
 
@@ -346,19 +360,21 @@ def push_to_hub(
         card.save(tmp / "README.md")
 
     api = HfApi(token=token)
+    cause = None
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=str(staging), commit_message=commit_message, repo_type="model"
         )
     except Exception as error:
-        cause = f"{type(error).__name__}: {error}"
-        if token:
-            cause = cause.replace(token, "***")
+        cause = _mask_tokens(f"{type(error).__name__}: {error}", token)
+    if cause is not None:
+        # Raised outside the except block: the original exception, which may quote the token, is neither the
+        # cause nor the context of this one.
         raise HubPushError(
             f"Pushing to the Hub repo {repo_id!r} failed: {cause}. The export is kept in {str(staging)!r}; push it "
             f"again with bayes_adapter.push_to_hub({str(staging)!r}, {repo_id!r}).",
             staging,
-        ) from error
+        )
     logger.info("Pushed %s to the Hub repo %s", staging, repo_id)
     return str(getattr(commit, "commit_url", commit))

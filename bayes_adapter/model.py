@@ -79,8 +79,17 @@ class BayesLoraModel(PluginLoraModel):
         return kl_divergence(self.model, adapter_names)
 
 
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module holding Bayesian LoRA layers (a PeftModel or a model with an added "
+            f"adapter), got {type(model).__name__}"
+        )
+
+
 def bayes_layers(model: nn.Module) -> Iterator[BayesLoraLayer]:
     """The Bayesian LoRA layers of a model (a PeftModel, a diffusers model with an adapter, any module)."""
+    _check_model(model)
     return (module for module in model.modules() if isinstance(module, BayesLoraLayer))
 
 
@@ -97,9 +106,13 @@ def _zero_like_model(model: nn.Module) -> torch.Tensor:
 def _check_adapter_names(model: nn.Module, adapter_names: Iterable[str] | None) -> list[str] | None:
     if adapter_names is None:
         return None
+    _check_model(model)
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names]
-    adapter_names = list(adapter_names)
+    names = list(adapter_names) if isinstance(adapter_names, Iterable) else None
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"adapter_names must be a name, a list of names or None, got {adapter_names!r}")
+    adapter_names = names
     known = {name for layer in bayes_layers(model) for name in layer.bayes_settings}
     unknown = [name for name in adapter_names if name not in known]
     if unknown:

@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -213,7 +214,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--lr_scheduler",
         type=str,
         default="constant",
-        help="linear, cosine, cosine_with_restarts, polynomial, constant or constant_with_warmup.",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="diffusers' learning-rate schedule (diffusers.optimization.get_scheduler).",
     )
     train.add_argument("--lr_warmup_steps", type=int, default=0)
     train.add_argument("--adam_beta1", type=float, default=0.9)
@@ -1008,5 +1010,16 @@ def push_to_hub(args, output_dir: Path, final: dict, images: np.ndarray | None, 
         bayes_adapter.push_to_hub(final, args.hub_model_id, pipeline_cls=pipeline_cls, **common)
 
 
+def run_command(argv: list[str] | None = None) -> int:
+    """The command line: bad input is reported as `error: ...` with exit status 2, without a traceback."""
+    try:
+        args = parse_args(argv)
+    except ValueError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        return 2
+    main(args)
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run_command())

@@ -24,13 +24,15 @@ class FakeHub:
         self.requests: list[tuple[str, str, str | None]] = []
         self.files: dict[str, bytes] = {}
         self.fail: dict[str, int] = {}  # path substring -> status code
+        self.quote_auth = False  # failures quote the Authorization header, as some servers and proxies do
 
     def handle(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
         self.requests.append((request.method, path, request.headers.get("authorization")))
         for needle, status in self.fail.items():
             if needle in path:
-                return httpx2.Response(status, json={"error": f"refused by the fake Hub ({status})"})
+                quoted = f"; you sent {request.headers.get('authorization')}" if self.quote_auth else ""
+                return httpx2.Response(status, json={"error": f"refused by the fake Hub ({status}){quoted}"})
         if path == "/api/repos/create":
             return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO}", "name": REPO, "id": "1"})
         if path == "/api/validate-yaml":

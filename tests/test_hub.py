@@ -249,3 +249,17 @@ def test_push_several_components_in_one_diffusers_file(hub, tmp_path, monkeypatc
     assert_same_numerics(run_unet(pipe.unet, unet_inputs()), reference)
     with torch.no_grad():
         assert_same_numerics(pipe.text_encoder(ids)[0], reference_text)
+
+
+def test_a_token_from_the_environment_is_masked_in_the_error_and_its_chain(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.fail["/api/repos/create"] = 401
+    hub.quote_auth = True
+    with pytest.raises(HubPushError) as raised:
+        push_to_hub(bayesian_unet(), REPO, local_dir=tmp_path / "upload")  # no token=: huggingface_hub reads HF_TOKEN
+    assert any(auth == f"Bearer {TOKEN}" for _, _, auth in hub.requests), "the fake Hub did not see the token"
+    assert "you sent Bearer ***" in str(raised.value)
+    error: BaseException | None = raised.value
+    while error is not None:
+        assert TOKEN not in str(error) and TOKEN not in repr(error.args)
+        error = error.__cause__ or error.__context__

@@ -305,3 +305,18 @@ def test_defaults_and_one_plain_optimizer_move_the_posterior_stds():
             assert spreads["exp_linear"] >= 1.5 or abs(stats["mean"] / 0.01 - 1) >= 0.2, stats
     # Measured: 2.50 (exp_linear) and 1.01 (0.1.0's softplus): the test tells a std that learns from one that does not.
     assert spreads["softplus"] < 1.1
+
+
+@pytest.mark.parametrize(
+    "function", ["kl_divergence", "kl_loss", "param_groups", "posterior_std_stats", "posterior_stds"]
+)
+def test_model_functions_name_a_wrong_argument_type(function):
+    call = getattr(bayes_adapter, function)
+    extra = (1,) if function == "kl_loss" else ()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module .* got str"):
+        call("unet", *extra)
+    if function != "param_groups":
+        model = get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q"]))
+        with pytest.raises(TypeError, match="adapter_names must be a name, a list of names or None, got 3"):
+            call(model, *extra, adapter_names=3)
+        call(model, *extra, adapter_names=(name for name in ["default"]))  # any iterable of names

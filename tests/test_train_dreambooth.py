@@ -738,3 +738,21 @@ def test_kl_weight_must_be_a_number_or_elbo(tmp_path, instance_dir, capsys):
         train.parse_args(cli("no/such/model", instance_dir, tmp_path / "out", "--kl_weight", "big"))
     assert exit_info.value.code == 2
     assert "expected a number >= 0 or 'elbo', got 'big'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resolution", "30"], "--resolution=30 is invalid; expected a positive multiple of 8"),
+        (["--learning_rate", "nan"], "--learning_rate=nan is invalid"),
+        (["--with_prior_preservation"], "--with_prior_preservation needs --class_"),
+        (["--lr_scheduler", "warmup_cosine"], "argument --lr_scheduler: invalid choice: 'warmup_cosine'"),
+    ],
+)
+def test_the_script_reports_bad_input_without_a_traceback(tmp_path, instance_dir, extra, message):
+    argv = cli("no/such/model", instance_dir, tmp_path / "out", *extra)
+    process = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2, process.stderr
+    assert "error: " in process.stderr and message in process.stderr
+    assert "Traceback" not in process.stderr
+    assert not (tmp_path / "out").exists()
