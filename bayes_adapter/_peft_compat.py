@@ -129,6 +129,11 @@ def enabled_lora_variants(config: LoraConfig) -> dict[str, Any]:
     return enabled
 
 
+def registered_custom_modules(config: LoraConfig) -> dict:
+    """The custom LoRA layers registered with the private `config._register_custom_module` (empty if none)."""
+    return dict(getattr(config, "_custom_modules", None) or {})
+
+
 def embed(layer: Embedding, indices: torch.Tensor, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
     """Looks `indices` up in `weight` the way the LoRA embedding layer does (padding, max norm, TP hooks)."""
     return layer._embed(

@@ -133,11 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"export": _export, "push": _push}[args.command]
     try:
         return handler(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as error:
         print(f"bayes-adapter {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (RuntimeError, OSError) as error:
         print(f"bayes-adapter {args.command}: failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as error:  # e.g. safetensors' SafetensorError on a full disk: a message, not a traceback
+        print(f"bayes-adapter {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED
 
 

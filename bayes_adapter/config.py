@@ -56,8 +56,10 @@ class BayesLoraConfig(LoraConfig):
         default="B",
         metadata={
             "help": (
-                "Which LoRA factors are Bayesian: 'B' (the up matrix, the paper's choice: with B initialised to zero, "
-                "its noise perturbs the output from the first step), 'A' (the down matrix, as BLoB), or 'AB' (both)."
+                "Which LoRA factors are Bayesian: 'B' (the up matrix, the paper's choice: with B initialised to zero "
+                "and A random, its noise perturbs the output from the first step), 'A' (the down matrix, as BLoB), or "
+                "'AB' (both). On nn.Embedding PEFT initialises A to zero instead, so 'B' noise there starts at zero "
+                "(a warning says so): use 'A' or 'AB' for embeddings."
             ),
             "is_lora_variant": True,
         },

@@ -314,7 +314,12 @@ def push_to_hub(
                 f"include_bayesian=True needs the Bayesian adapter, but model_or_export_dir={str(export_dir)!r} is "
                 "an export (the mean only): pass the model or the folder saved with save_pretrained instead"
             )
-        summary = json.loads((export_dir / EXPORT_SUMMARY_NAME).read_text(encoding="utf-8"))
+        try:
+            summary = json.loads((export_dir / EXPORT_SUMMARY_NAME).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{str(export_dir / EXPORT_SUMMARY_NAME)!r} is not valid JSON ({error})") from None
+        if not isinstance(summary, dict):
+            raise ValueError(f"{str(export_dir / EXPORT_SUMMARY_NAME)!r} does not hold an export summary")
     else:
         adapter = load_bayesian_adapter(model_or_export_dir, adapter_name, component)
         summary = adapter.summary()

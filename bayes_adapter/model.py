@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import _peft_compat
 from ._peft_compat import BaseTunerLayer, LoraLayer, PluginLoraModel
 from .bayes import gaussian_kl, posterior_log_std, posterior_std, std_summary
 from .config import BayesLoraConfig
@@ -52,6 +53,13 @@ class BayesLoraModel(PluginLoraModel):
                 f"Module {target_name!r} has a {weight.dtype} weight (quantised?); Bayesian LoRA needs a floating "
                 "point base layer."
             )
+        custom = _peft_compat.registered_custom_modules(lora_config)
+        if custom:
+            raise ValueError(
+                f"Custom LoRA layers registered with _register_custom_module ({sorted(t.__name__ for t in custom)}) "
+                "are not supported by BayesLoraConfig: a Bayesian layer exists only for the built-in module types. "
+                "Register them on a plain LoraConfig, or drop the registration."
+            )
         layer_cls = bayes_layer_class(base_layer)
         if layer_cls is None:
             raise ValueError(
@@ -68,7 +76,16 @@ class BayesLoraModel(PluginLoraModel):
         elif isinstance(base_layer, nn.Linear) and lora_config.fan_in_fan_out:
             warnings.warn("fan_in_fan_out is True but the target module is `torch.nn.Linear`; setting it to False.")
             lora_config.fan_in_fan_out = False
-        return layer_cls(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base_layer, nn.Embedding) and lora_config.bayesian_factors == "B":
+            warnings.warn(
+                f"Module {target_name!r} is an Embedding, where PEFT initialises lora_A to zero (the reverse of "
+                "Linear): with bayesian_factors='B' its weight noise is multiplied by zero until A moves, and the "
+                "std gets no gradient at first. Use bayesian_factors='A' or 'AB' to have noise from the first step.",
+                stacklevel=2,
+            )
+        layer = layer_cls(target, adapter_name, config=lora_config, **kwargs)
+        # PEFT builds new layers in train mode: after `model.eval()`, a later add_adapter must not sample weights.
+        return layer.train(base_layer.training)
 
     def after_mark_trainable(self, model: nn.Module) -> None:
         for layer in bayes_layers(model):

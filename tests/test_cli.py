@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import ADAPTER_V0_1_0, bayesian_unet
 
+import bayes_adapter
 from bayes_adapter.cli import main
 
 
@@ -127,3 +128,32 @@ def test_export_command_accepts_an_adapter_saved_by_v0_1_0(tmp_path, capsys):
     assert sorted(torch.cat([v.flatten() for v in exported.values()]).tolist()) == sorted(
         torch.cat([v.flatten() for v in means.values()]).tolist()
     )
+
+
+def test_export_command_full_disk_is_a_message_not_a_traceback(saved_adapter, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import bayes_adapter.export as export_module
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    out = tmp_path / "mean"
+    assert main(["export", str(saved_adapter), str(out)]) == 0
+    before = sorted(os.listdir(out))
+    monkeypatch.setattr(export_module, "save_file", full_disk)
+    assert main(["export", str(saved_adapter), str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "failed: SafetensorError: No space left on device" in err and "Traceback" not in err
+    assert sorted(os.listdir(out)) == before
+
+
+def test_push_command_corrupt_export_summary(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    export = tmp_path / "export"
+    bayes_adapter.export_lora(bayesian_unet(), export)
+    (export / "bayes_lora_export.json").write_text("{not json")
+    assert main(["push", str(export), REPO, "--token", TOKEN]) == 2
+    assert "bayes_lora_export.json' is not valid JSON" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,47 @@ def test_model_functions_name_a_wrong_argument_type(function):
         with pytest.raises(TypeError, match="adapter_names must be a name, a list of names or None, got 3"):
             call(model, *extra, adapter_names=3)
         call(model, *extra, adapter_names=(name for name in ["default"]))  # any iterable of names
+
+
+def test_a_layer_added_after_eval_takes_the_eval_mode_and_uses_the_mean():
+    unet = tiny_unet().eval()
+    unet.add_adapter(BayesLoraConfig(target_modules=["to_q"], init_lora_weights=False))
+    layers = list(bayes_adapter.bayes_layers(unet))
+    assert layers and not any(layer.training for layer in layers)
+    inputs = unet_inputs()
+    with torch.no_grad():
+        assert torch.equal(
+            unet(inputs["x"], inputs["t"], inputs["enc"]).sample, unet(inputs["x"], inputs["t"], inputs["enc"]).sample
+        )
+    unet.train()
+    assert all(layer.training for layer in layers)
+
+
+def test_registered_custom_lora_modules_are_refused():
+    from peft.tuners.lora import LoraLayer
+
+    class MyLora(nn.Module, LoraLayer):
+        pass
+
+    config = BayesLoraConfig(target_modules=["to_q"])
+    config._register_custom_module({nn.Linear: MyLora})
+    with pytest.raises(
+        ValueError, match=r"Custom LoRA layers registered with _register_custom_module \(\['Linear'\]\)"
+    ):
+        get_peft_model(tiny_unet(), config)
+
+
+def test_embedding_with_bayesian_b_warns_that_its_noise_starts_at_zero():
+    model = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.warns(UserWarning, match="Embedding, where PEFT initialises lora_A to zero"):
+        get_peft_model(model, BayesLoraConfig(target_modules=["0"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        get_peft_model(
+            nn.Sequential(nn.Embedding(10, 4)), BayesLoraConfig(target_modules=["0"], bayesian_factors="AB")
+        )
+
+
+def test_mixed_adapter_models_are_refused_clearly():
+    with pytest.raises(Exception, match="PeftMixedModel"):
+        get_peft_model(tiny_unet(), BayesLoraConfig(target_modules=["to_q"]), mixed=True)
