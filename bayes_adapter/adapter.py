@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._atomic import atomic_folder
+from ._components import COMPONENTS, component_of_base_class, component_of_folder, component_of_model
 from ._peft_compat import get_pattern_key
 from ._version import __version__
 from .bayes import posterior_std, std_summary
@@ -41,7 +42,6 @@ __all__ = [
     "write_bayesian_adapter",
 ]
 
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -51,18 +51,6 @@ BAYESIAN_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(BayesLoraConfi
 PEFT_PREFIX = "base_model.model."
 _POSTERIOR_MARKER = ".lora_posterior_rho_"
 _MEAN_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B")
-# Top-level module names that tell a saved adapter's component when its config does not say.
-_UNET_ROOTS = {"down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding"}
-_TRANSFORMER_ROOTS = {
-    "transformer_blocks",
-    "single_transformer_blocks",
-    "pos_embed",
-    "context_embedder",
-    "time_text_embed",
-    "x_embedder",
-    "norm_out",
-    "proj_out",
-}
 
 
 @dataclasses.dataclass
@@ -219,7 +207,7 @@ def _read_model(model: nn.Module, adapter_name: str, component: str | None) -> B
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {_strip_prefix(k): v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     if component is None:
-        component = _component_of_model(base)
+        component = component_of_model(base)
     return _checked(
         BayesianAdapter(
             config=config.to_dict(),
@@ -233,19 +221,6 @@ def _read_model(model: nn.Module, adapter_name: str, component: str | None) -> B
 
 def _strip_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-
-
-def _component_of_model(base: nn.Module) -> str:
-    name = type(base).__name__
-    module = type(base).__module__
-    if module.startswith("diffusers"):
-        return "unet" if "UNet" in name else "transformer"
-    if module.startswith("transformers") and name == "CLIPTextModel":
-        # SDXL's second encoder (CLIPTextModelWithProjection), T5 and others are ambiguous: the caller must say.
-        return "text_encoder"
-    raise ValueError(
-        f"component: cannot tell which pipeline component a {name} is; pass component= one of {COMPONENTS}"
-    )
 
 
 def _read_folder(folder: Path, adapter_name: str, component: str | None) -> BayesianAdapter:
@@ -288,7 +263,7 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
     except Exception as error:  # safetensors raises its own error type for a corrupt file
         raise ValueError(f"source={str(weights)!r} is not a readable safetensors file ({error})") from None
     state_dict = {_strip_prefix(k): v for k, v in tensors.items()}
-    recorded = _component_of_base_class(config)
+    recorded = component_of_base_class(config)
     if component is not None and recorded is not None and component != recorded:
         if not (recorded == "text_encoder" and component == "text_encoder_2"):  # both are CLIPTextModel* classes
             raise ValueError(
@@ -296,7 +271,7 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
                 f"records base_model_class {config['auto_mapping']['base_model_class']!r}, a {recorded!r}"
             )
     if component is None:
-        component = _component_of_folder(config, state_dict, adapter_dir)
+        component = component_of_folder(config, state_dict, adapter_dir)
     return _checked(
         BayesianAdapter(
             config=config,
@@ -305,34 +280,6 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
             adapter_name=adapter_name,
             source=str(adapter_dir),
         )
-    )
-
-
-def _component_of_base_class(config: dict[str, Any]) -> str | None:
-    """The component the saved config's `auto_mapping.base_model_class` names, or None if it names none."""
-    base_class = (config.get("auto_mapping") or {}).get("base_model_class") or ""
-    if "UNet" in base_class:
-        return "unet"
-    if "Transformer" in base_class:
-        return "transformer"
-    if base_class == "CLIPTextModel":
-        return "text_encoder"
-    return None
-
-
-def _component_of_folder(config: dict[str, Any], state_dict: dict[str, torch.Tensor], folder: Path) -> str:
-    recorded = _component_of_base_class(config)
-    if recorded is not None:
-        return recorded
-    base_class = (config.get("auto_mapping") or {}).get("base_model_class") or ""
-    roots = {key.split(".", 1)[0] for key in state_dict}
-    if not base_class and roots and roots <= _UNET_ROOTS:
-        return "unet"
-    if not base_class and roots and roots <= _TRANSFORMER_ROOTS:
-        return "transformer"
-    raise ValueError(
-        f"component: cannot tell which pipeline component the adapter in {str(folder)!r} belongs to (top-level "
-        f"modules {sorted(roots)}); pass component= one of {COMPONENTS}"
     )
 
 

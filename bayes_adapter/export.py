@@ -78,6 +78,7 @@ def export_lora(
     component: str | None = None,
     format: str | Sequence[str] = DEFAULT_FORMATS,
     overwrite: bool = False,
+    pipeline_cls: Any = None,
 ) -> Path:
     """Exports the mean of a Bayesian LoRA adapter as a plain LoRA that loads without bayes-adapter.
 
@@ -86,7 +87,10 @@ def export_lora(
 
     Args:
         source: A `PeftModel`, a diffusers / transformers model with an added Bayesian adapter, or a folder saved by
-            `save_pretrained` holding one.
+            `save_pretrained` holding one. Or a `{component: model}` mapping (as diffusers' `save_lora_weights`
+            takes `unet_lora_layers=..., text_encoder_lora_layers=...`): then `out_dir` holds every component in one
+            `pytorch_lora_weights.safetensors` and `export/<component>/` each (`export_components`; `format` and
+            `component` do not apply, `pipeline_cls` is needed).
         out_dir: The folder to write; it must not exist unless `overwrite=True`. Written atomically.
         adapter_name: Which adapter to export.
         component: The pipeline component the adapter belongs to, which sets the diffusers key prefix: "unet",
@@ -95,6 +99,7 @@ def export_lora(
         format: One of "peft", "diffusers", "kohya", or a list of them. By default both "peft" (`adapter_config.json`
             + `adapter_model.safetensors`) and "diffusers" (`pytorch_lora_weights.safetensors`).
         overwrite: Replace `out_dir` if it exists.
+        pipeline_cls: For a mapping: the diffusers pipeline class whose `save_lora_weights` writes the components.
 
     Returns:
         The path of the written folder.
@@ -103,8 +108,14 @@ def export_lora(
         ValueError: for a source without a Bayesian adapter, an unknown adapter name, a merged adapter, an unknown
             format or component; FileExistsError for an existing `out_dir`. All before anything is written.
     """
-    formats = _check_formats(format)
     out = Path(out_dir)
+    if isinstance(source, Mapping):
+        check_output_folder(out, overwrite)
+        adapters = _read_components(source, adapter_name, pipeline_cls)
+        with atomic_folder(out, overwrite) as tmp:
+            export_components(adapters, tmp, pipeline_cls)
+        return out
+    formats = _check_formats(format)
     check_output_folder(out, overwrite)
     adapter = load_bayesian_adapter(source, adapter_name, component)
     if isinstance(source, (str, os.PathLike)):
@@ -115,6 +126,19 @@ def export_lora(
         write_export(adapter, tmp, formats)
     logger.info("Exported the mean of adapter %r (%s) to %s", adapter.adapter_name, adapter.source, out)
     return out
+
+
+def _read_components(models: object, adapter_name: str, pipeline_cls: Any) -> dict[str, BayesianAdapter]:
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"models must be a non-empty {{component: model}} mapping, got {models!r}")
+    if not callable(getattr(pipeline_cls, "save_lora_weights", None)):
+        raise ValueError(
+            f"pipeline_cls must be a diffusers pipeline class with save_lora_weights, got {pipeline_cls!r}"
+        )
+    return {
+        name: model if isinstance(model, BayesianAdapter) else load_bayesian_adapter(model, adapter_name, name)
+        for name, model in models.items()
+    }
 
 
 def export_components(
@@ -141,16 +165,7 @@ def export_components(
     Returns:
         The path of the combined diffusers file.
     """
-    if not isinstance(models, Mapping) or not models:
-        raise ValueError(f"models must be a non-empty {{component: model}} mapping, got {models!r}")
-    if not callable(getattr(pipeline_cls, "save_lora_weights", None)):
-        raise ValueError(
-            f"pipeline_cls must be a diffusers pipeline class with save_lora_weights, got {pipeline_cls!r}"
-        )
-    adapters = {
-        name: model if isinstance(model, BayesianAdapter) else load_bayesian_adapter(model, adapter_name, name)
-        for name, model in models.items()
-    }
+    adapters = _read_components(models, adapter_name, pipeline_cls)
     out = Path(out_dir)
     layers: dict[str, Any] = {}
     for name, adapter in adapters.items():

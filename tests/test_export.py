@@ -380,7 +380,9 @@ def test_refuses_unknown_adapter_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="component must be one of"):
         export_lora(model, tmp_path / "a", component="vae")
     with pytest.raises(ValueError, match="source must be a model"):
-        export_lora({"a": 1}, tmp_path / "a")
+        export_lora([1], tmp_path / "a")
+    with pytest.raises(ValueError, match="pipeline_cls must be a diffusers pipeline class"):
+        export_lora({"unet": model}, tmp_path / "a")
     model.save_pretrained(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match="is the source folder"):
         export_lora(tmp_path / "saved", tmp_path / "saved", overwrite=True)
@@ -465,3 +467,26 @@ def test_export_into_a_folder_holding_the_source_is_refused_and_deletes_nothing(
     with pytest.raises(TypeError, match="format must be one of"):
         export_lora(run / "bayesian_adapter" / "unet", tmp_path / "out", format=None)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_export_a_component_mapping_into_one_diffusers_file(tmp_path):
+    from peft import inject_adapter_in_model
+
+    unet = bayesian_unet()
+    encoder = tiny_text_encoder()
+    inject_adapter_in_model(BayesLoraConfig(r=2, target_modules=["q_proj"]), encoder)
+    randomise(encoder)
+    encoder.eval()
+    ids = torch.tensor([[0, 40, 41, 42, 2]])
+    with torch.no_grad():
+        reference_text = encoder(ids)[0]
+    out = export_lora({"unet": unet, "text_encoder": encoder}, tmp_path / "out", pipeline_cls=StableDiffusionPipeline)
+    assert sorted(os.listdir(out)) == ["export", "pytorch_lora_weights.safetensors"]
+    assert sorted(os.listdir(out / "export")) == ["text_encoder", "unet"]
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(str(out))
+    assert_same_numerics(run_unet(pipe.unet, unet_inputs()), run_unet(unet, unet_inputs()))
+    with torch.no_grad():
+        assert_same_numerics(pipe.text_encoder(ids)[0], reference_text)
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_lora({"unet": unet}, out, pipeline_cls=StableDiffusionPipeline)
