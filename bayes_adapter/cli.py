@@ -1,4 +1,5 @@
-"""The `bayes-adapter` console command: `export` a Bayesian adapter to its mean LoRA, `push` it to the Hub."""
+"""The `bayes-adapter` console command: `export` a Bayesian adapter to its mean LoRA, `push` it to the Hub,
+`evaluate` generated images with the paper's metrics."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Bayesian LoRA for PEFT: export a trained Bayesian adapter to a plain (mean) LoRA, push it to the "
         "Hugging Face Hub.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,evaluate}")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--adapter-name", default="default", help="Adapter to export (default: %(default)s).")
@@ -81,6 +82,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--commit-message", default=None, help="Commit message.")
     push.add_argument("--local-dir", default=None, help="Where to keep the uploaded files (default: a temp folder).")
+
+    from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="Score generated images against the subject: CLIP-I, CLIP-T, DINO, DINO diversity.",
+        description="The paper's metrics with real models: CLIP-I and DINO (subject fidelity: mean cosine over all "
+        "reference x generated pairs), CLIP-T (prompt fidelity) and DINO diversity (mean 1 - cosine between "
+        "generated images). Models are Hub ids or local folders; offline, download them once elsewhere "
+        "(`hf download ID`) and pass the folder.",
+    )
+    evaluate.add_argument("--generated", required=True, help="Folder of generated images.")
+    evaluate.add_argument("--reference", required=True, help="Folder of the subject's real images.")
+    evaluate.add_argument("--prompt", required=True, help="The prompt the images were generated from (CLIP-T).")
+    evaluate.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP model (default: %(default)s).")
+    evaluate.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINO ViT (default: %(default)s).")
+    evaluate.add_argument("--device", default="cpu", help="Where the models run (default: %(default)s).")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="Images per forward pass (default: 8).")
+    evaluate.add_argument("--json", default=None, help="Also write the numbers to this JSON file.")
     return parser
 
 
@@ -120,6 +140,37 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from . import metrics
+
+    generated = metrics.load_images(args.generated, "--generated")
+    reference = metrics.load_images(args.reference, "--reference")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size} is invalid; expected an integer >= 1")
+    if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ValueError(f"--json={args.json!r}: its folder does not exist")
+    result = metrics.evaluate(
+        generated,
+        reference,
+        args.prompt,
+        clip=metrics.load_clip(args.clip_model, args.device),
+        dino_model=metrics.load_dino(args.dino_model, args.device),
+        batch_size=args.batch_size,
+    )
+    result = {**result, "clip_model": args.clip_model, "dino_model": args.dino_model, "prompt": args.prompt}
+    print("| metric | value |\n|---|---|")
+    for key, value in result.items():
+        print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if args.json is not None:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the `bayes-adapter` command.
 
@@ -130,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 on success, 2 for bad input (nothing written), 1 for a failure while working.
     """
     args = _parser().parse_args(argv)
-    handler = {"export": _export, "push": _push}[args.command]
+    handler = {"export": _export, "push": _push, "evaluate": _evaluate}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as error:

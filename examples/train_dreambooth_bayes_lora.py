@@ -244,6 +244,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
     out.add_argument("--num_validation_images", type=int, default=4)
     out.add_argument("--validation_steps", type=int, default=100, help="Generate validation images every N steps.")
+    out.add_argument(
+        "--eval_clip_model",
+        type=str,
+        default=None,
+        help="CLIP model (Hub id or local folder, e.g. openai/clip-vit-large-patch14) for CLIP-I / CLIP-T at each "
+        "validation (bayes_adapter.metrics); off by default.",
+    )
+    out.add_argument(
+        "--eval_dino_model",
+        type=str,
+        default=None,
+        help="DINO ViT (Hub id or local folder, e.g. facebook/dino-vits16) for DINO and DINO diversity at each "
+        "validation; off by default.",
+    )
     out.add_argument("--validation_inference_steps", type=int, default=25)
     out.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     out.add_argument("--report_to", type=str, default="tensorboard", help="accelerate tracker(s), or 'none'.")
@@ -371,6 +385,13 @@ def validate_args(args: argparse.Namespace) -> None:
                 "--push_to_hub cannot upload in offline mode (HF_HUB_OFFLINE=1); unset it, or drop "
                 "--push_to_hub and upload the output folder later."
             )
+    # The metric models are loaded here (on CPU), so that a wrong path is reported before any training model loads.
+    from bayes_adapter import metrics
+
+    args.evaluators = (
+        metrics.load_clip(args.eval_clip_model) if args.eval_clip_model else None,
+        metrics.load_dino(args.eval_dino_model) if args.eval_dino_model else None,
+    )
     # The Bayesian settings are checked by BayesLoraConfig itself (no model needed); name the flags in the error.
     try:
         lora_config(args, args.unet_target_modules, kl_weight=0.0 if args.kl_weight == "elbo" else args.kl_weight)
@@ -602,7 +623,8 @@ def log_validation(args, accelerator, pipeline, trained: list, reference, step: 
 
     Also logs `bayes_adapter.monitor.corruption_report` of the images against the instance images (`reference`, in
     [-1, 1]): `<tag>/monitor_corruption` (high-frequency energy of the samples over the references'; > 0 means noisier
-    samples, the corruption stage), `fidelity`, `diversity`, `copy_rate`, `nn_distance`.
+    samples, the corruption stage), `fidelity`, `diversity`, `copy_rate`, `nn_distance`; with `--eval_clip_model` /
+    `--eval_dino_model`, the paper's `<tag>/clip_i`, `clip_t`, `dino` and `dino_diversity` (`bayes_adapter.metrics`).
     """
     for model in trained:
         model.eval()
@@ -611,6 +633,16 @@ def log_validation(args, accelerator, pipeline, trained: list, reference, step: 
     images = _generate(args, accelerator, pipeline)
     samples = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
     metrics = {f"{tag}/monitor_{k}": v for k, v in corruption_report(samples, reference).items()}
+    clip, dino = getattr(args, "evaluators", (None, None))
+    if clip is not None or dino is not None:
+        from bayes_adapter.metrics import evaluate
+
+        to_pil = [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+        real = [
+            Image.fromarray(((r.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()) for r in reference
+        ]
+        scores = evaluate(to_pil, real, args.validation_prompt, clip, dino)
+        metrics.update({f"{tag}/{k}": v for k, v in scores.items() if not k.startswith("num_")})
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, images, step, dataformats="NHWC")
@@ -667,6 +699,10 @@ def main(args: argparse.Namespace) -> dict:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    for evaluator in getattr(args, "evaluators", ()):
+        if evaluator is not None:  # loaded on CPU by validate_args
+            evaluator.model.to(accelerator.device)
+            evaluator.device = accelerator.device
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_info()

@@ -756,3 +756,18 @@ def test_the_script_reports_bad_input_without_a_traceback(tmp_path, instance_dir
     assert "error: " in process.stderr and message in process.stderr
     assert "Traceback" not in process.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_validation_logs_the_papers_metrics_with_local_models(tmp_path, tiny_sd, instance_dir):
+    from tiny_models import save_tiny_clip, save_tiny_dino
+
+    clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")
+    extra = ["--max_train_steps", "2", "--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
+    extra += ["--num_validation_images", "2", "--validation_inference_steps", "2"]
+    extra += ["--eval_clip_model", clip, "--eval_dino_model", dino]
+    train.main(train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "out", *extra)))
+    for name in ("clip_i", "clip_t", "dino", "dino_diversity"):
+        values = scalars(tmp_path / "out" / "logs", f"validation/{name}")
+        assert sorted(values) == [2] and -1 <= values[2] <= 2, name
+    with pytest.raises(ValueError, match="cannot load the CLIP model"):
+        train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "o2", "--eval_clip_model", str(tmp_path / "none")))

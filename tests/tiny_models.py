@@ -302,3 +302,42 @@ def read_safetensors_metadata(path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return dict(f.metadata() or {})
+
+
+def save_tiny_clip(path, seed: int = 0) -> str:
+    """A tiny `CLIPModel` with its `CLIPProcessor` (in-memory tokenizer, 32 px images), saved to `path`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    text = tiny_text_config(hidden_size=16, intermediate_size=32).to_dict()
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+    model = CLIPModel(
+        CLIPConfig(text_config=text, vision_config={**vision, "num_attention_heads": 2}, projection_dim=8)
+    )
+    size = {"shortest_edge": 32}
+    image_processor = CLIPImageProcessor(size=size, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(str(path))
+    CLIPProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer()).save_pretrained(str(path))
+    return str(path)
+
+
+def save_tiny_dino(path, seed: int = 0) -> str:
+    """A tiny `ViTModel` (the DINO architecture) with its `ViTImageProcessor` (32 px), saved to `path`."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+    config.num_attention_heads = 2
+    ViTModel(config, add_pooling_layer=False).save_pretrained(str(path))
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(path))
+    return str(path)
+
+
+def natural_image(name: str = "grace_hopper.jpg"):
+    """A natural photograph that ships inside matplotlib (no download), as an RGB PIL image."""
+    import matplotlib
+    from PIL import Image
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / name
+    with Image.open(path) as image:
+        return image.convert("RGB")
