@@ -146,6 +146,8 @@ def export_components(
     out_dir: str | os.PathLike,
     pipeline_cls: Any,
     adapter_name: str = "default",
+    per_component: bool = True,
+    kohya: bool = False,
 ) -> Path:
     """Exports the means of several components' Bayesian adapters (UNet or transformer, text encoders) together.
 
@@ -161,22 +163,37 @@ def export_components(
         pipeline_cls: The diffusers pipeline class whose `save_lora_weights` takes these components, e.g.
             `StableDiffusionPipeline` or `StableDiffusionXLPipeline`.
         adapter_name: The adapter to export from each model.
+        per_component: Also write `<out_dir>/export/<component>/`; False writes the combined file only (e.g. into
+            a training checkpoint, so that `pipe.load_lora_weights("out/checkpoint-N")` loads it).
+        kohya: Also write `<out_dir>/lora_kohya.safetensors`, every component in the kohya layout ComfyUI and A1111
+            load (UNet and CLIP text encoders only; checked before anything is written).
 
     Returns:
         The path of the combined diffusers file.
     """
     adapters = _read_components(models, adapter_name, pipeline_cls)
+    if kohya:
+        for adapter in adapters.values():
+            _check_kohya(adapter)
     out = Path(out_dir)
     layers: dict[str, Any] = {}
     for name, adapter in adapters.items():
-        with atomic_folder(out / "export" / name, overwrite=True) as tmp:
-            write_export(adapter, tmp)
+        if per_component:
+            with atomic_folder(out / "export" / name, overwrite=True) as tmp:
+                write_export(adapter, tmp)
         layers[f"{name}_lora_layers"] = adapter.mean_state_dict()
         layers[f"{name}_lora_adapter_metadata"] = diffusers_metadata(adapter)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{DIFFUSERS_WEIGHTS_NAME}.tmp-", dir=out) as tmp:
         pipeline_cls.save_lora_weights(tmp, **layers)
         os.replace(Path(tmp, DIFFUSERS_WEIGHTS_NAME), out / DIFFUSERS_WEIGHTS_NAME)
+    if kohya:
+        tensors: dict[str, torch.Tensor] = {}
+        for adapter in adapters.values():
+            tensors.update(_kohya_state_dict(adapter, adapter.mean_state_dict()))
+        with tempfile.TemporaryDirectory(prefix=f".{KOHYA_WEIGHTS_NAME}.tmp-", dir=out) as tmp:
+            save_file(tensors, str(Path(tmp, KOHYA_WEIGHTS_NAME)), {"format": "pt"})
+            os.replace(Path(tmp, KOHYA_WEIGHTS_NAME), out / KOHYA_WEIGHTS_NAME)
     return out / DIFFUSERS_WEIGHTS_NAME
 
 

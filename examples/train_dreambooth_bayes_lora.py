@@ -107,6 +107,21 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop.")
     data.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random.")
+    data.add_argument(
+        "--caption_extension",
+        type=str,
+        default=".txt",
+        help="Per-image captions: a file `<image stem><extension>` beside an instance image (e.g. dog1.png + "
+        "dog1.txt, as kohya and ai-toolkit read them) is that image's prompt; images without one use "
+        "--instance_prompt. 'none' ignores caption files. Default: %(default)s.",
+    )
+    data.add_argument("--repeats", type=int, default=1, help="How many times each instance image is seen per epoch.")
+    data.add_argument(
+        "--caption_dropout",
+        type=float,
+        default=0.0,
+        help="Probability of training an instance image with an empty prompt (helps classifier-free guidance).",
+    )
 
     bayes = parser.add_argument_group("Bayesian LoRA (bayes_adapter.BayesLoraConfig)")
     bayes.add_argument("--rank", type=int, default=4, help="LoRA rank r.")
@@ -245,6 +260,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--num_validation_images", type=int, default=4)
     out.add_argument("--validation_steps", type=int, default=100, help="Generate validation images every N steps.")
     out.add_argument(
+        "--output_kohya_format",
+        action="store_true",
+        help="Also write lora_kohya.safetensors (the lora_unet_* / lora_te_* layout ComfyUI and A1111 load) beside "
+        "pytorch_lora_weights.safetensors.",
+    )
+    out.add_argument(
         "--eval_clip_model",
         type=str,
         default=None,
@@ -272,9 +293,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _list_images(folder: Path, argument: str) -> list[Path]:
-    """Every non-hidden file of `folder`, each checked to open as an image."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def _caption_suffix(args: argparse.Namespace) -> str | None:
+    extension = getattr(args, "caption_extension", None)
+    return None if not extension or extension.lower() == "none" else extension
+
+
+def _list_images(folder: Path, argument: str, caption_suffix: str | None = None) -> list[Path]:
+    """Every non-hidden file of `folder` but caption files (`caption_suffix`, .txt, .caption), each checked to open."""
+    suffixes = tuple(filter(None, (caption_suffix, ".txt", ".caption")))
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not p.name.endswith(suffixes)
+    )
     for path in files:
         try:
             with Image.open(path) as image:
@@ -285,6 +314,25 @@ def _list_images(folder: Path, argument: str) -> list[Path]:
                 "image files (PNG, JPEG, ...) in the folder."
             ) from None
     return files
+
+
+def instance_captions(images: list[Path], args: argparse.Namespace) -> list[str]:
+    """Each instance image's prompt: its caption file's text, or `--instance_prompt` where it has none."""
+    suffix = _caption_suffix(args)
+    prompts = []
+    for image in images:
+        caption = image.with_name(image.stem + suffix) if suffix else None
+        if caption is not None and caption.is_file():
+            try:
+                text = caption.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"--caption_extension: {str(caption)!r} is not UTF-8 text") from None
+            if not text:
+                raise ValueError(f"--caption_extension: {str(caption)!r} is empty; write the caption or delete it")
+            prompts.append(text)
+        else:
+            prompts.append(args.instance_prompt)
+    return prompts
 
 
 def _check_number(args: argparse.Namespace, name: str, minimum: float, integer: bool = True) -> None:
@@ -302,7 +350,7 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--instance_data_dir={args.instance_data_dir!r} is not an existing folder; expected a "
             "folder of instance images."
         )
-    if not _list_images(instance_dir, "--instance_data_dir"):
+    if not _list_images(instance_dir, "--instance_data_dir", _caption_suffix(args)):
         raise ValueError(f"--instance_data_dir={args.instance_data_dir!r} is empty; expected at least one image.")
     if not args.instance_prompt.strip():
         raise ValueError(
@@ -348,8 +396,12 @@ def validate_args(args: argparse.Namespace) -> None:
         "sample_batch_size",
         "num_class_inference_steps",
         "lora_alpha",
+        "repeats",
     ):
         _check_number(args, name, 1)
+    if not 0 <= args.caption_dropout < 1:
+        raise ValueError(f"--caption_dropout={args.caption_dropout!r} is invalid; expected a number in [0, 1).")
+    instance_captions(_list_images(instance_dir, "--instance_data_dir", _caption_suffix(args)), args)
     for name in ("lr_warmup_steps", "dataloader_num_workers"):
         _check_number(args, name, 0)
     for name in ("learning_rate", "prior_loss_weight", "max_grad_norm", "lora_dropout"):
@@ -482,21 +534,28 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_prompt=None,
         center_crop=False,
         random_flip=False,
+        repeats=1,
+        caption_dropout=0.0,
     ):
-        self.instance_images, self.class_images = list(instance_images), list(class_images)
-        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+        self.instance_images, self.class_images = list(instance_images) * repeats, list(class_images)
+        # One prompt for every instance image, or one per image (captions).
+        prompts = [instance_prompt] * len(instance_images) if isinstance(instance_prompt, str) else instance_prompt
+        self.instance_prompts, self.class_prompt = list(prompts) * repeats, class_prompt
         self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
+        self.caption_dropout = caption_dropout
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
     def __getitem__(self, index: int) -> dict:
         example = {}
-        sources = [("instance", self.instance_images, self.instance_prompt)]
+        i = index % len(self.instance_images)
+        prompt = "" if self.caption_dropout and random.random() < self.caption_dropout else self.instance_prompts[i]
+        sources = [("instance", self.instance_images[i], prompt)]
         if self.class_images:
-            sources.append(("class", self.class_images, self.class_prompt))
-        for kind, images, prompt in sources:
-            pixels, time_ids = load_image(images[index % len(images)], self.size, self.center_crop, self.random_flip)
+            sources.append(("class", self.class_images[index % len(self.class_images)], self.class_prompt))
+        for kind, image, prompt in sources:
+            pixels, time_ids = load_image(image, self.size, self.center_crop, self.random_flip)
             example.update({f"{kind}_pixels": pixels, f"{kind}_time_ids": time_ids, f"{kind}_prompt": prompt})
         return example
 
@@ -554,7 +613,7 @@ def load_bayes_adapters(input_dir: str | Path, models: dict) -> None:
         bayes_adapter.cast_adapter_params(model, torch.float32)
 
 
-def export_mean_lora(output_dir: str | Path, models: dict, pipeline_cls) -> None:
+def export_mean_lora(output_dir: str | Path, models: dict, pipeline_cls, kohya: bool = False) -> None:
     """The posterior mean as a plain LoRA that loads without bayes_adapter: `bayes_adapter.export_components`.
 
     `<output_dir>/pytorch_lora_weights.safetensors` (every trained component, for `pipe.load_lora_weights`) and
@@ -562,7 +621,7 @@ def export_mean_lora(output_dir: str | Path, models: dict, pipeline_cls) -> None
     """
     from bayes_adapter.export import export_components
 
-    export_components(models, output_dir, pipeline_cls)
+    export_components(models, output_dir, pipeline_cls, kohya=kohya)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -787,7 +846,10 @@ def main(args: argparse.Namespace) -> dict:
     def save_model_hook(models, weights, checkpoint_dir):
         if accelerator.is_main_process:
             by_id = {id(model): name for name, model in trained.items()}
-            save_bayes_adapters(checkpoint_dir, {by_id[id(unwrap(m))]: unwrap(m) for m in models})
+            components = {by_id[id(unwrap(m))]: unwrap(m) for m in models}
+            save_bayes_adapters(checkpoint_dir, components)
+            # Every checkpoint is also a LoRA: pipe.load_lora_weights("out/checkpoint-N") loads its mean.
+            bayes_adapter.export.export_components(components, checkpoint_dir, pipeline_cls, per_component=False)
         while weights:
             weights.pop()  # keep accelerate from saving the full models
 
@@ -803,18 +865,20 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     # Data, checked again here for embedders that skip parse_args.
-    instance_images = _list_images(Path(args.instance_data_dir), "--instance_data_dir")
+    instance_images = _list_images(Path(args.instance_data_dir), "--instance_data_dir", _caption_suffix(args))
     class_images = []
     if args.with_prior_preservation:
         class_images = _list_images(Path(args.class_data_dir), "--class_data_dir")[: args.num_class_images]
     dataset = DreamBoothDataset(
         instance_images,
-        args.instance_prompt,
+        instance_captions(instance_images, args),
         args.resolution,
         class_images,
         args.class_prompt,
         args.center_crop,
         args.random_flip,
+        repeats=args.repeats,
+        caption_dropout=args.caption_dropout,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -986,7 +1050,7 @@ def main(args: argparse.Namespace) -> dict:
         for model in final.values():
             model.eval()
         save_bayes_adapters(output_dir / BAYES_ADAPTER_DIR, final)
-        export_mean_lora(output_dir, final, pipeline_cls)
+        export_mean_lora(output_dir, final, pipeline_cls, kohya=args.output_kohya_format)
         logger.info(f"Exported the mean LoRA to {output_dir} and the Bayesian adapters to {BAYES_ADAPTER_DIR}/")
         images = None
         if args.validation_prompt:  # the exported file, loaded the way users will load it

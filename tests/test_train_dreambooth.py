@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -283,7 +284,13 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir, mon
     # Checkpoints hold the whole Bayesian adapter, not the base model.
     for step in (2, 4):
         files = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
-        assert files == {"unet", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
+        assert files == {
+            "unet",
+            "optimizer.bin",
+            "scheduler.bin",
+            "random_states_0.pkl",
+            "pytorch_lora_weights.safetensors",  # every checkpoint is a loadable LoRA too
+        }
     saved = load_file(str(out / "checkpoint-4" / "unet" / "adapter_model.safetensors"))
     saved = {k.removeprefix("base_model.model."): v for k, v in saved.items()}  # PEFT's save_pretrained layout
     assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in final)
@@ -313,6 +320,10 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir, mon
     assert not torch.allclose(base, expected, atol=1e-6), "the adapter does not change the output"
     for name in ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
         assert (out / "export" / "unet" / name).is_file()
+    # The last checkpoint, loaded as a plain LoRA, is the final model (checkpoint-4 was saved after step 4).
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(out / "checkpoint-4"))
+    assert_same_numerics(run_unet(pipe.unet, unet_inputs(batch_size=2)), expected)
 
     # --push_to_hub hands the trained UNet to bayes_adapter.push_to_hub, with the final validation images.
     assert len(pushed) == 1
@@ -771,3 +782,75 @@ def test_validation_logs_the_papers_metrics_with_local_models(tmp_path, tiny_sd,
         assert sorted(values) == [2] and -1 <= values[2] <= 2, name
     with pytest.raises(ValueError, match="cannot load the CLIP model"):
         train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "o2", "--eval_clip_model", str(tmp_path / "none")))
+
+
+def test_caption_files_repeats_and_caption_dropout(tmp_path):
+    folder = write_images(tmp_path / "imgs", 2)
+    images = sorted(p for p in folder.iterdir())
+    images[0].with_suffix(".txt").write_text("a photo of sks dog on grass\n")
+    args = train.parse_args(cli("no/such/model", folder, tmp_path / "out", "--repeats", "3"))
+    listed = train._list_images(folder, "--instance_data_dir", ".txt")
+    assert listed == images  # the caption file is not taken for an image
+    captions = train.instance_captions(listed, args)
+    assert captions == ["a photo of sks dog on grass", "a photo of sks dog"]  # the instance prompt is the fallback
+    dataset = train.DreamBoothDataset(listed, captions, 32, repeats=args.repeats)
+    assert len(dataset) == 6
+    assert [dataset[i]["instance_prompt"] for i in range(6)] == captions * 3
+    dropped = train.DreamBoothDataset(listed, captions, 32, caption_dropout=0.5)
+    random.seed(0)
+    prompts = [dropped[i % 2]["instance_prompt"] for i in range(200)]
+    assert 60 < prompts.count("") < 140
+    assert (
+        train.instance_captions(
+            listed, train.parse_args(cli("m", folder, tmp_path / "o", "--caption_extension", "none"))
+        )
+        == ["a photo of sks dog"] * 2
+    )
+
+
+@pytest.mark.parametrize(
+    "setup, extra, message",
+    [
+        ("empty_caption", [], r"--caption_extension: '.*0\.txt' is empty"),
+        ("ok", ["--caption_dropout", "1.0"], r"--caption_dropout=1.0 is invalid; expected a number in \[0, 1\)"),
+        ("ok", ["--repeats", "0"], "--repeats=0 is invalid; expected an integer >= 1"),
+    ],
+)
+def test_bad_caption_arguments(tmp_path, setup, extra, message):
+    folder = write_images(tmp_path / "imgs", 1)
+    if setup == "empty_caption":
+        next(folder.iterdir()).with_suffix(".txt").write_text("  \n")
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(cli("no/such/model", folder, tmp_path / "out", *extra))
+
+
+def test_training_reads_caption_files(tmp_path, tiny_sd, monkeypatch):
+    folder = write_images(tmp_path / "imgs", 2)
+    next(iter(sorted(folder.iterdir()))).with_suffix(".txt").write_text("a photo of sks dog on grass")
+    batches = []
+    collate = train.collate
+    monkeypatch.setattr(
+        train, "collate", lambda examples, prior: batches.append(collate(examples, prior)) or batches[-1]
+    )
+    args = train.parse_args(cli(tiny_sd, folder, tmp_path / "out", "--max_train_steps", "4", "--report_to", "none"))
+    train.main(args)
+    prompts = {prompt for batch in batches for prompt in batch["prompts"]}
+    assert prompts == {"a photo of sks dog on grass", "a photo of sks dog"}
+
+
+def test_output_kohya_format_writes_every_component(tmp_path, tiny_sd, instance_dir):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    extra = ["--max_train_steps", "1", "--train_text_encoder", "--output_kohya_format", "--report_to", "none"]
+    train.main(train.parse_args(cli(tiny_sd, instance_dir, out, *extra)))
+    keys = load_file(str(out / "lora_kohya.safetensors")).keys()
+    assert {key.split("_", 2)[1] for key in keys} == {"unet", "te"}
+    # The UNet part, loaded by diffusers' own kohya conversion, gives what the diffusers file gives.
+    kohya = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    kohya.load_lora_weights(str(out), weight_name="lora_kohya.safetensors")
+    plain = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    plain.load_lora_weights(str(out))
+    assert_same_numerics(
+        run_unet(kohya.unet, unet_inputs(batch_size=2)), run_unet(plain.unet, unet_inputs(batch_size=2))
+    )
