@@ -233,6 +233,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="diffusers' learning-rate schedule (diffusers.optimization.get_scheduler).",
     )
     train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    train.add_argument(
+        "--text_encoder_lr",
+        type=float,
+        default=None,
+        help="Learning rate of the text encoders' adapter means (with --train_text_encoder; default: --learning_rate).",
+    )
+    train.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR loss weighting (Hang et al. 2023) with this gamma, e.g. 5.0; off by default.",
+    )
+    train.add_argument(
+        "--noise_offset", type=float, default=0.0, help="Offset noise scale (e.g. 0.05: darker and brighter images)."
+    )
     train.add_argument("--adam_beta1", type=float, default=0.9)
     train.add_argument("--adam_beta2", type=float, default=0.999)
     train.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -397,14 +414,19 @@ def validate_args(args: argparse.Namespace) -> None:
         "num_class_inference_steps",
         "lora_alpha",
         "repeats",
+        "lr_num_cycles",
     ):
         _check_number(args, name, 1)
+    for name in ("text_encoder_lr", "snr_gamma"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name}={value!r} is invalid; expected a finite number > 0.")
     if not 0 <= args.caption_dropout < 1:
         raise ValueError(f"--caption_dropout={args.caption_dropout!r} is invalid; expected a number in [0, 1).")
     instance_captions(_list_images(instance_dir, "--instance_data_dir", _caption_suffix(args)), args)
     for name in ("lr_warmup_steps", "dataloader_num_workers"):
         _check_number(args, name, 0)
-    for name in ("learning_rate", "prior_loss_weight", "max_grad_norm", "lora_dropout"):
+    for name in ("learning_rate", "prior_loss_weight", "max_grad_norm", "lora_dropout", "noise_offset", "lr_power"):
         _check_number(args, name, 0, integer=False)
     if args.posterior_std_learning_rate is not None and not (
         math.isfinite(args.posterior_std_learning_rate) and args.posterior_std_learning_rate > 0
@@ -712,6 +734,19 @@ def log_validation(args, accelerator, pipeline, trained: list, reference, step: 
     return images
 
 
+def instance_loss(args, noise_scheduler, model_pred, target, timesteps) -> torch.Tensor:
+    """The denoising MSE, with Min-SNR weighting when `--snr_gamma` is set (diffusers' `compute_snr`)."""
+    if args.snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.minimum(snr, torch.full_like(snr, args.snr_gamma))
+    weights = weights / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
+    per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (per_example * weights).mean()
+
+
 def log_std_histograms(accelerator, wrapped: dict, step: int) -> None:
     """A histogram of every component's posterior stds, for TensorBoard (other trackers get the scalars only)."""
     import bayes_adapter
@@ -896,12 +931,14 @@ def main(args: argparse.Namespace) -> dict:
         if args.posterior_std_learning_rate is not None:
             args.posterior_std_learning_rate *= factor
     parameters = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    groups = []
+    for name, model in trained.items():
+        for group in bayes_adapter.param_groups(model, posterior_std_lr=args.posterior_std_learning_rate):
+            if name != "unet" and args.text_encoder_lr is not None and "lr" not in group:
+                group["lr"] = args.text_encoder_lr  # the means (and stds without their own lr) of the text encoders
+            groups.append(group)
     optimizer = torch.optim.AdamW(
-        [
-            group
-            for model in trained.values()
-            for group in bayes_adapter.param_groups(model, posterior_std_lr=args.posterior_std_learning_rate)
-        ],
+        groups,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -917,6 +954,8 @@ def main(args: argparse.Namespace) -> dict:
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
 
     prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
@@ -972,6 +1011,9 @@ def main(args: argparse.Namespace) -> dict:
                 latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 latents = latents.to(weight_dtype)
                 noise = torch.randn_like(latents)
+                if args.noise_offset:
+                    offset = torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+                    noise = noise + args.noise_offset * offset.to(noise.dtype)
                 timesteps = torch.randint(
                     0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
                 ).long()
@@ -991,9 +1033,11 @@ def main(args: argparse.Namespace) -> dict:
                     model_pred, model_pred_prior = model_pred.chunk(2)
                     target, target_prior = target.chunk(2)
                     prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float())
-                    loss = F.mse_loss(model_pred.float(), target.float()) + args.prior_loss_weight * prior_loss
+                    instance_timesteps = timesteps.chunk(2)[0]
+                    loss = instance_loss(args, noise_scheduler, model_pred, target, instance_timesteps)
+                    loss = loss + args.prior_loss_weight * prior_loss
                 else:
-                    loss = F.mse_loss(model_pred.float(), target.float())
+                    loss = instance_loss(args, noise_scheduler, model_pred, target, timesteps)
                 kl_term = sum(bayes_adapter.kl_loss(unwrap(m), kl_examples) for m in wrapped.values())
                 accelerator.backward(loss + kl_term)
                 if accelerator.sync_gradients:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -854,3 +856,44 @@ def test_output_kohya_format_writes_every_component(tmp_path, tiny_sd, instance_
     assert_same_numerics(
         run_unet(kohya.unet, unet_inputs(batch_size=2)), run_unet(plain.unet, unet_inputs(batch_size=2))
     )
+
+
+def test_snr_gamma_noise_offset_schedules_and_text_encoder_lr(tmp_path, tiny_sd, instance_dir, monkeypatch):
+    import torch.optim
+
+    seen = []
+    adamw = torch.optim.AdamW
+
+    def recording_adamw(groups, **kwargs):
+        optimizer = adamw(groups, **kwargs)
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return optimizer
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    extra = ["--max_train_steps", "2", "--train_text_encoder", "--text_encoder_lr", "3e-5", "--snr_gamma", "5"]
+    extra += ["--noise_offset", "0.05", "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2"]
+    extra += ["--posterior_std_learning_rate", "1e-3"]
+    result = train.main(train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "out", *extra)))
+    assert result["global_step"] == 2
+    losses = scalars(tmp_path / "out" / "logs", "loss")
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    # UNet: means at --learning_rate, stds at their own; text encoder: means at --text_encoder_lr, stds at theirs.
+    assert seen == [[1e-4, 1e-3, 3e-5, 1e-3]]
+    with pytest.raises(ValueError, match=r"--snr_gamma=0.0 is invalid; expected a finite number > 0"):
+        train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "o", "--snr_gamma", "0"))
+
+
+def test_min_snr_weights_follow_the_formula():
+    from diffusers import DDPMScheduler
+
+    args = argparse.Namespace(snr_gamma=5.0)
+    scheduler = DDPMScheduler()
+    timesteps = torch.tensor([10, 900])
+    pred, target = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    expected = (torch.minimum(snr, torch.tensor(5.0)) / snr).mean()  # per-example MSE is 1
+    assert train.instance_loss(args, scheduler, pred, target, timesteps).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
+    assert train.instance_loss(argparse.Namespace(snr_gamma=None), scheduler, pred, target, timesteps).item() == 1.0
