@@ -396,6 +396,17 @@ def load_bayesian_weights(
             f"source={saved.source!r} does not match adapter {adapter_name!r} of the {type(model).__name__}: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)"
         )
+    # The saved rho means a std only under its own parametrisation (and, for exp_linear, its initial std).
+    for field in ("posterior_std_parametrisation", "posterior_std_init"):
+        mine = (
+            saved_parametrisation(current.config) if field.endswith("parametrisation") else current.config.get(field)
+        )
+        theirs = saved_parametrisation(saved.config) if field.endswith("parametrisation") else saved.config.get(field)
+        if mine != theirs:
+            raise ValueError(
+                f"source={saved.source!r} was saved with {field}={theirs!r}, but adapter {adapter_name!r} of the "
+                f"model has {mine!r}; add the adapter with the saved config (PeftModel.from_pretrained reads it)"
+            )
     for key, tensor in saved.state_dict.items():
         if tensor.shape != current.state_dict[key].shape:
             raise ValueError(

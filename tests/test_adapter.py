@@ -84,3 +84,15 @@ def test_a_component_contradicting_the_recorded_base_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="component='text_encoder' contradicts .* a 'unet'"):
         bayes_adapter.export_lora(folder, tmp_path / "out", component="text_encoder")
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_saved_under_another_parametrisation_are_refused(tmp_path):
+    folder = save_bayesian_adapter(bayesian_unet(), tmp_path / "adapter")
+    other = tiny_unet()
+    other.add_adapter(unet_config(posterior_std_parametrisation="softplus"))
+    with pytest.raises(ValueError, match="saved with posterior_std_parametrisation='exp_linear', but .* 'softplus'"):
+        load_bayesian_weights(other, folder)
+    other = tiny_unet()
+    other.add_adapter(unet_config(posterior_std_init=0.02))
+    with pytest.raises(ValueError, match="saved with posterior_std_init=0.01, but .* 0.02"):
+        load_bayesian_weights(other, folder)
