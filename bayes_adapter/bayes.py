@@ -96,8 +96,9 @@ def posterior_std(
     if parametrisation == "exp_linear":
         # ATen's elu(x, alpha, scale, input_scale) is `x` above 0 and `alpha * (exp(x * input_scale) - 1)` below:
         # with `+ std_init`, exactly this parametrisation in two ops (it runs on every layer's every forward; a
-        # where/clamp/exp form costs ~5% of a small UNet's training step, benchmarks/RESULTS.md). Below
-        # ~1e-6 * std_init the std rounds towards 0 in float32; the KL takes `posterior_log_std`, which is exact.
+        # where/clamp/exp form cost ~4% more of a small UNet's training step, benchmarks/RESULTS.md). The sum is
+        # exact to about 1e-7 * std_init in float32, so stds below ~1e-6 * std_init lose precision and reach 0;
+        # the KL takes `posterior_log_std`, which stays exact there.
         return torch.ops.aten.elu(rho, posterior_std_init, 1.0, 1.0 / posterior_std_init) + posterior_std_init
     return F.softplus(rho)
 
