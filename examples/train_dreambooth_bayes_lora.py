@@ -250,6 +250,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--noise_offset", type=float, default=0.0, help="Offset noise scale (e.g. 0.05: darker and brighter images)."
     )
+    train.add_argument(
+        "--optimizer",
+        type=str,
+        default="adamw",
+        choices=["adamw", "prodigy"],
+        help="adamw (torch's), or prodigy (the prodigyopt package, if installed: it is not a dependency).",
+    )
+    train.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="bitsandbytes' 8-bit AdamW (if installed; it is not a dependency, and needs a CUDA GPU).",
+    )
     train.add_argument("--adam_beta1", type=float, default=0.9)
     train.add_argument("--adam_beta2", type=float, default=0.999)
     train.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -421,6 +433,19 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{name}={value!r} is invalid; expected a finite number > 0.")
+    import importlib.util
+
+    for flag, module, wanted in (
+        ("--optimizer prodigy", "prodigyopt", args.optimizer == "prodigy"),
+        ("--use_8bit_adam", "bitsandbytes", args.use_8bit_adam),
+    ):
+        if wanted and importlib.util.find_spec(module) is None:
+            raise ValueError(
+                f"{flag} needs the {module} package, which is not installed (it is not a dependency of bayes-adapter); "
+                f"pip install it with the constraints file so that it cannot pull another torch, or drop {flag}."
+            )
+    if args.optimizer == "prodigy" and args.use_8bit_adam:
+        raise ValueError("--use_8bit_adam applies to AdamW only; drop it with --optimizer prodigy.")
     if not 0 <= args.caption_dropout < 1:
         raise ValueError(f"--caption_dropout={args.caption_dropout!r} is invalid; expected a number in [0, 1).")
     instance_captions(_list_images(instance_dir, "--instance_data_dir", _caption_suffix(args)), args)
@@ -937,7 +962,16 @@ def main(args: argparse.Namespace) -> dict:
             if name != "unet" and args.text_encoder_lr is not None and "lr" not in group:
                 group["lr"] = args.text_encoder_lr  # the means (and stds without their own lr) of the text encoders
             groups.append(group)
-    optimizer = torch.optim.AdamW(
+    optimizer_cls = torch.optim.AdamW
+    if args.optimizer == "prodigy":
+        import prodigyopt
+
+        optimizer_cls = prodigyopt.Prodigy
+    elif args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_cls = bitsandbytes.optim.AdamW8bit
+    optimizer = optimizer_cls(
         groups,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),

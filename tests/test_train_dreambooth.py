@@ -897,3 +897,23 @@ def test_min_snr_weights_follow_the_formula():
         expected.item(), rel=1e-5
     )
     assert train.instance_loss(argparse.Namespace(snr_gamma=None), scheduler, pred, target, timesteps).item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--optimizer", "prodigy"], "--optimizer prodigy needs the prodigyopt package, which is not installed"),
+        (["--use_8bit_adam"], "--use_8bit_adam needs the bitsandbytes package, which is not installed"),
+    ],
+)
+def test_optional_optimizers_are_refused_clearly_when_absent(tmp_path, instance_dir, monkeypatch, extra, message):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("prodigyopt", "bitsandbytes") else real_find_spec(name, *a),
+    )
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(cli("no/such/model", instance_dir, tmp_path / "out", *extra))
