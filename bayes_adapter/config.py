@@ -115,7 +115,10 @@ class BayesLoraConfig(LoraConfig):
         metadata={
             "help": (
                 "Weight of the KL term, recorded with the adapter and used by `bayes_adapter.kl_loss`: the training "
-                "loss adds `kl_weight * KL / num_examples`. 0 reproduces the paper's released setting."
+                "loss adds `kl_weight * KL / num_examples`. 0 (the default) is the paper's released setting; "
+                "`bayes_adapter.elbo_kl_weight(latent_shape, num_train_timesteps)` gives the weight that makes the "
+                "loss a negative ELBO per example (2 / (D * T)), which the lab found to hold the std at the prior at "
+                "a fidelity cost (README, 'The posterior'). Much larger weights pull the means towards zero."
             )
         },
     )
