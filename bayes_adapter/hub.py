@@ -177,17 +177,20 @@ def build_model_card(
         "eval mode.",
         "",
     ]
+    # Several components (a {component: model} push) are stored one subfolder each.
+    components = summary.get("components")
+    bayesian_subfolder = f"{BAYESIAN_SUBFOLDER}/{component}" if components else BAYESIAN_SUBFOLDER
     if include_bayesian:
         lines += [
             "## Resume Bayesian training",
             "",
-            f"The full Bayesian adapter (means and posterior stds) is in `{BAYESIAN_SUBFOLDER}/`:",
+            f"The full Bayesian adapter (means and posterior stds) is in `{bayesian_subfolder}/`:",
             "",
             "```python",
             "import bayes_adapter  # registers the Bayesian LoRA tuner with PEFT",
             "from peft import PeftModel",
             "",
-            f'unet = PeftModel.from_pretrained(unet, "{repo_id}", subfolder="{BAYESIAN_SUBFOLDER}", '
+            f'unet = PeftModel.from_pretrained(unet, "{repo_id}", subfolder="{bayesian_subfolder}", '
             "is_trainable=True)",
             "```",
             "",

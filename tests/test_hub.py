@@ -236,6 +236,7 @@ def test_push_several_components_in_one_diffusers_file(hub, tmp_path, monkeypatc
     assert {"bayesian/text_encoder/adapter_model.safetensors", "export/text_encoder/adapter_config.json"} <= set(
         hub.files
     )
+    assert 'subfolder="bayesian/unet"' in hub.files["README.md"].decode()
     keys = tensor_keys(hub.files["pytorch_lora_weights.safetensors"], tmp_path, "combined")
     assert {key.split(".", 1)[0] for key in keys} == {"unet", "text_encoder"}
 
