@@ -397,11 +397,10 @@ def load_bayesian_weights(
             f"missing {missing[:3]}, unexpected {unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)"
         )
     # The saved rho means a std only under its own parametrisation (and, for exp_linear, its initial std).
-    for field in ("posterior_std_parametrisation", "posterior_std_init"):
-        mine = (
-            saved_parametrisation(current.config) if field.endswith("parametrisation") else current.config.get(field)
-        )
-        theirs = saved_parametrisation(saved.config) if field.endswith("parametrisation") else saved.config.get(field)
+    for field, mine, theirs in (
+        ("posterior_std_parametrisation", saved_parametrisation(current.config), saved_parametrisation(saved.config)),
+        ("posterior_std_init", current.config.get("posterior_std_init"), saved.config.get("posterior_std_init")),
+    ):
         if mine != theirs:
             raise ValueError(
                 f"source={saved.source!r} was saved with {field}={theirs!r}, but adapter {adapter_name!r} of the "

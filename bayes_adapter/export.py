@@ -47,6 +47,7 @@ __all__ = [
     "diffusers_metadata",
     "export_components",
     "export_lora",
+    "read_components",
     "write_export",
 ]
 
@@ -111,7 +112,7 @@ def export_lora(
     out = Path(out_dir)
     if isinstance(source, Mapping):
         check_output_folder(out, overwrite)
-        adapters = _read_components(source, adapter_name, pipeline_cls)
+        adapters = read_components(source, adapter_name, pipeline_cls)
         with atomic_folder(out, overwrite) as tmp:
             export_components(adapters, tmp, pipeline_cls)
         return out
@@ -128,7 +129,14 @@ def export_lora(
     return out
 
 
-def _read_components(models: object, adapter_name: str, pipeline_cls: Any) -> dict[str, BayesianAdapter]:
+def read_components(models: object, adapter_name: str, pipeline_cls: Any) -> dict[str, BayesianAdapter]:
+    """Reads (and checks) each adapter of a `{component: model}` mapping, before anything is written.
+
+    Args:
+        models: `{component: model}`; a value may also be a `BayesianAdapter` already read.
+        adapter_name: The adapter to read from each model.
+        pipeline_cls: The diffusers pipeline class that will write the combined file (checked here).
+    """
     if not isinstance(models, Mapping) or not models:
         raise ValueError(f"models must be a non-empty {{component: model}} mapping, got {models!r}")
     if not callable(getattr(pipeline_cls, "save_lora_weights", None)):
@@ -171,7 +179,7 @@ def export_components(
     Returns:
         The path of the combined diffusers file.
     """
-    adapters = _read_components(models, adapter_name, pipeline_cls)
+    adapters = read_components(models, adapter_name, pipeline_cls)
     if kohya:
         for adapter in adapters.values():
             _check_kohya(adapter)

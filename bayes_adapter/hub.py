@@ -26,7 +26,14 @@ from torch import nn
 
 from ._atomic import atomic_folder
 from .adapter import BayesianAdapter, load_bayesian_adapter, write_bayesian_adapter
-from .export import DEFAULT_FORMATS, DIFFUSERS_WEIGHTS_NAME, EXPORT_SUMMARY_NAME, export_components, write_export
+from .export import (
+    DEFAULT_FORMATS,
+    DIFFUSERS_WEIGHTS_NAME,
+    EXPORT_SUMMARY_NAME,
+    export_components,
+    read_components,
+    write_export,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -297,14 +304,7 @@ def push_to_hub(
     components: dict[str, BayesianAdapter] | None = None
     export_dir: Path | None = None
     if isinstance(model_or_export_dir, Mapping):
-        if not model_or_export_dir or not callable(getattr(pipeline_cls, "save_lora_weights", None)):
-            raise ValueError(
-                "a {component: model} mapping needs at least one component and pipeline_cls, a diffusers pipeline "
-                f"class with save_lora_weights; got {sorted(model_or_export_dir)} and {pipeline_cls!r}"
-            )
-        components = {
-            name: load_bayesian_adapter(model, adapter_name, name) for name, model in model_or_export_dir.items()
-        }
+        components = read_components(model_or_export_dir, adapter_name, pipeline_cls)
         # The card describes the denoiser's adapter (the text encoders' share its settings in the scripts).
         main = next(
             (components[n] for n in ("unet", "transformer") if n in components), next(iter(components.values()))

@@ -379,7 +379,8 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--instance_data_dir={args.instance_data_dir!r} is not an existing folder; expected a "
             "folder of instance images."
         )
-    if not _list_images(instance_dir, "--instance_data_dir", _caption_suffix(args)):
+    instance_images = _list_images(instance_dir, "--instance_data_dir", _caption_suffix(args))
+    if not instance_images:
         raise ValueError(f"--instance_data_dir={args.instance_data_dir!r} is empty; expected at least one image.")
     if not args.instance_prompt.strip():
         raise ValueError(
@@ -448,7 +449,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--use_8bit_adam applies to AdamW only; drop it with --optimizer prodigy.")
     if not 0 <= args.caption_dropout < 1:
         raise ValueError(f"--caption_dropout={args.caption_dropout!r} is invalid; expected a number in [0, 1).")
-    instance_captions(_list_images(instance_dir, "--instance_data_dir", _caption_suffix(args)), args)
+    instance_captions(instance_images, args)
     for name in ("lr_warmup_steps", "dataloader_num_workers"):
         _check_number(args, name, 0)
     for name in ("learning_rate", "prior_loss_weight", "max_grad_norm", "lora_dropout", "noise_offset", "lr_power"):

@@ -221,7 +221,7 @@ def test_push_several_components_in_one_diffusers_file(hub, tmp_path, monkeypatc
         reference_text = encoder(ids)[0]
     reference = run_unet(unet, unet_inputs())
 
-    with pytest.raises(ValueError, match="needs at least one component and pipeline_cls"):
+    with pytest.raises(ValueError, match="pipeline_cls must be a diffusers pipeline class with save_lora_weights"):
         push_to_hub({"unet": unet, "text_encoder": encoder}, REPO, token=TOKEN)
     assert hub.requests == []
     push_to_hub(
