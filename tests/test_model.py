@@ -287,7 +287,8 @@ def test_saved_config_records_the_parametrisation(tmp_path):
     assert saved["posterior_std_parametrisation"] == "exp_linear"
     loaded = PeftModel.from_pretrained(tiny_unet(), str(tmp_path))
     assert loaded.peft_config["default"].posterior_std_parametrisation == "exp_linear"
-    assert posterior_std_stats(loaded) == posterior_std_stats(model)
+    # A reduction over tensors read from a file: equal to float32 rounding.
+    assert posterior_std_stats(loaded) == pytest.approx(posterior_std_stats(model), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -302,9 +303,12 @@ def test_defaults_and_one_plain_optimizer_move_the_posterior_stds():
         assert all(math.isfinite(loss) for loss in losses)
         stats = posterior_std_stats(model)
         spreads[parametrisation] = stats["max"] / stats["min"]
+        print(f"{parametrisation}: std mean {stats['mean']:.5f} (init 0.01)")
         if parametrisation == "exp_linear":
             assert spreads["exp_linear"] >= 1.5 or abs(stats["mean"] / 0.01 - 1) >= 0.2, stats
-    # Measured: 2.50 (exp_linear) and 1.01 (0.1.0's softplus): the test tells a std that learns from one that does not.
+    # Measured (printed with -s): 2.40 (exp_linear) and 1.01 (0.1.0's softplus): the test tells a std that learns from
+    # one that does not.
+    print(f"posterior std max/min after 200 steps: {spreads}")
     assert spreads["softplus"] < 1.1
 
 
