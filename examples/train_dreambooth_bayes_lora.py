@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DreamBooth-style few-shot fine-tuning of a Stable Diffusion (1.x, 2.x or XL) UNet with Bayesian LoRA.
+"""DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5) or Flux.1 with Bayesian LoRA.
 
 The structure follows diffusers' `examples/dreambooth/train_dreambooth_lora.py`: instance images and an instance
 prompt, optional prior preservation with class images, accelerate for devices, processes, mixed precision,
@@ -8,7 +8,10 @@ posterior standard deviation per Bayesian LoRA weight, sampled while training), 
 prior, and the final output is the posterior *mean* as a plain LoRA that `pipe.load_lora_weights(output_dir)` loads
 without this package. The whole Bayesian adapter (means and standard deviations) is kept next to it.
 
-SDXL is detected from the UNet's config (`addition_embed_type="text_time"`): same script, two text encoders.
+The model family is read from the pipeline's `model_index.json` (`_class_name`), not from a flag: SD 1.x/2.x and
+SDXL UNets are trained by noise (or v) prediction, SD3 and Flux transformers by flow matching with the sigmas drawn by
+`--weighting_scheme`, as diffusers' `train_dreambooth_lora_sd3.py` / `_flux.py` do (`examples/dreambooth_models.py`
+holds what differs between the families).
 
 Example (see examples/README.md for the paper's setting):
 
@@ -35,6 +38,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 
+# The model families live beside this script (examples/dreambooth_models.py), also when it is imported by path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dreambooth_models  # noqa: E402
+from dreambooth_models import FAMILIES, ModelFamily  # noqa: E402
+
+
 BAYES_ADAPTER_DIR = "bayesian_adapter"
 DEFAULT_UNET_TARGETS = "to_k,to_q,to_v,to_out.0"
 # Chosen by the lab's pre-registered rule (examples/corruption_stage/RESULTS.md, "0.2.0"); the README says why.
@@ -47,6 +56,10 @@ DEFAULT_TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class ArgumentsError(ValueError):
+    """Bad input found before any model loads; the command line reports it as `error: ...` (exit status 2)."""
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Parses and checks the command line; every check runs before any model is loaded.
 
@@ -54,7 +67,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         input_args (`list[str]`, *optional*): The arguments; `sys.argv[1:]` by default.
 
     Raises:
-        `ValueError`: an argument is missing or wrong; the message names the argument, the value and what was expected.
+        `ArgumentsError` (a `ValueError`): an argument is missing or wrong; the message names the argument, the value
+        and what was expected.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model")
@@ -62,7 +76,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Hub id or local folder of a diffusers Stable Diffusion (1.x, 2.x or XL) pipeline.",
+        help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 "
+        "(told by its model_index.json).",
     )
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
     model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
@@ -103,7 +118,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--resolution",
         type=int,
         default=512,
-        help="Training resolution in pixels (divisible by 8); use 1024 for SDXL.",
+        help="Training resolution in pixels (divisible by 8, by 16 for Flux); use 1024 for SDXL, SD3 and Flux.",
     )
     data.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop.")
     data.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random.")
@@ -131,13 +146,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--unet_target_modules",
         type=str,
         default=DEFAULT_UNET_TARGETS,
-        help="Comma-separated UNet module names to adapt.",
+        help="Comma-separated UNet module names to adapt (SD 1.x/2.x, SDXL).",
+    )
+    bayes.add_argument(
+        "--transformer_target_modules",
+        "--lora_layers",
+        dest="transformer_target_modules",
+        type=str,
+        default=None,
+        help="Comma-separated transformer module names to adapt (SD3, Flux); default: those of diffusers' DreamBooth "
+        "LoRA scripts (SD3: the attention projections; Flux: attention and feed-forward).",
     )
     bayes.add_argument(
         "--text_encoder_target_modules",
         type=str,
         default=DEFAULT_TEXT_ENCODER_TARGETS,
-        help="Comma-separated text-encoder module names to adapt (with --train_text_encoder).",
+        help="Comma-separated text-encoder module names to adapt (with --train_text_encoder: the CLIP encoders "
+        "only; T5 stays frozen).",
     )
     bayes.add_argument(
         "--bayesian_factors",
@@ -250,6 +275,37 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--noise_offset", type=float, default=0.0, help="Offset noise scale (e.g. 0.05: darker and brighter images)."
     )
+    flow = parser.add_argument_group("flow matching (SD3, Flux), as diffusers' scripts")
+    flow.add_argument(
+        "--weighting_scheme",
+        type=str,
+        default=None,
+        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+        help="How sigmas are drawn and the loss weighted (diffusers.training_utils."
+        "compute_density_for_timestep_sampling / compute_loss_weighting_for_sd3); default: logit_normal for SD3, "
+        "none (uniform) for Flux, as diffusers' scripts.",
+    )
+    flow.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal scheme.")
+    flow.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit_normal scheme.")
+    flow.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
+    flow.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=3.5,
+        help="The guidance given to a guidance-distilled Flux (Flux.1-dev) while training.",
+    )
+    flow.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="T5 tokens of a prompt (default: 512 for Flux, 77 for SD3, as diffusers' scripts).",
+    )
+    train.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode the instance and class images with the VAE once, before training (the centre crop, and its "
+        "mirror image with --random_flip), instead of at every step.",
+    )
     train.add_argument(
         "--optimizer",
         type=str,
@@ -285,14 +341,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument(
         "--resume_from_checkpoint", type=str, default=None, help="A checkpoint-N folder in --output_dir, or 'latest'."
     )
-    out.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
-    out.add_argument("--num_validation_images", type=int, default=4)
+    out.add_argument(
+        "--validation_prompt",
+        type=str,
+        action="append",
+        default=None,
+        help="Prompt of the validation images; repeat the flag for several prompts.",
+    )
+    out.add_argument("--num_validation_images", type=int, default=4, help="Validation images per prompt.")
     out.add_argument("--validation_steps", type=int, default=100, help="Generate validation images every N steps.")
     out.add_argument(
         "--output_kohya_format",
         action="store_true",
         help="Also write lora_kohya.safetensors (the lora_unet_* / lora_te_* layout ComfyUI and A1111 load) beside "
-        "pytorch_lora_weights.safetensors.",
+        "pytorch_lora_weights.safetensors (SD 1.x/2.x and SDXL).",
     )
     out.add_argument(
         "--eval_clip_model",
@@ -318,7 +380,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the cached login).")
 
     args = parser.parse_args(input_args)
-    validate_args(args)
+    try:
+        validate_args(args)
+    except ArgumentsError:
+        raise
+    except ValueError as error:
+        raise ArgumentsError(str(error)) from None
     return args
 
 
@@ -428,8 +495,13 @@ def validate_args(args: argparse.Namespace) -> None:
         "lora_alpha",
         "repeats",
         "lr_num_cycles",
+        "max_sequence_length",
     ):
         _check_number(args, name, 1)
+    for name in ("logit_mean", "guidance_scale", "mode_scale"):
+        _check_number(args, name, -math.inf, integer=False)
+    if not (math.isfinite(args.logit_std) and args.logit_std > 0):
+        raise ValueError(f"--logit_std={args.logit_std!r} is invalid; expected a finite number > 0.")
     for name in ("text_encoder_lr", "snr_gamma"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -500,6 +572,76 @@ def validate_args(args: argparse.Namespace) -> None:
             f"Invalid Bayesian LoRA arguments (--rank, --lora_alpha, --posterior_std_init, --prior_std, "
             f"--kl_weight, ...): {error}"
         ) from None
+    # A local pipeline's family is checked now; a Hub id's when main() has read its model_index.json, still before
+    # any model loads.
+    if Path(args.pretrained_model_name_or_path).is_dir():
+        resolve_family(args)
+
+
+def resolve_family(args: argparse.Namespace) -> tuple[ModelFamily, dict]:
+    """The model family of `--pretrained_model_name_or_path`, with the checks that depend on it; reads no weights.
+
+    Fills in the family's defaults (`--weighting_scheme`, `--max_sequence_length`).
+
+    Returns:
+        `(family, model_index)`: the family and the pipeline's `model_index.json`.
+
+    Raises:
+        `ArgumentsError`: the pipeline is of no family the script trains, or an argument does not apply to it.
+    """
+    path = args.pretrained_model_name_or_path
+    try:
+        model_index = dreambooth_models.read_model_index(path, args.revision)
+    except Exception as error:  # diffusers raises OSError, EnvironmentError or hub errors
+        raise ArgumentsError(
+            f"--pretrained_model_name_or_path={path!r}: cannot read its model_index.json ({type(error).__name__}: "
+            f"{error}); expected a diffusers pipeline folder or Hub id."
+        ) from None
+    class_name = str(model_index.get("_class_name"))
+    family = dreambooth_models.family_of_class_name(class_name)
+    if family is None:
+        supported = ", ".join(f.pipeline_class for f in FAMILIES.values())
+        raise ArgumentsError(
+            f"--pretrained_model_name_or_path={path!r} is a {class_name}, which this script does not train; "
+            f"expected one of {supported} (or their image-to-image variants)."
+        )
+    if args.resolution % family.resolution_multiple:
+        raise ArgumentsError(
+            f"--resolution={args.resolution} is invalid for {family.label}; expected a multiple of "
+            f"{family.resolution_multiple}."
+        )
+    ddpm_only = {
+        "--snr_gamma": args.snr_gamma is not None,
+        "--noise_offset": bool(args.noise_offset),
+        "--kl_weight elbo": args.kl_weight == "elbo",  # 2 / (D * T) is derived for DDPM's T-step ELBO
+    }
+    flow_only = {
+        "--weighting_scheme": args.weighting_scheme is not None,
+        "--max_sequence_length": args.max_sequence_length is not None,
+    }
+    wrong = [flag for flag, given in (flow_only if not family.flow_matching else ddpm_only).items() if given]
+    if wrong:
+        kind = "flow-matching models (SD3, Flux)" if not family.flow_matching else "DDPM models (SD 1.x/2.x, SDXL)"
+        raise ArgumentsError(
+            f"{', '.join(wrong)} applies to {kind} only; {path!r} is {family.label}. Drop it"
+            + (" (give --kl_weight a number)." if "--kl_weight elbo" in wrong else ".")
+        )
+    if args.output_kohya_format and family.denoiser != "unet":
+        raise ArgumentsError(
+            f"--output_kohya_format writes the UNet kohya layout (SD 1.x/2.x, SDXL); {family.label} has none here. "
+            "Drop it; the diffusers file pytorch_lora_weights.safetensors is written in any case."
+        )
+    if family.flow_matching:
+        args.weighting_scheme = args.weighting_scheme or family.default_weighting_scheme
+        args.max_sequence_length = args.max_sequence_length or family.default_max_sequence_length
+    return family, model_index
+
+
+def denoiser_targets(args: argparse.Namespace, family: ModelFamily) -> str:
+    """The denoiser's comma-separated LoRA targets: `--unet_target_modules`, or the transformer's."""
+    if family.denoiser == "unet":
+        return args.unet_target_modules
+    return args.transformer_target_modules or family.default_targets
 
 
 def kl_weight_arg(value: str) -> float | str:
@@ -584,8 +726,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         random_flip=False,
         repeats=1,
         caption_dropout=0.0,
+        latent_cache=None,
     ):
         self.instance_images, self.class_images = list(instance_images) * repeats, list(class_images)
+        self.latent_cache = latent_cache  # {(image, mirrored): (mean, std, time_ids)} from `cache_latents`
         # One prompt for every instance image, or one per image (captions).
         prompts = [instance_prompt] * len(instance_images) if isinstance(instance_prompt, str) else instance_prompt
         self.instance_prompts, self.class_prompt = list(prompts) * repeats, class_prompt
@@ -603,38 +747,44 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if self.class_images:
             sources.append(("class", self.class_images[index % len(self.class_images)], self.class_prompt))
         for kind, image, prompt in sources:
-            pixels, time_ids = load_image(image, self.size, self.center_crop, self.random_flip)
-            example.update({f"{kind}_pixels": pixels, f"{kind}_time_ids": time_ids, f"{kind}_prompt": prompt})
+            if self.latent_cache is not None:
+                mean, std, time_ids = self.latent_cache[(image, self.random_flip and random.random() < 0.5)]
+                example[f"{kind}_latents"] = mean + std * torch.randn_like(mean)  # a sample of the VAE posterior
+            else:
+                pixels, time_ids = load_image(image, self.size, self.center_crop, self.random_flip)
+                example[f"{kind}_pixels"] = pixels
+            example.update({f"{kind}_time_ids": time_ids, f"{kind}_prompt": prompt})
         return example
 
 
 def collate(examples: list[dict], with_prior_preservation: bool) -> dict:
     """Stacks a batch; with prior preservation the class half follows the instance half."""
     kinds = ["instance", "class"] if with_prior_preservation else ["instance"]
+    images = "latents" if "instance_latents" in examples[0] else "pixels"
     return {
-        "pixels": torch.stack([e[f"{k}_pixels"] for k in kinds for e in examples]),
+        images: torch.stack([e[f"{k}_{images}"] for k in kinds for e in examples]),
         "time_ids": torch.stack([e[f"{k}_time_ids"] for k in kinds for e in examples]),
         "prompts": [e[f"{k}_prompt"] for k in kinds for e in examples],
     }
 
 
-def encode_prompt(text_encoders, tokenizers, prompts: list[str], device):
-    """Text embeddings for the UNet: SD's last hidden state, or SDXL's two penultimate states and pooled embedding.
+def cache_latents(vae, images: list[Path], size: int, random_flip: bool, device, dtype) -> dict:
+    """`--cache_latents`: each image's VAE posterior (mean and std) at the centre crop, and mirrored with `--random_flip`.
 
     Returns:
-        `(encoder_hidden_states, pooled)`: `pooled` is `None` for SD 1.x/2.x.
+        `dict`: `{(image, mirrored): (mean, std, time_ids)}`, on the CPU.
     """
-    states, pooled = [], None
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        if len(text_encoders) == 1:
-            return text_encoder(ids)[0], None
-        output = text_encoder(ids, output_hidden_states=True)
-        pooled = output[0]  # the projected pooled embedding of the last (CLIPTextModelWithProjection) encoder
-        states.append(output.hidden_states[-2])
-    return torch.cat(states, dim=-1), pooled
+    from tqdm.auto import tqdm
+
+    cache = {}
+    with torch.no_grad():
+        for image in tqdm(dict.fromkeys(images), desc="Caching latents"):
+            pixels, time_ids = load_image(image, size, center_crop=True)
+            for mirrored in (False, True) if random_flip else (False,):
+                view = pixels.flip(-1) if mirrored else pixels
+                posterior = vae.encode(view[None].to(device, dtype)).latent_dist
+                cache[(image, mirrored)] = (posterior.mean[0].cpu(), posterior.std[0].cpu(), time_ids)
+    return cache
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -707,57 +857,108 @@ def generate_class_images(args, accelerator, pipeline_cls) -> None:
     accelerator.wait_for_everyone()
 
 
-def _generate(args, accelerator, pipeline) -> np.ndarray:
-    """The validation images, `(N, H, W, 3)` floats in [0, 1]."""
+def _generate(args, accelerator, pipeline, prompt: str) -> np.ndarray:
+    """`--num_validation_images` images of `prompt`, `(N, H, W, 3)` floats in [0, 1]."""
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(accelerator.device)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+    extra = {}
+    if getattr(args, "max_sequence_length", None) is not None:  # the DiTs' T5 prompt length, as in training
+        extra["max_sequence_length"] = args.max_sequence_length
     with torch.no_grad(), torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
         images = pipeline(
-            [args.validation_prompt] * args.num_validation_images,
+            [prompt] * args.num_validation_images,
             generator=generator,
             num_inference_steps=args.validation_inference_steps,
             height=args.resolution,
             width=args.resolution,
             output_type="np",
+            **extra,
         ).images
-    images = np.clip(np.asarray(images, dtype=np.float32), 0, 1)
-    return images
+    return np.clip(np.asarray(images, dtype=np.float32), 0, 1)
+
+
+def _to_pil(images: np.ndarray) -> list:
+    return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+
+
+def log_images(accelerator, tag: str, images: np.ndarray, step: int, caption: str) -> None:
+    """Logs images to every tracker that takes them (`log_images`: TensorBoard, W&B, ClearML, ...)."""
+    for tracker in accelerator.trackers:
+        if not hasattr(tracker, "log_images"):
+            continue
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: images}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(image, caption=caption) for image in _to_pil(images)]}, step=step)
+        else:
+            tracker.log_images({tag: _to_pil(images)}, step)
 
 
 def log_validation(args, accelerator, pipeline, trained: list, reference, step: int, tag: str):
-    """Generates `--num_validation_images` with the adapters' mean (eval mode) and logs them to the trackers.
+    """Generates `--num_validation_images` per validation prompt with the adapters' mean (eval mode) and logs them.
 
-    Also logs `bayes_adapter.monitor.corruption_report` of the images against the instance images (`reference`, in
-    [-1, 1]): `<tag>/monitor_corruption` (high-frequency energy of the samples over the references'; > 0 means noisier
-    samples, the corruption stage), `fidelity`, `diversity`, `copy_rate`, `nn_distance`; with `--eval_clip_model` /
-    `--eval_dino_model`, the paper's `<tag>/clip_i`, `clip_t`, `dino` and `dino_diversity` (`bayes_adapter.metrics`).
+    Images go to every tracker that takes them (`<tag>` for one prompt, `<tag>/<i>` for prompt i of several). Also
+    logs `bayes_adapter.monitor.corruption_report` of all the images against the instance images (`reference`, in
+    [-1, 1]): `<tag>/monitor_corruption` (high-frequency energy of the samples over the references'; > 0 means
+    noisier samples, the corruption stage), `fidelity`, `diversity`, `copy_rate`, `nn_distance`; with
+    `--eval_clip_model` / `--eval_dino_model`, the paper's `<tag>/clip_i`, `clip_t`, `dino` and `dino_diversity`
+    (`bayes_adapter.metrics`; averaged over the prompts).
+
+    Returns:
+        `np.ndarray`: every image, prompt after prompt.
     """
     for model in trained:
         model.eval()
     from bayes_adapter.monitor import corruption_report
 
-    images = _generate(args, accelerator, pipeline)
+    prompts = args.validation_prompt
+    clip, dino = getattr(args, "evaluators", (None, None))
+    per_prompt, scores = [], []
+    real = [
+        Image.fromarray(((r.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()) for r in reference
+    ]
+    for i, prompt in enumerate(prompts):
+        images = _generate(args, accelerator, pipeline, prompt)
+        per_prompt.append(images)
+        log_images(accelerator, tag if len(prompts) == 1 else f"{tag}/{i}", images, step, prompt)
+        if clip is not None or dino is not None:
+            from bayes_adapter.metrics import evaluate
+
+            scores.append(evaluate(_to_pil(images), real, prompt, clip, dino))
+    images = np.concatenate(per_prompt)
     samples = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
     metrics = {f"{tag}/monitor_{k}": v for k, v in corruption_report(samples, reference).items()}
-    clip, dino = getattr(args, "evaluators", (None, None))
-    if clip is not None or dino is not None:
-        from bayes_adapter.metrics import evaluate
-
-        to_pil = [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
-        real = [
-            Image.fromarray(((r.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()) for r in reference
-        ]
-        scores = evaluate(to_pil, real, args.validation_prompt, clip, dino)
-        metrics.update({f"{tag}/{k}": v for k, v in scores.items() if not k.startswith("num_")})
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images(tag, images, step, dataformats="NHWC")
+    for key in scores[0] if scores else ():
+        if not key.startswith("num_"):
+            metrics[f"{tag}/{key}"] = float(np.mean([score[key] for score in scores]))
     accelerator.log(metrics, step=step)
     for model in trained:
         model.train()
     del pipeline
     return images
+
+
+def denoising_loss(args, noise_scheduler, model_pred, target, timesteps, weighting=None) -> torch.Tensor:
+    """The instance loss, plus `--prior_loss_weight` x the class half's with prior preservation.
+
+    DDPM models: the MSE (Min-SNR weighted with `--snr_gamma`); flow matching: the MSE weighted per sigma.
+    """
+
+    def one(pred, target, timesteps, weighting, instance: bool) -> torch.Tensor:
+        if weighting is not None:
+            return (weighting.float() * (pred.float() - target.float()) ** 2).flatten(1).mean(1).mean()
+        if instance:
+            return instance_loss(args, noise_scheduler, pred, target, timesteps)
+        return F.mse_loss(pred.float(), target.float())
+
+    if not args.with_prior_preservation:
+        return one(model_pred, target, timesteps, weighting, True)
+    halves = [t.chunk(2) if t is not None else (None, None) for t in (model_pred, target, timesteps, weighting)]
+    instance = one(*(half[0] for half in halves), True)
+    return instance + args.prior_loss_weight * one(*(half[1] for half in halves), False)
 
 
 def instance_loss(args, noise_scheduler, model_pred, target, timesteps) -> torch.Tensor:
@@ -790,22 +991,23 @@ def main(args: argparse.Namespace) -> dict:
     """Trains, checkpoints, validates and exports; see the module docstring.
 
     Returns:
-        `dict`: `global_step`, and the trained (unwrapped) `unet` and `text_encoders` (empty unless
-        `--train_text_encoder`), for callers that embed the script.
+        `dict`: `global_step`, the model `family` name, the trained (unwrapped) denoiser as `unet` or `transformer`,
+        and `text_encoders` (the trained ones; empty unless `--train_text_encoder`), for callers that embed the script.
     """
     import diffusers
     import transformers
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
     from peft import inject_adapter_in_model
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     import bayes_adapter
 
+    # The family's checks run before the Accelerator or any model (a Hub id's model_index.json is read here).
+    family, model_index = resolve_family(args)
     logger = get_logger(__name__)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -834,47 +1036,33 @@ def main(args: argparse.Namespace) -> dict:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # Models. SDXL is told by its UNet (added text and time embeddings).
-    load = {"revision": args.revision}
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", **load, variant=args.variant
-    )
-    is_sdxl = unet.config.addition_embed_type == "text_time"
-    if is_sdxl:
-        from diffusers import StableDiffusionXLPipeline as pipeline_cls
-    else:
-        from diffusers import StableDiffusionPipeline as pipeline_cls
+    # Models, each loaded with the class model_index.json records for it.
+    path, load = args.pretrained_model_name_or_path, {"revision": args.revision}
+    pipeline_cls = getattr(diffusers, family.pipeline_class)
+    denoiser = dreambooth_models.load_component(path, model_index, family.denoiser, variant=args.variant, **load)
     if args.with_prior_preservation:
         generate_class_images(args, accelerator, pipeline_cls)
-    encoder_names = ["text_encoder", "text_encoder_2"] if is_sdxl else ["text_encoder"]
-    encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection]
+    encoder_names = list(family.text_encoders)
     tokenizers = [
-        AutoTokenizer.from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder=name.replace("text_encoder", "tokenizer"),
-            use_fast=False,
-            **load,
-        )
-        for name in encoder_names
+        dreambooth_models.load_component(path, model_index, family.tokenizer_of(n), **load) for n in encoder_names
     ]
     text_encoders = [
-        cls.from_pretrained(args.pretrained_model_name_or_path, subfolder=name, variant=args.variant, **load)
-        for cls, name in zip(encoder_classes, encoder_names)
+        dreambooth_models.load_component(path, model_index, name, variant=args.variant, **load)
+        for name in encoder_names
     ]
     if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+        vae = diffusers.AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
     else:
-        vae = AutoencoderKL.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **load
-        )
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **load)
+        vae = dreambooth_models.load_component(path, model_index, "vae", variant=args.variant, **load)
+    scheduler_cls = FlowMatchEulerDiscreteScheduler if family.flow_matching else DDPMScheduler
+    noise_scheduler = scheduler_cls.from_pretrained(path, subfolder="scheduler", **load)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's own VAE overflows in fp16 (force_upcast): keep it in fp32 unless a separate (fp16-safe) VAE is given.
-    upcast = is_sdxl and getattr(vae.config, "force_upcast", False) and not args.pretrained_vae_model_name_or_path
-    vae_dtype = torch.float32 if upcast else weight_dtype
+    upcast = getattr(vae.config, "force_upcast", False) and not args.pretrained_vae_model_name_or_path
+    vae_dtype = torch.float32 if family.name == "sdxl" and upcast else weight_dtype
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
-    for model in [unet, *text_encoders]:
+    for model in [denoiser, *text_encoders]:
         model.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
 
     # Bayesian LoRA adapters; their parameters are trained in fp32 whatever the mixed precision.
@@ -882,18 +1070,18 @@ def main(args: argparse.Namespace) -> dict:
     if kl_weight == "elbo":
         kl_weight = elbo_kl_weight_for(args, vae.config, noise_scheduler.config)
         logger.info(f"--kl_weight elbo: {kl_weight:.3g} (2 / (D * T))")
-    configs = {"unet": lora_config(args, args.unet_target_modules, kl_weight)}
-    unet.add_adapter(configs["unet"])
-    trained = {"unet": unet}
+    denoiser.add_adapter(lora_config(args, denoiser_targets(args, family), kl_weight))
+    trained = {family.denoiser: denoiser}
     if args.train_text_encoder:
         for name, text_encoder in zip(encoder_names, text_encoders):
-            configs[name] = lora_config(args, args.text_encoder_target_modules, kl_weight)
-            inject_adapter_in_model(configs[name], text_encoder, adapter_name="default")
-            trained[name] = text_encoder
+            if name in family.trainable_text_encoders:  # the CLIP encoders; T5 stays frozen
+                config = lora_config(args, args.text_encoder_target_modules, kl_weight)
+                inject_adapter_in_model(config, text_encoder, adapter_name="default")
+                trained[name] = text_encoder
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         for name in trained:
-            if name != "unet":
+            if name != family.denoiser:
                 trained[name].gradient_checkpointing_enable()
     # cast_training_params only upcasts trainable parameters: the frozen posterior rho (--fixed_posterior_std) too.
     for model in trained.values():
@@ -930,9 +1118,17 @@ def main(args: argparse.Namespace) -> dict:
     class_images = []
     if args.with_prior_preservation:
         class_images = _list_images(Path(args.class_data_dir), "--class_data_dir")[: args.num_class_images]
+    captions = instance_captions(instance_images, args)
+    latent_cache = None
+    if args.cache_latents:
+        if not args.center_crop:
+            logger.info("--cache_latents: the images are cached at their centre crop (no random crops).")
+        latent_cache = cache_latents(
+            vae, instance_images + class_images, args.resolution, args.random_flip, accelerator.device, vae_dtype
+        )
     dataset = DreamBoothDataset(
         instance_images,
-        instance_captions(instance_images, args),
+        captions,
         args.resolution,
         class_images,
         args.class_prompt,
@@ -940,6 +1136,7 @@ def main(args: argparse.Namespace) -> dict:
         args.random_flip,
         repeats=args.repeats,
         caption_dropout=args.caption_dropout,
+        latent_cache=latent_cache,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -950,6 +1147,18 @@ def main(args: argparse.Namespace) -> dict:
     )
     reference = torch.stack([load_image(path, args.resolution)[0] for path in instance_images])
     kl_examples = len(instance_images) if args.kl_scaling == "per_image" else 1
+    # Frozen text encoders: every prompt the run can see is encoded once (diffusers' precomputed embeddings).
+    prompt_cache = None
+    if not args.train_text_encoder:
+        prompts = [*captions, *([args.class_prompt] if args.with_prior_preservation else [])]
+        prompt_cache = dreambooth_models.PromptCache(
+            family,
+            text_encoders,
+            tokenizers,
+            prompts + ([""] if args.caption_dropout else []),
+            accelerator.device,
+            args.max_sequence_length,
+        )
 
     if args.scale_lr:
         factor = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -960,7 +1169,7 @@ def main(args: argparse.Namespace) -> dict:
     groups = []
     for name, model in trained.items():
         for group in bayes_adapter.param_groups(model, posterior_std_lr=args.posterior_std_learning_rate):
-            if name != "unet" and args.text_encoder_lr is not None and "lr" not in group:
+            if name != family.denoiser and args.text_encoder_lr is not None and "lr" not in group:
                 group["lr"] = args.text_encoder_lr  # the means (and stds without their own lr) of the text encoders
             groups.append(group)
     optimizer_cls = torch.optim.AdamW
@@ -996,10 +1205,13 @@ def main(args: argparse.Namespace) -> dict:
     prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
     wrapped = dict(zip(trained, prepared[: len(trained)]))
     optimizer, dataloader, lr_scheduler = prepared[len(trained) :]
-    unet_train = wrapped["unet"]
+    denoiser_train = wrapped[family.denoiser]
     train_encoders = [wrapped.get(name, encoder) for name, encoder in zip(encoder_names, text_encoders)]
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    guidance = None  # Flux.1-dev is guidance-distilled: it is told a guidance scale
+    if family.name == "flux" and unwrap(denoiser_train).config.guidance_embeds:
+        guidance = args.guidance_scale
 
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -1008,8 +1220,7 @@ def main(args: argparse.Namespace) -> dict:
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"***** Training: {len(instance_images)} instance images, {len(class_images)} class images, "
-        f"{'SDXL' if is_sdxl else 'SD'}, batch {total_batch} (per device {args.train_batch_size}), "
-        f"{args.max_train_steps} steps *****"
+        f"{family.label}, batch {total_batch} (per device {args.train_batch_size}), {args.max_train_steps} steps *****"
     )
     global_step, first_epoch = 0, 0
     if args.resume_from_checkpoint:
@@ -1017,62 +1228,70 @@ def main(args: argparse.Namespace) -> dict:
             found = sorted(
                 (p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1])
             )
-            path = found[-1] if found else None
+            checkpoint = found[-1] if found else None
         else:
-            path = output_dir / Path(args.resume_from_checkpoint).name
-        if path is None:
+            checkpoint = output_dir / Path(args.resume_from_checkpoint).name
+        if checkpoint is None:
             accelerator.print(f"No checkpoint in {str(output_dir)!r}: starting a new training run.")
         else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(str(path))
-            global_step = int(path.name.split("-")[1])
+            accelerator.print(f"Resuming from checkpoint {checkpoint}")
+            accelerator.load_state(str(checkpoint))
+            global_step = int(checkpoint.name.split("-")[1])
             first_epoch = global_step // steps_per_epoch
 
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     components = {
-        "unet": unwrap(unet_train),
+        family.denoiser: unwrap(denoiser_train),
         "vae": vae,
         **{name: unwrap(e) for name, e in zip(encoder_names, train_encoders)},
-        **{name.replace("text_encoder", "tokenizer"): t for name, t in zip(encoder_names, tokenizers)},
+        **{family.tokenizer_of(name): t for name, t in zip(encoder_names, tokenizers)},
     }
     for _epoch in range(first_epoch, num_epochs):
         for model in wrapped.values():
             model.train()
         for batch in dataloader:
             with accelerator.accumulate(*wrapped.values()):
-                pixels = batch["pixels"].to(accelerator.device, dtype=vae_dtype)
-                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                latents = latents.to(weight_dtype)
+                if "latents" in batch:
+                    sample = batch["latents"].to(accelerator.device, dtype=vae_dtype)
+                else:
+                    sample = vae.encode(batch["pixels"].to(accelerator.device, dtype=vae_dtype)).latent_dist.sample()
+                latents = dreambooth_models.to_latents(vae, sample).to(weight_dtype)
                 noise = torch.randn_like(latents)
-                if args.noise_offset:
-                    offset = torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-                    noise = noise + args.noise_offset * offset.to(noise.dtype)
-                timesteps = torch.randint(
-                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-                ).long()
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                hidden_states, pooled = encode_prompt(train_encoders, tokenizers, batch["prompts"], accelerator.device)
-                added = None
-                if is_sdxl:
-                    added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(accelerator.device, pooled.dtype)}
-                model_pred = unet_train(
-                    noisy_latents, timesteps, hidden_states, added_cond_kwargs=added, return_dict=False
-                )[0]
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                if prompt_cache is not None:
+                    cond = prompt_cache(batch["prompts"])
                 else:
-                    target = noise
-                if args.with_prior_preservation:
-                    model_pred, model_pred_prior = model_pred.chunk(2)
-                    target, target_prior = target.chunk(2)
-                    prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float())
-                    instance_timesteps = timesteps.chunk(2)[0]
-                    loss = instance_loss(args, noise_scheduler, model_pred, target, instance_timesteps)
-                    loss = loss + args.prior_loss_weight * prior_loss
+                    cond = dreambooth_models.encode_prompts(
+                        family,
+                        train_encoders,
+                        tokenizers,
+                        batch["prompts"],
+                        accelerator.device,
+                        args.max_sequence_length,
+                    )
+                weighting = None
+                if family.flow_matching:
+                    noisy, timesteps, _, weighting = dreambooth_models.flow_matching_inputs(
+                        args, noise_scheduler, latents, noise
+                    )
+                    target = noise - latents
                 else:
-                    loss = instance_loss(args, noise_scheduler, model_pred, target, timesteps)
+                    if args.noise_offset:
+                        offset = torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+                        noise = noise + args.noise_offset * offset.to(noise.dtype)
+                    timesteps = torch.randint(
+                        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+                    ).long()
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    if noise_scheduler.config.prediction_type == "v_prediction":
+                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                    else:
+                        target = noise
+                model_pred = dreambooth_models.predict(
+                    family, denoiser_train, noisy, timesteps, cond, batch["time_ids"], guidance
+                )
+                loss = denoising_loss(args, noise_scheduler, model_pred, target, timesteps, weighting)
                 kl_term = sum(bayes_adapter.kl_loss(unwrap(m), kl_examples) for m in wrapped.values())
                 accelerator.backward(loss + kl_term)
                 if accelerator.sync_gradients:
@@ -1091,9 +1310,7 @@ def main(args: argparse.Namespace) -> dict:
                     with torch.random.fork_rng(
                         devices=[accelerator.device] if accelerator.device.type == "cuda" else []
                     ):
-                        pipeline = pipeline_cls.from_pretrained(
-                            args.pretrained_model_name_or_path, **load, variant=args.variant, **components
-                        )
+                        pipeline = pipeline_cls.from_pretrained(path, **load, variant=args.variant, **components)
                         log_validation(
                             args, accelerator, pipeline, list(wrapped.values()), reference, global_step, "validation"
                         )
@@ -1109,7 +1326,7 @@ def main(args: argparse.Namespace) -> dict:
                         stats = bayes_adapter.posterior_std_stats(unwrap(model))
                         logs.update(
                             {
-                                f"sigma_{key}" if name == "unet" else f"sigma_{name}_{key}": value
+                                f"sigma_{key}" if name == family.denoiser else f"sigma_{name}_{key}": value
                                 for key, value in stats.items()
                                 if key != "count"
                             }
@@ -1134,10 +1351,7 @@ def main(args: argparse.Namespace) -> dict:
         images = None
         if args.validation_prompt:  # the exported file, loaded the way users will load it
             pipeline = pipeline_cls.from_pretrained(
-                args.pretrained_model_name_or_path,
-                revision=args.revision,
-                variant=args.variant,
-                dtype=weight_dtype,
+                path, revision=args.revision, variant=args.variant, dtype=weight_dtype
             )
             pipeline.load_lora_weights(str(output_dir))
             images = log_validation(args, accelerator, pipeline, [], reference, global_step, "test")
@@ -1146,7 +1360,8 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.end_training()
     return {
         "global_step": global_step,
-        "unet": final["unet"],
+        "family": family.name,
+        family.denoiser: final[family.denoiser],
         "text_encoders": [final[name] for name in encoder_names if name in final],
     }
 
@@ -1183,8 +1398,9 @@ def push_to_hub(args, output_dir: Path, final: dict, images: np.ndarray | None, 
         instance_prompt=args.instance_prompt,
         validation_images=pil_images or None,
     )
-    if list(final) == ["unet"]:
-        bayes_adapter.push_to_hub(final["unet"], args.hub_model_id, component="unet", **common)
+    if len(final) == 1:  # the denoiser alone
+        ((component, model),) = final.items()
+        bayes_adapter.push_to_hub(model, args.hub_model_id, component=component, **common)
     else:
         bayes_adapter.push_to_hub(final, args.hub_model_id, pipeline_cls=pipeline_cls, **common)
 
@@ -1192,11 +1408,10 @@ def push_to_hub(args, output_dir: Path, final: dict, images: np.ndarray | None, 
 def run_command(argv: list[str] | None = None) -> int:
     """The command line: bad input is reported as `error: ...` with exit status 2, without a traceback."""
     try:
-        args = parse_args(argv)
-    except ValueError as error:
+        main(parse_args(argv))
+    except ArgumentsError as error:  # from the checks main() runs before any model loads
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         return 2
-    main(args)
     return 0
 
 

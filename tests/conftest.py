@@ -17,6 +17,15 @@ def _seed():
 
 
 @pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process run of a training script builds its own Accelerator: reset accelerate's singletons after."""
+    from tiny_models import reset_accelerate_state
+
+    yield
+    reset_accelerate_state()
+
+
+@pytest.fixture
 def hub(monkeypatch):
     """The fake Hub installed as huggingface_hub's HTTP client, offline mode off; everything restored after."""
     # Imported here: huggingface_hub reads HF_HUB_OFFLINE when first imported, which must come after it is set above.

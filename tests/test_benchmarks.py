@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_export, bench_inference, bench_kl, bench_train_step, common, profile_step  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_dit_train_step,
+    bench_export,
+    bench_inference,
+    bench_kl,
+    bench_train_step,
+    common,
+    profile_step,
+)
 
 
 def _read(path: Path) -> dict:
@@ -50,6 +58,18 @@ def test_train_step_memory_in_subprocesses(tmp_path):
     summary = _read(out)["memory"]["summary"]
     assert summary["plain"]["ratio_ru_maxrss"] == 1.0
     assert summary["weight_B"]["ru_maxrss_mib"] > 0
+
+
+def test_dit_train_step_timing_and_memory(tmp_path):
+    out = tmp_path / "dit.json"
+    argv = ["--size", "small", "--rounds", "2", "--warmup", "0", "--latent", "8", "--text_tokens", "4"]
+    bench_dit_train_step.main([*argv, "--memory-steps", "1", "--out", str(out)])
+    data = _read(out)
+    summary = data["timing"]["summary"]
+    assert set(summary) == {"plain", "weight_B"} and summary["plain"]["ratio_wall"] == 1.0
+    assert summary["weight_B"]["trainable_params"] > summary["plain"]["trainable_params"]
+    assert summary["weight_B"]["adapted_layers"] == summary["plain"]["adapted_layers"] > 0
+    assert data["memory"]["summary"]["weight_B"]["ru_maxrss_mib"] > 0
 
 
 def test_kl(tmp_path):

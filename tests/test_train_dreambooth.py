@@ -20,11 +20,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny_models import (
     assert_same_numerics,
+    dreambooth_args,
+    load_example,
+    reset_accelerate_state,
     run_unet,
     save_tiny_pipeline,
     tiny_sdxl_pipeline,
     tiny_unet,
     unet_inputs,
+    write_images,
 )
 
 import bayes_adapter
@@ -33,9 +37,8 @@ from bayes_adapter import BayesLoraConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_dreambooth_bayes_lora.py"
-_spec = importlib.util.spec_from_file_location("train_dreambooth_bayes_lora", SCRIPT)
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
+train = load_example("train_dreambooth_bayes_lora")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------------
@@ -48,45 +51,9 @@ def tiny_sd(tmp_path_factory) -> Path:
     return path
 
 
-def write_images(folder: Path, count: int, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
-
-
 @pytest.fixture
 def instance_dir(tmp_path) -> Path:
     return write_images(tmp_path / "instance", 2)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator: reset accelerate's process-wide singletons around it."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def cli(model, instance, output, *extra) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path",
-        str(model),
-        "--instance_data_dir",
-        str(instance),
-        "--instance_prompt",
-        "a photo of sks dog",
-        "--output_dir",
-        str(output),
-        "--resolution",
-        "32",
-        "--seed",
-        "0",
-        *extra,
-    ]
 
 
 def scalars(log_dir: Path, tag: str) -> dict[int, float]:
@@ -150,7 +117,7 @@ def test_help_lists_every_bayesian_option(capsys):
 
 
 def test_defaults_are_the_papers_and_flags_reach_the_config(tmp_path, instance_dir):
-    args = train.parse_args(cli("no/such/model", instance_dir, tmp_path / "out"))
+    args = train.parse_args(dreambooth_args("no/such/model", instance_dir, tmp_path / "out"))
     config = train.lora_config(args, args.unet_target_modules, args.kl_weight)
     defaults = BayesLoraConfig()
     for field in ("bayesian_factors", "posterior_std_init", "prior_std", "estimator", "kl_weight"):
@@ -158,7 +125,7 @@ def test_defaults_are_the_papers_and_flags_reach_the_config(tmp_path, instance_d
     assert (config.r, config.lora_alpha, args.learning_rate) == (4, 4, 1e-4)
 
     args = train.parse_args(
-        cli(
+        dreambooth_args(
             "no/such/model",
             instance_dir,
             tmp_path / "out",
@@ -224,7 +191,7 @@ def test_bad_arguments_fail_before_any_model_loads(tmp_path, monkeypatch, case, 
     elif case == "ok":
         write_images(folder, 1)
     with pytest.raises(ValueError, match=message):
-        train.parse_args(cli("no/such/model", folder, tmp_path / "out", *extra))
+        train.parse_args(dreambooth_args("no/such/model", folder, tmp_path / "out", *extra))
 
 
 def test_load_image_crops_resizes_and_records_sdxl_time_ids(tmp_path):
@@ -258,7 +225,7 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir, mon
     out = tmp_path / "full"
     result = train.main(
         train.parse_args(
-            cli(
+            dreambooth_args(
                 tiny_sd,
                 instance_dir,
                 out,
@@ -337,9 +304,11 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir, mon
     resumed_out = tmp_path / "resumed"
     resumed_out.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed_out / "checkpoint-2")
-    _reset_accelerate()
+    reset_accelerate_state()
     resumed = train.main(
-        train.parse_args(cli(tiny_sd, instance_dir, resumed_out, *common, "--resume_from_checkpoint", "latest"))
+        train.parse_args(
+            dreambooth_args(tiny_sd, instance_dir, resumed_out, *common, "--resume_from_checkpoint", "latest")
+        )
     )
     assert resumed["global_step"] == 4
     assert sorted(scalars(resumed_out / "logs", "loss")) == [3, 4]
@@ -350,13 +319,6 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_sd, instance_dir, mon
         assert_same_numerics(state[key], value, msg=f"{key} differs after resuming")
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def test_prior_preservation_bf16_and_gradient_accumulation(tmp_path, tiny_sd, instance_dir, monkeypatch):
     class_dir = write_images(tmp_path / "class", 1, seed=1)  # one class image there, one to generate
     batches = []
@@ -365,7 +327,7 @@ def test_prior_preservation_bf16_and_gradient_accumulation(tmp_path, tiny_sd, in
         train, "collate", lambda examples, prior: batches.append(collate(examples, prior)) or batches[-1]
     )
     args = train.parse_args(
-        cli(
+        dreambooth_args(
             tiny_sd,
             instance_dir,
             tmp_path / "out",
@@ -430,7 +392,7 @@ def test_sdxl_with_bayesian_text_encoders(tmp_path, instance_dir):
     ]
     extra += ["--estimator", "local", "--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
     extra += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
-    result = train.main(train.parse_args(cli(model, instance_dir, out, *extra)))
+    result = train.main(train.parse_args(dreambooth_args(model, instance_dir, out, *extra)))
     assert {p.name for p in (out / "checkpoint-2").iterdir()} >= {"unet", "text_encoder", "text_encoder_2"}
     assert len(result["text_encoders"]) == 2
     assert bayes_adapter.posterior_std_stats(result["text_encoders"][1])["count"] > 0
@@ -450,6 +412,13 @@ def test_sdxl_with_bayesian_text_encoders(tmp_path, instance_dir):
     with torch.no_grad():
         expected = result["unet"](latents, timesteps, hidden, added_cond_kwargs=added).sample
         torch.testing.assert_close(pipe.unet(latents, timesteps, hidden, added_cond_kwargs=added).sample, expected)
+        # checkpoint-2 (saved after the last step) is the same LoRA, UNet and both text encoders in one file.
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(out / "checkpoint-2"))
+        assert_same_numerics(pipe.unet(latents, timesteps, hidden, added_cond_kwargs=added).sample, expected)
+        trained = result["text_encoders"][1]
+        expected = trained(ids, output_hidden_states=True).hidden_states[-2]
+        assert_same_numerics(pipe.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2], expected)
 
 
 DISTRIBUTED_RUNNER = """
@@ -512,7 +481,10 @@ def test_two_cpu_processes_under_accelerate_launch(tmp_path, tiny_sd, instance_d
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["--main_process_port", str(port)]
-    command += [str(runner), *cli(tiny_sd, instance_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1")]
+    command += [
+        str(runner),
+        *dreambooth_args(tiny_sd, instance_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1"),
+    ]
     process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-4000:]
     assert "Distributed environment: DistributedType.MULTI_CPU" in process.stderr
@@ -547,7 +519,9 @@ def test_push_to_hub_calls_the_library_with_accepted_arguments(tmp_path, instanc
     from tiny_models import tiny_unet
 
     monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
-    args = train.parse_args(cli("no/such/model", instance_dir, tmp_path, "--push_to_hub", "--hub_model_id", "me/dog"))
+    args = train.parse_args(
+        dreambooth_args("no/such/model", instance_dir, tmp_path, "--push_to_hub", "--hub_model_id", "me/dog")
+    )
     monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
     unet = tiny_unet()
     unet.add_adapter(train.lora_config(args, args.unet_target_modules, args.kl_weight))
@@ -560,7 +534,9 @@ def test_push_to_hub_calls_the_library_with_accepted_arguments(tmp_path, instanc
 
 
 def _tiny_unet_with_adapter(tmp_path, *extra):
-    args = train.parse_args(cli("no/such/model", write_images(tmp_path / "img", 1), tmp_path / "out", *extra))
+    args = train.parse_args(
+        dreambooth_args("no/such/model", write_images(tmp_path / "img", 1), tmp_path / "out", *extra)
+    )
     unet = tiny_unet()
     config = train.lora_config(args, args.unet_target_modules, args.kl_weight)
     unet.add_adapter(config)
@@ -685,7 +661,7 @@ def test_export_mean_lora_reads_each_adapter_once_and_writes_atomically(tmp_path
 
 def test_fixed_posterior_std_rho_is_fp32_under_bf16(tmp_path, tiny_sd, instance_dir):
     args = train.parse_args(
-        cli(
+        dreambooth_args(
             tiny_sd,
             instance_dir,
             tmp_path / "out",
@@ -717,7 +693,7 @@ def test_scale_lr_scales_both_learning_rates(tmp_path, tiny_sd, instance_dir, mo
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     extra = ["--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--max_train_steps", "1"]
     extra += ["--learning_rate", "1e-4", "--posterior_std_learning_rate", "0.01", "--report_to", "none"]
-    train.main(train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "out", *extra)))
+    train.main(train.parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", *extra)))
     # One process: factor 3 x 2 x 1 = 6. The means' group, then the posterior stds' group.
     assert len(groups) == 2 and all(g["size"] > 0 for g in groups)
     assert groups[0]["lr"] == pytest.approx(6e-4) and groups[1]["lr"] == pytest.approx(0.06)
@@ -735,9 +711,12 @@ def test_help_of_hub_model_id_and_scale_lr(capsys):
 def test_kl_weight_elbo_is_computed_from_the_latents_and_the_scheduler(tmp_path, tiny_sd, instance_dir):
     from bayes_adapter import elbo_kl_weight
 
-    assert train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "o", "--kl_weight", "ELBO")).kl_weight == "elbo"
+    assert (
+        train.parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "o", "--kl_weight", "ELBO")).kl_weight
+        == "elbo"
+    )
     extra = ["--kl_weight", "elbo", "--max_train_steps", "1", "--report_to", "none"]
-    result = train.main(train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "out", *extra)))
+    result = train.main(train.parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", *extra)))
     # The tiny VAE halves the 32 px resolution once (two blocks) into 4 latent channels; DDPM's T is 1000.
     expected = elbo_kl_weight((4, 16, 16), 1000)
     assert result["unet"].peft_config["default"].kl_weight == pytest.approx(expected)
@@ -748,7 +727,7 @@ def test_kl_weight_elbo_is_computed_from_the_latents_and_the_scheduler(tmp_path,
 
 def test_kl_weight_must_be_a_number_or_elbo(tmp_path, instance_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(cli("no/such/model", instance_dir, tmp_path / "out", "--kl_weight", "big"))
+        train.parse_args(dreambooth_args("no/such/model", instance_dir, tmp_path / "out", "--kl_weight", "big"))
     assert exit_info.value.code == 2
     assert "expected a number >= 0 or 'elbo', got 'big'" in capsys.readouterr().err
 
@@ -763,7 +742,7 @@ def test_kl_weight_must_be_a_number_or_elbo(tmp_path, instance_dir, capsys):
     ],
 )
 def test_the_script_reports_bad_input_without_a_traceback(tmp_path, instance_dir, extra, message):
-    argv = cli("no/such/model", instance_dir, tmp_path / "out", *extra)
+    argv = dreambooth_args("no/such/model", instance_dir, tmp_path / "out", *extra)
     process = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=120)
     assert process.returncode == 2, process.stderr
     assert "error: " in process.stderr and message in process.stderr
@@ -778,19 +757,21 @@ def test_validation_logs_the_papers_metrics_with_local_models(tmp_path, tiny_sd,
     extra = ["--max_train_steps", "2", "--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
     extra += ["--num_validation_images", "2", "--validation_inference_steps", "2"]
     extra += ["--eval_clip_model", clip, "--eval_dino_model", dino]
-    train.main(train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "out", *extra)))
+    train.main(train.parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", *extra)))
     for name in ("clip_i", "clip_t", "dino", "dino_diversity"):
         values = scalars(tmp_path / "out" / "logs", f"validation/{name}")
         assert sorted(values) == [2] and -1 <= values[2] <= 2, name
     with pytest.raises(ValueError, match="cannot load the CLIP model"):
-        train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "o2", "--eval_clip_model", str(tmp_path / "none")))
+        train.parse_args(
+            dreambooth_args(tiny_sd, instance_dir, tmp_path / "o2", "--eval_clip_model", str(tmp_path / "none"))
+        )
 
 
 def test_caption_files_repeats_and_caption_dropout(tmp_path):
     folder = write_images(tmp_path / "imgs", 2)
     images = sorted(p for p in folder.iterdir())
     images[0].with_suffix(".txt").write_text("a photo of sks dog on grass\n")
-    args = train.parse_args(cli("no/such/model", folder, tmp_path / "out", "--repeats", "3"))
+    args = train.parse_args(dreambooth_args("no/such/model", folder, tmp_path / "out", "--repeats", "3"))
     listed = train._list_images(folder, "--instance_data_dir", ".txt")
     assert listed == images  # the caption file is not taken for an image
     captions = train.instance_captions(listed, args)
@@ -804,7 +785,7 @@ def test_caption_files_repeats_and_caption_dropout(tmp_path):
     assert 60 < prompts.count("") < 140
     assert (
         train.instance_captions(
-            listed, train.parse_args(cli("m", folder, tmp_path / "o", "--caption_extension", "none"))
+            listed, train.parse_args(dreambooth_args("m", folder, tmp_path / "o", "--caption_extension", "none"))
         )
         == ["a photo of sks dog"] * 2
     )
@@ -823,7 +804,7 @@ def test_bad_caption_arguments(tmp_path, setup, extra, message):
     if setup == "empty_caption":
         next(folder.iterdir()).with_suffix(".txt").write_text("  \n")
     with pytest.raises(ValueError, match=message):
-        train.parse_args(cli("no/such/model", folder, tmp_path / "out", *extra))
+        train.parse_args(dreambooth_args("no/such/model", folder, tmp_path / "out", *extra))
 
 
 def test_training_reads_caption_files(tmp_path, tiny_sd, monkeypatch):
@@ -834,7 +815,9 @@ def test_training_reads_caption_files(tmp_path, tiny_sd, monkeypatch):
     monkeypatch.setattr(
         train, "collate", lambda examples, prior: batches.append(collate(examples, prior)) or batches[-1]
     )
-    args = train.parse_args(cli(tiny_sd, folder, tmp_path / "out", "--max_train_steps", "4", "--report_to", "none"))
+    args = train.parse_args(
+        dreambooth_args(tiny_sd, folder, tmp_path / "out", "--max_train_steps", "4", "--report_to", "none")
+    )
     train.main(args)
     prompts = {prompt for batch in batches for prompt in batch["prompts"]}
     assert prompts == {"a photo of sks dog on grass", "a photo of sks dog"}
@@ -845,7 +828,7 @@ def test_output_kohya_format_writes_every_component(tmp_path, tiny_sd, instance_
 
     out = tmp_path / "out"
     extra = ["--max_train_steps", "1", "--train_text_encoder", "--output_kohya_format", "--report_to", "none"]
-    train.main(train.parse_args(cli(tiny_sd, instance_dir, out, *extra)))
+    train.main(train.parse_args(dreambooth_args(tiny_sd, instance_dir, out, *extra)))
     keys = load_file(str(out / "lora_kohya.safetensors")).keys()
     assert {key.split("_", 2)[1] for key in keys} == {"unet", "te"}
     # The UNet part, loaded by diffusers' own kohya conversion, gives what the diffusers file gives.
@@ -873,14 +856,14 @@ def test_snr_gamma_noise_offset_schedules_and_text_encoder_lr(tmp_path, tiny_sd,
     extra = ["--max_train_steps", "2", "--train_text_encoder", "--text_encoder_lr", "3e-5", "--snr_gamma", "5"]
     extra += ["--noise_offset", "0.05", "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2"]
     extra += ["--posterior_std_learning_rate", "1e-3"]
-    result = train.main(train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "out", *extra)))
+    result = train.main(train.parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", *extra)))
     assert result["global_step"] == 2
     losses = scalars(tmp_path / "out" / "logs", "loss")
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
     # UNet: means at --learning_rate, stds at their own; text encoder: means at --text_encoder_lr, stds at theirs.
     assert seen == [[1e-4, 1e-3, 3e-5, 1e-3]]
     with pytest.raises(ValueError, match=r"--snr_gamma=0.0 is invalid; expected a finite number > 0"):
-        train.parse_args(cli(tiny_sd, instance_dir, tmp_path / "o", "--snr_gamma", "0"))
+        train.parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "o", "--snr_gamma", "0"))
 
 
 def test_min_snr_weights_follow_the_formula():
@@ -907,7 +890,6 @@ def test_min_snr_weights_follow_the_formula():
     ],
 )
 def test_optional_optimizers_are_refused_clearly_when_absent(tmp_path, instance_dir, monkeypatch, extra, message):
-    import importlib.util
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -916,4 +898,4 @@ def test_optional_optimizers_are_refused_clearly_when_absent(tmp_path, instance_
         lambda name, *a: None if name in ("prodigyopt", "bitsandbytes") else real_find_spec(name, *a),
     )
     with pytest.raises(ValueError, match=message):
-        train.parse_args(cli("no/such/model", instance_dir, tmp_path / "out", *extra))
+        train.parse_args(dreambooth_args("no/such/model", instance_dir, tmp_path / "out", *extra))

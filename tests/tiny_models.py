@@ -82,9 +82,10 @@ def tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
     return CLIPTextModel(tiny_text_config())
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
+def tiny_vae(seed: int = 0, **overrides) -> AutoencoderKL:
+    """A VAE that halves the image size (32 px images, 16 px latents, 4 channels)."""
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    config = dict(
         block_out_channels=(4, 8),
         in_channels=3,
         out_channels=3,
@@ -94,6 +95,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
         norm_num_groups=2,
         sample_size=32,
     )
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def tiny_scheduler() -> DDIMScheduler:
@@ -153,6 +155,105 @@ def save_tiny_pipeline(path, seed: int = 0) -> StableDiffusionPipeline:
     pipe = tiny_pipeline(seed)
     pipe.save_pretrained(str(path))
     return pipe
+
+
+# --- tiny DiT pipelines (Flux.1, SD3): T5 + CLIP text encoders, flow matching -------------------------------------
+
+T5_WIDTH = 32  # the T5 encoder's d_model: the DiTs' joint_attention_dim
+
+
+def tiny_t5_tokenizer():
+    """A SentencePiece-free T5 tokenizer built in memory: the special tokens, letters, digits and space pieces."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=32)
+
+
+def tiny_t5_encoder(seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        d_model=T5_WIDTH,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        vocab_size=len(tiny_t5_tokenizer()),
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def _dit_vae(seed: int) -> AutoencoderKL:
+    # The DiTs' VAEs shift their latents before scaling them: a non-zero shift_factor exercises that path.
+    return tiny_vae(seed, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A whole FluxPipeline (32 px images, 16 px latents packed into 8x8 tokens) with random weights.
+
+    `joint_attention_dim` is the T5 width and `pooled_projection_dim` the CLIP width, as in Flux.1.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=CROSS_ATTENTION_DIM,
+        axes_dims_rope=[4, 4, 8],
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_dit_vae(seed),
+        text_encoder=tiny_text_encoder(seed),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(seed),
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A whole StableDiffusion3Pipeline (32 px images, 16 px latents): two CLIPs (their states padded to the T5
+    width) and a T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,  # the last block is context_pre_only (no to_add_out): the first is a full joint block
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=2 * 8,  # the two CLIPs' projections side by side
+        out_channels=4,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(tiny_text_config(projection_dim=8))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(projection_dim=8))
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_dit_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed),
+        tokenizer_3=tiny_t5_tokenizer(),
+        transformer=transformer,
+    )
 
 
 def tiny_sd3_transformer(seed: int = 0):
@@ -341,3 +442,57 @@ def natural_image(name: str = "grace_hopper.jpg"):
     path = Path(matplotlib.get_data_path()) / "sample_data" / name
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+# --- the example scripts, run in-process --------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """An example script loaded as a module (it is not a package): `load_example("train_dreambooth_bayes_lora")`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> Path:
+    """`count` random 40x48 RGB PNGs `0.png`, `1.png`, ... in `folder`."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def dreambooth_args(model, instance, output, *extra) -> list[str]:
+    """The DreamBooth script's command line for a local pipeline folder: 32 px, seed 0, then `extra`."""
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(instance),
+        "--instance_prompt",
+        "a photo of sks dog",
+        "--output_dir",
+        str(output),
+        "--resolution",
+        "32",
+        "--seed",
+        "0",
+        *extra,
+    ]
+
+
+def reset_accelerate_state() -> None:
+    """Forgets accelerate's process-wide singletons, so that the next in-process run builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
