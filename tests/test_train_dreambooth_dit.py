@@ -198,16 +198,28 @@ def test_dit_train_resume_and_export(request, tmp_path, instance_dir, family, ex
     assert not torch.allclose(got["base/transformer"], expected, atol=1e-6), "the adapter does not change the output"
 
 
-def test_flux_trains_its_clip_text_encoder_only(tmp_path, tiny_flux, instance_dir):
-    """--train_text_encoder on Flux: a Bayesian adapter on CLIP (text_encoder), none on T5 (text_encoder_2)."""
+def test_flux_trains_its_clip_text_encoder_only(tmp_path, tiny_flux, instance_dir, monkeypatch):
+    """--train_text_encoder on Flux: a Bayesian adapter on CLIP (text_encoder), none on T5 (text_encoder_2); with
+    bf16 and gradient checkpointing; --push_to_hub hands both components and FluxPipeline to the library."""
+    from diffusers import FluxPipeline
+    from huggingface_hub import constants
+
+    pushed = []
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(bayes_adapter, "push_to_hub", lambda *args, **kwargs: pushed.append((args, kwargs)))
     out = tmp_path / "out"
-    extra = ["--max_train_steps", "1", "--train_text_encoder", "--guidance_scale", "1.0", *T5_TOKENS]
+    extra = ["--max_train_steps", "2", "--train_text_encoder", "--guidance_scale", "1.0", *T5_TOKENS]
+    extra += ["--mixed_precision", "bf16", "--gradient_checkpointing", "--push_to_hub", "--hub_model_id", "me/flux"]
     result = train.main(train.parse_args(dreambooth_args(tiny_flux, instance_dir, out, *extra)))
+    assert result["transformer"].is_gradient_checkpointing
     assert len(result["text_encoders"]) == 1
     assert bayes_adapter.posterior_std_stats(result["text_encoders"][0])["count"] > 0
     assert sorted(p.name for p in (out / "bayesian_adapter").iterdir()) == ["text_encoder", "transformer"]
     prefixes = {key.split(".")[0] for key in load_file(str(out / "pytorch_lora_weights.safetensors"))}
     assert prefixes == {"transformer", "text_encoder"}
+    ((components, repo_id), kwargs) = pushed[0]
+    assert set(components) == {"transformer", "text_encoder"} and repo_id == "me/flux"
+    assert kwargs["pipeline_cls"] is FluxPipeline and kwargs["base_model"] == str(tiny_flux)
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
