@@ -198,6 +198,23 @@ def test_dit_train_resume_and_export(request, tmp_path, instance_dir, family, ex
     assert not torch.allclose(got["base/transformer"], expected, atol=1e-6), "the adapter does not change the output"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_the_command_line_on_a_saved_dit_pipeline(request, tmp_path, instance_dir, family):
+    """The issue's acceptance command, as a user runs it (a process of its own, every default), then the file it
+    writes loaded by vanilla diffusers."""
+    model, out = request.getfixturevalue(f"tiny_{family}"), tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance_dir)]
+    argv += ["--instance_prompt", "a photo of sks dog", "--resolution", "32", "--max_train_steps", "3"]
+    script = str(train.__file__)
+    subprocess.run([sys.executable, script, *argv, "--output_dir", str(out)], check=True, timeout=300)
+    save_file(transformer_inputs(family), str(tmp_path / "inputs.safetensors"))
+    child = [sys.executable, "-c", VANILLA, str(model), str(tmp_path / "inputs.safetensors"), str(tmp_path / "o.st")]
+    subprocess.run([*child, str(out)], check=True, timeout=300)
+    got = load_file(str(tmp_path / "o.st"))
+    assert not torch.allclose(got["lora0/image"], got["base/image"]), "the LoRA does not change the image"
+
+
 def test_flux_trains_its_clip_text_encoder_only(tmp_path, tiny_flux, instance_dir, monkeypatch):
     """--train_text_encoder on Flux: a Bayesian adapter on CLIP (text_encoder), none on T5 (text_encoder_2); with
     bf16 and gradient checkpointing; --push_to_hub hands both components and FluxPipeline to the library."""
