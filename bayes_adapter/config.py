@@ -58,10 +58,22 @@ class BayesLoraConfig(LoraConfig):
             "help": (
                 "Which LoRA factors are Bayesian: 'B' (the up matrix, the paper's choice: with B initialised to zero "
                 "and A random, its noise perturbs the output from the first step), 'A' (the down matrix, as BLoB), or "
-                "'AB' (both). On nn.Embedding PEFT initialises A to zero instead, so 'B' noise there starts at zero "
-                "(a warning says so): use 'A' or 'AB' for embeddings."
+                "'AB' (both). Applies to Linear and convolution layers; nn.Embedding layers follow "
+                "`embedding_bayesian_factors`."
             ),
             "is_lora_variant": True,
+        },
+    )
+    embedding_bayesian_factors: Literal["A", "B", "AB"] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Which factors are Bayesian on nn.Embedding layers. PEFT initialises an embedding's A to zero and its "
+                "B at random (the reverse of Linear), so the roles swap: None (the default) takes the factor in the "
+                "role `bayesian_factors` names, 'B' -> 'A' (the zero-initialised factor, whose noise perturbs the "
+                "output from the first step), 'A' -> 'B', 'AB' -> 'AB'. A config saved before this field existed "
+                "loads with its `bayesian_factors`, as it was trained."
+            )
         },
     )
     posterior_std_init: float = field(
@@ -128,6 +140,11 @@ class BayesLoraConfig(LoraConfig):
         self.peft_type = _peft_compat.peft_type_member(PEFT_TYPE_NAME)
         if self.bayesian_factors not in BAYESIAN_FACTORS:
             raise ValueError(f"bayesian_factors must be one of {BAYESIAN_FACTORS}, got {self.bayesian_factors!r}")
+        if self.embedding_bayesian_factors is not None and self.embedding_bayesian_factors not in BAYESIAN_FACTORS:
+            raise ValueError(
+                f"embedding_bayesian_factors must be None or one of {BAYESIAN_FACTORS}, got "
+                f"{self.embedding_bayesian_factors!r}"
+            )
         if self.posterior_std_parametrisation not in POSTERIOR_STD_PARAMETRISATIONS:
             raise ValueError(
                 f"posterior_std_parametrisation must be one of {POSTERIOR_STD_PARAMETRISATIONS}, got "
@@ -160,11 +177,23 @@ class BayesLoraConfig(LoraConfig):
                 "(target_modules) instead."
             )
 
+    def factors_of_embeddings(self) -> str:
+        """The Bayesian factors of an nn.Embedding layer: `embedding_bayesian_factors`, or `bayesian_factors`'s
+        roles on an embedding (B <-> A, since there PEFT initialises A to zero)."""
+        if self.embedding_bayesian_factors is not None:
+            return self.embedding_bayesian_factors
+        return {"A": "B", "B": "A", "AB": "AB"}[self.bayesian_factors]
+
     @classmethod
     def check_kwargs(cls, **kwargs):
-        """Called by PEFT on a saved config before building it: a config from 0.1.0 keeps its softplus std."""
+        """Called by PEFT on a saved config before building it: what an older config was trained with is kept
+        (0.1.0's softplus std; without `embedding_bayesian_factors`, embeddings Bayesian in `bayesian_factors`'s
+        letters, as adapters were built before that field existed)."""
         kwargs = super().check_kwargs(**kwargs)
-        return {"posterior_std_parametrisation": saved_parametrisation(kwargs), **kwargs}
+        legacy = {"posterior_std_parametrisation": saved_parametrisation(kwargs)}
+        if "embedding_bayesian_factors" not in kwargs:
+            legacy["embedding_bayesian_factors"] = kwargs.get("bayesian_factors", "B")
+        return {**legacy, **kwargs}
 
 
 def saved_parametrisation(config: dict) -> str:

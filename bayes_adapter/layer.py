@@ -100,12 +100,13 @@ class BayesLoraLayer(LoraLayer):
     def init_posterior(self, adapter_name: str, config: BayesLoraConfig) -> None:
         """Creates the posterior parameters of `adapter_name`, every std at `config.posterior_std_init`."""
         rho_init = initial_rho(config.posterior_std_init, config.posterior_std_parametrisation)
-        for factor in config.bayesian_factors:
+        factors = self.bayesian_factors_of(config)
+        for factor in factors:
             mean = self.factor_mean(factor, adapter_name)
             rho = nn.Parameter(torch.full_like(mean, rho_init), requires_grad=config.train_posterior_std)
             getattr(self, f"lora_posterior_rho_{factor}")[adapter_name] = rho
         self.bayes_settings[adapter_name] = BayesSettings(
-            factors=config.bayesian_factors,
+            factors=factors,
             estimator=config.estimator,
             prior_std=float(config.prior_std),
             posterior_std_parametrisation=config.posterior_std_parametrisation,
@@ -114,6 +115,10 @@ class BayesLoraLayer(LoraLayer):
             train_posterior_std=config.train_posterior_std,
             kl_weight=float(config.kl_weight),
         )
+
+    def bayesian_factors_of(self, config: BayesLoraConfig) -> str:
+        """The factors `config` makes Bayesian on this layer."""
+        return config.bayesian_factors
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
@@ -308,6 +313,9 @@ class BayesEmbedding(BayesLoraLayer, _peft_compat.Embedding):
         output = output * self.scaling[adapter_name]
         scale = _peft_compat.embed_scale(self)
         return output if scale is None else output * scale.to(output.dtype)
+
+    def bayesian_factors_of(self, config: BayesLoraConfig) -> str:
+        return config.factors_of_embeddings()
 
     def factor_mean(self, factor: str, adapter_name: str) -> torch.Tensor:
         return getattr(self, f"lora_embedding_{factor}")[adapter_name]

@@ -76,11 +76,14 @@ class BayesLoraModel(PluginLoraModel):
         elif isinstance(base_layer, nn.Linear) and lora_config.fan_in_fan_out:
             warnings.warn("fan_in_fan_out is True but the target module is `torch.nn.Linear`; setting it to False.")
             lora_config.fan_in_fan_out = False
-        if isinstance(base_layer, nn.Embedding) and lora_config.bayesian_factors == "B":
+        # Roles swapped by default (bayesian_factors='A' gives B here, on purpose as on Linear); an explicit 'B' is
+        # the likely slip of someone applying Linear's reasoning to an embedding.
+        if isinstance(base_layer, nn.Embedding) and lora_config.embedding_bayesian_factors == "B":
             warnings.warn(
                 f"Module {target_name!r} is an Embedding, where PEFT initialises lora_A to zero (the reverse of "
-                "Linear): with bayesian_factors='B' its weight noise is multiplied by zero until A moves, and the "
-                "std gets no gradient at first. Use bayesian_factors='A' or 'AB' to have noise from the first step.",
+                "Linear): with only B Bayesian its weight noise is multiplied by zero until A moves, and the std gets "
+                "no gradient at first. Leave embedding_bayesian_factors at None (A, the zero-initialised factor, with "
+                "bayesian_factors='B'), or set it to 'A' or 'AB'.",
                 stacklevel=2,
             )
         layer = layer_cls(target, adapter_name, config=lora_config, **kwargs)

@@ -171,6 +171,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=["A", "B", "AB"],
         help="Which LoRA factors carry a posterior: B (the paper's), A (BLoB's) or AB.",
     )
+    bayes.add_argument(
+        "--embedding_bayesian_factors",
+        type=str,
+        default=None,
+        choices=["A", "B", "AB"],
+        help="The factors of nn.Embedding targets (if --*_target_modules name any); default: the factor in "
+        "--bayesian_factors' role (PEFT initialises an embedding's A to zero, so B -> A).",
+    )
     bayes.add_argument("--posterior_std_init", type=float, default=0.01, help="Initial posterior std (paper: 0.01).")
     bayes.add_argument("--prior_std", type=float, default=0.01, help="Std of the zero-mean Gaussian prior.")
     bayes.add_argument(
@@ -673,6 +681,7 @@ def lora_config(args: argparse.Namespace, target_modules: str, kl_weight: float)
         init_lora_weights="gaussian",
         target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
         bayesian_factors=args.bayesian_factors,
+        embedding_bayesian_factors=args.embedding_bayesian_factors,
         posterior_std_init=args.posterior_std_init,
         prior_std=args.prior_std,
         estimator=args.estimator,

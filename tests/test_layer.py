@@ -49,6 +49,8 @@ def bayes_model(layer_type, **config):
     # init_lora_weights=False leaves B random (not zero), so that both factors influence the output.
     base, x = make_base(layer_type)
     config = {"target_modules": ["target"], "r": 2, "lora_alpha": 3, "init_lora_weights": False, **config}
+    if layer_type == "embedding" and "bayesian_factors" in config:  # the very factors named, not their roles
+        config.setdefault("embedding_bayesian_factors", config["bayesian_factors"])
     return get_peft_model(base, BayesLoraConfig(**config)), x
 
 

@@ -355,15 +355,53 @@ def test_registered_custom_lora_modules_are_refused():
         get_peft_model(tiny_unet(), config)
 
 
-def test_embedding_with_bayesian_b_warns_that_its_noise_starts_at_zero():
-    model = nn.Sequential(nn.Embedding(10, 4))
-    with pytest.warns(UserWarning, match="Embedding, where PEFT initialises lora_A to zero"):
-        get_peft_model(model, BayesLoraConfig(target_modules=["0"]))
+@pytest.mark.parametrize("factors, on_embedding", [("B", "A"), ("A", "B"), ("AB", "AB")])
+def test_embeddings_take_the_factor_in_the_role_bayesian_factors_names(factors, on_embedding):
+    """PEFT initialises an embedding's A to zero (B on Linear): by default the roles swap, so that with the paper's
+    'B' the embedding's noise reaches the output, and its std learns, from the first step."""
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        get_peft_model(
-            nn.Sequential(nn.Embedding(10, 4)), BayesLoraConfig(target_modules=["0"], bayesian_factors="AB")
-        )
+        model = get_peft_model(model, BayesLoraConfig(target_modules=["0", "1"], bayesian_factors=factors))
+    embedding, linear = model.base_model.model[0], model.base_model.model[1]
+    assert embedding.bayes_settings["default"].factors == on_embedding
+    assert linear.bayes_settings["default"].factors == factors
+    assert set(embedding.lora_posterior_rho_A) == ({"default"} if "A" in on_embedding else set())
+    if factors == "B":
+        assert not embedding.lora_embedding_A["default"].any(), "PEFT's init: the embedding's A is zero"
+        ids = torch.tensor([[1, 2, 3]])
+        model.train()
+        assert not torch.equal(model(ids), model(ids)), "no noise reaches the output"
+        model(ids).pow(2).sum().backward()
+        assert embedding.lora_posterior_rho_A["default"].grad.abs().sum() > 0
+
+
+def test_only_b_on_an_embedding_is_allowed_with_a_warning():
+    model = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.warns(UserWarning, match="Embedding, where PEFT initialises lora_A to zero"):
+        get_peft_model(model, BayesLoraConfig(target_modules=["0"], embedding_bayesian_factors="B"))
+    with pytest.raises(ValueError, match="embedding_bayesian_factors must be None or one of .*, got 'C'"):
+        BayesLoraConfig(embedding_bayesian_factors="C")
+
+
+def test_a_config_saved_before_embedding_bayesian_factors_loads_as_it_was_trained(tmp_path):
+    """Adapters built before the field existed had B Bayesian on embeddings too: loading keeps that, weights and all."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Embedding(10, 4)), BayesLoraConfig(target_modules=["0"], embedding_bayesian_factors="B")
+    )
+    model.save_pretrained(str(tmp_path))
+    config_path = tmp_path / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["embedding_bayesian_factors"]
+    config_path.write_text(json.dumps(saved))
+    torch.manual_seed(1)
+    loaded = PeftModel.from_pretrained(nn.Sequential(nn.Embedding(10, 4)), str(tmp_path))
+    assert loaded.peft_config["default"].embedding_bayesian_factors == "B"
+    layer = loaded.base_model.model[0]
+    assert torch.equal(
+        layer.lora_posterior_rho_B["default"], model.base_model.model[0].lora_posterior_rho_B["default"]
+    )
 
 
 def test_mixed_adapter_models_are_refused_clearly():

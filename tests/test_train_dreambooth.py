@@ -95,6 +95,7 @@ def test_help_lists_every_bayesian_option(capsys):
 
     assert set(BAYESIAN_CONFIG_FIELDS) == {
         "bayesian_factors",
+        "embedding_bayesian_factors",
         "posterior_std_init",
         "prior_std",
         "estimator",
