@@ -127,3 +127,38 @@ def test_lab_smoke_run_end_to_end(tmp_path):
     assert os.path.getsize(paths["figure"]) > 10_000
     summary = open(paths["summary"]).read()
     assert "plain LoRA" in summary and "Bayesian B + KL" in summary
+
+
+def test_natural_crops_come_from_bundled_photographs_deterministically():
+    files = data.natural_image_files()
+    assert len(files) == sum(len(names) for names in data.NATURAL_SOURCES.values())
+    crops = data.make_natural_crops(8, seed=3)
+    assert crops.shape == (8, 3, 32, 32) and crops.min() >= -1 and crops.max() <= 1
+    assert torch.equal(crops, data.make_natural_crops(8, seed=3))
+    assert not torch.equal(crops, data.make_natural_crops(8, seed=4))
+    # Photographs have texture: more high-frequency energy than a blurred copy of themselves.
+    from examples.corruption_stage.autoencoder_pilot import high_frequency_energy
+
+    blurred = torch.nn.functional.avg_pool2d(crops, 3, stride=1, padding=1, count_include_pad=False)
+    assert high_frequency_energy(crops).mean() > 2 * high_frequency_energy(blurred).mean()
+    with pytest.raises(ValueError, match="n must be positive, got 0"):
+        data.make_natural_crops(0)
+
+
+def test_autoencoder_pilot_scores_candidates_and_applies_its_rule(tmp_path):
+    from examples.corruption_stage import autoencoder_pilot
+
+    out = tmp_path / "pilot.json"
+    payload = autoencoder_pilot.main(["--steps", "2", "--n-images", "16", "--candidates", "half16", "--out", str(out)])
+    assert json.loads(out.read_text())["results"].keys() == {"shipped_v1", "half16"}
+    half16 = payload["results"]["half16"]
+    assert half16["latent_numbers"] == 16 * 16 * 4 and 0 < half16["rmse_subject"] < 2
+    # The rule: within the limits, the lowest subject RMSE wins; a blurry candidate (texture ratio < 0.5) never does.
+    good = {"latent_numbers": 1024, "rmse_procedural": 0.1, "subject_texture_ratio": 0.8}
+    results = {
+        "v1_arch": {**good, "rmse_subject": 0.2},
+        "half16": {**good, "rmse_subject": 0.1},
+        "wide8": {**good, "rmse_subject": 0.05, "subject_texture_ratio": 0.3},
+    }
+    assert autoencoder_pilot.decide(results) == "half16"
+    assert autoencoder_pilot.decide({"v1_arch": {**good, "rmse_subject": 0.1, "rmse_procedural": 0.2}}) is None

@@ -155,3 +155,71 @@ def make_subject_set(n: int, seed: int = 1234, size: int = 32) -> torch.Tensor:
     return torch.stack(
         [render(g, SUBJECT_KIND, size, texture="checker", colours=SUBJECT_COLOURS, period=3.0) for _ in range(n)]
     )
+
+
+# --- natural photographs (lab v2): crops of images that ship inside installed packages, no download ----------------
+
+# Colour photographs bundled with scikit-image 0.26 (skimage/data/) and matplotlib (mpl-data/sample_data/).
+NATURAL_SOURCES = {
+    "skimage": (
+        "astronaut.png",
+        "brick.png",
+        "chelsea.png",
+        "coffee.png",
+        "grass.png",
+        "gravel.png",
+        "hubble_deep_field.jpg",
+        "motorcycle_left.png",
+        "retina.jpg",
+        "rocket.jpg",
+        "camera.png",
+        "moon.png",
+    ),
+    "matplotlib": ("sample_data/grace_hopper.jpg",),
+}
+
+
+def natural_image_files() -> list[str]:
+    """Paths of the bundled photographs (`NATURAL_SOURCES`), read from the installed packages' folders."""
+    import importlib.util
+    import os
+
+    folders = {"skimage": "data", "matplotlib": "mpl-data"}
+    paths = []
+    for package, names in NATURAL_SOURCES.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ImportError(f"the lab's natural images need {package} installed (bash scripts/bootstrap.sh)")
+        root = os.path.join(os.path.dirname(spec.origin), folders[package])
+        paths += [os.path.join(root, name) for name in names]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"bundled images not found: {missing}")
+    return paths
+
+
+def make_natural_crops(n: int, seed: int = 0, size: int = 32, min_side: int = 32, max_side: int = 160) -> torch.Tensor:
+    """`n` random square crops (side `min_side` to `max_side` px, resized to `size`, randomly mirrored) of the
+    bundled photographs, as (n, 3, size, size) floats in [-1, 1]: natural high-frequency content."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    import numpy as np
+    from PIL import Image
+
+    photos = []
+    for path in natural_image_files():
+        with Image.open(path) as image:
+            photos.append(image.convert("RGB"))
+    g = torch.Generator().manual_seed(seed)
+    crops = []
+    for _ in range(n):
+        photo = photos[int(torch.randint(len(photos), (1,), generator=g))]
+        side = int(torch.randint(min_side, min(max_side, *photo.size) + 1, (1,), generator=g))
+        left = int(torch.randint(photo.size[0] - side + 1, (1,), generator=g))
+        top = int(torch.randint(photo.size[1] - side + 1, (1,), generator=g))
+        crop = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        if float(torch.rand(1, generator=g)) < 0.5:
+            pixels = pixels.flip(-1)
+        crops.append(pixels)
+    return torch.stack(crops).clamp(-1, 1)
