@@ -82,6 +82,10 @@ class BayesLoraLayer(LoraLayer):
     adapter_layer_names = LoraLayer.adapter_layer_names + posterior_param_names
     other_param_names = LoraLayer.other_param_names + ("bayes_settings",)
 
+    def __repr__(self) -> str:
+        # PEFT's layers print as "lora.<Class>(...)"; every Bayesian layer as "bayes_lora.<Class>(...)".
+        return "bayes_" + super().__repr__()
+
     # --- set-up -------------------------------------------------------------------------------------------------
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
@@ -257,9 +261,6 @@ class BayesLoraLayer(LoraLayer):
 class BayesLinear(BayesLoraLayer, _peft_compat.Linear):
     """Bayesian LoRA for `nn.Linear` and transformers' `Conv1D`."""
 
-    def __repr__(self) -> str:
-        return "bayes_" + super().__repr__()
-
 
 class _BayesConvNd(BayesLoraLayer):
     """Bayesian LoRA for convolutions: A is a convolution with the base kernel, B a 1x1 convolution."""
@@ -278,9 +279,6 @@ class _BayesConvNd(BayesLoraLayer):
         if batched:
             shape[0] = tensor.shape[0]
         return tuple(shape)
-
-    def __repr__(self) -> str:
-        return "bayes_" + super().__repr__()
 
 
 class BayesConv1d(_BayesConvNd, _peft_compat.Conv1d):

@@ -64,6 +64,7 @@ def test_each_module_type_gets_a_bayesian_lora_layer(layer_type):
     layer = bayes_layer(model)
     assert isinstance(layer, BayesLoraLayer) and isinstance(layer, LoraLayer)
     assert set(layer.bayes_settings) == {"default"}
+    assert repr(layer).startswith(f"bayes_lora.{type(layer).__name__}(")
 
 
 @matrix
