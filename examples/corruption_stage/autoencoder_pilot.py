@@ -52,6 +52,17 @@ def score(vae, sets: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def save_preview(vae, subject: torch.Tensor, path: str) -> None:
+    """The subject images (top row) and their reconstructions (bottom row), 4x enlarged."""
+    from PIL import Image
+
+    rec = vae.decode(vae.encode(subject).latent_dist.mean).sample.clamp(-1, 1)
+    rows = [torch.cat(list(images), dim=-1) for images in (subject, rec)]
+    grid = ((torch.cat(rows, dim=-2) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
+
+
 def held_out_sets() -> dict[str, torch.Tensor]:
     return {
         "procedural": data.make_pretraining_set(256, seed=999)[0],
@@ -81,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--preview", action="store_true", help="also write <out>_<candidate>.png (subject, rows)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
             **score(model.vae, sets),
         }
         logging.info("%s: %s", name, results[name])
+        if args.preview:
+            save_preview(model.vae, sets["subject"], f"{os.path.splitext(args.out)[0]}_{name}.png")
     chosen = decide(results)
     payload = {
         "command": "python -m examples.corruption_stage.autoencoder_pilot " + " ".join(argv or []),
