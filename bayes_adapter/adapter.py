@@ -206,17 +206,36 @@ def _read_model(model: nn.Module, adapter_name: str, component: str | None) -> B
     # save_embedding_layers=False: "auto" may query the Hub for the base model's config.
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {_strip_prefix(k): v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    config_dict = config.to_dict()
+    # PEFT records the base class only for some PeftModels; record it always, so that a saved folder can be checked
+    # against the component it is exported as (an add_adapter model's save included).
+    if not config_dict.get("auto_mapping"):
+        config_dict["auto_mapping"] = {
+            "base_model_class": type(base).__name__,
+            "parent_library": type(base).__module__,
+        }
+    _check_component(component, config_dict, f"the {kind} in memory")
     if component is None:
         component = component_of_model(base)
     return _checked(
         BayesianAdapter(
-            config=config.to_dict(),
+            config=config_dict,
             state_dict=state_dict,
             component=component,
             adapter_name=adapter_name,
             source=f"{kind} in memory",
         )
     )
+
+
+def _check_component(component: str | None, config: dict[str, Any], where: str) -> None:
+    recorded = component_of_base_class(config)
+    if component is not None and recorded is not None and component != recorded:
+        if not (recorded == "text_encoder" and component == "text_encoder_2"):  # both are CLIPTextModel* classes
+            raise ValueError(
+                f"component={component!r} contradicts {where}: its base_model_class "
+                f"{config['auto_mapping']['base_model_class']!r} is a {recorded!r}"
+            )
 
 
 def _strip_prefix(key: str) -> str:
@@ -263,13 +282,7 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
     except Exception as error:  # safetensors raises its own error type for a corrupt file
         raise ValueError(f"source={str(weights)!r} is not a readable safetensors file ({error})") from None
     state_dict = {_strip_prefix(k): v for k, v in tensors.items()}
-    recorded = component_of_base_class(config)
-    if component is not None and recorded is not None and component != recorded:
-        if not (recorded == "text_encoder" and component == "text_encoder_2"):  # both are CLIPTextModel* classes
-            raise ValueError(
-                f"component={component!r} contradicts the adapter in {str(adapter_dir)!r}: its {PEFT_CONFIG_NAME} "
-                f"records base_model_class {config['auto_mapping']['base_model_class']!r}, a {recorded!r}"
-            )
+    _check_component(component, config, f"the adapter in {str(adapter_dir)!r} ({PEFT_CONFIG_NAME})")
     if component is None:
         component = component_of_folder(config, state_dict, adapter_dir)
     return _checked(

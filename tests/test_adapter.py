@@ -84,8 +84,16 @@ def test_a_saved_adapter_is_checked_against_its_own_config(tmp_path):
 def test_a_component_contradicting_the_recorded_base_model_is_refused(tmp_path):
     folder = tmp_path / "adapter"
     get_peft_model(tiny_unet(), unet_config()).save_pretrained(str(folder))
-    with pytest.raises(ValueError, match="component='text_encoder' contradicts .* a 'unet'"):
+    with pytest.raises(ValueError, match="component='text_encoder' contradicts .* is a 'unet'"):
         bayes_adapter.export_lora(folder, tmp_path / "out", component="text_encoder")
+    assert not (tmp_path / "out").exists()
+    # An add_adapter model records no base class in PEFT's save; ours records it, in memory and in what it saves.
+    unet = bayesian_unet()
+    with pytest.raises(ValueError, match="contradicts the UNet2DConditionModel in memory: its base_model_class"):
+        bayes_adapter.export_lora(unet, tmp_path / "out", component="text_encoder")
+    saved = save_bayesian_adapter(unet, tmp_path / "saved")
+    with pytest.raises(ValueError, match="component='text_encoder' contradicts the adapter in"):
+        bayes_adapter.export_lora(saved, tmp_path / "out", component="text_encoder")
     assert not (tmp_path / "out").exists()
 
 
