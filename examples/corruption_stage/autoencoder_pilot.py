@@ -24,7 +24,9 @@ CANDIDATES = {
     "v1_arch": dict(ae_channels=(16, 32, 64), latent_channels=4),
     "wide8": dict(ae_channels=(16, 32, 64), latent_channels=12),
     "half16": dict(ae_channels=(32, 64), latent_channels=4),
+    "half16_edge": dict(ae_channels=(32, 64), latent_channels=4),  # + the edge loss (TRAINING below)
 }
+TRAINING = {"half16_edge": {"edge_weight": 1.0}}
 # The decision rule of PLAN_V2.md, step 1.
 MAX_NUMBERS, MAX_PROCEDURAL_RMSE, MIN_TEXTURE_RATIO = 1024, 0.17, 0.5
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = LabModelConfig(**CANDIDATES[name])
         model = new_model(cfg, seed=args.seed)
         start = time.time()
-        history = train_autoencoder(model, images, args.steps, args.batch, lr=2e-3, seed=args.seed + 1)["history"]
+        history = train_autoencoder(
+            model, images, args.steps, args.batch, lr=2e-3, seed=args.seed + 1, **TRAINING.get(name, {})
+        )["history"]
         numbers = cfg.latent_channels * cfg.latent_size**2
         results[name] = {
             "latent_numbers": numbers,
