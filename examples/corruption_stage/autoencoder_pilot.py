@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 import torch
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
             save_preview(model.vae, sets["subject"], f"{os.path.splitext(args.out)[0]}_{name}.png")
     chosen = decide(results)
     payload = {
-        "command": "python -m examples.corruption_stage.autoencoder_pilot " + " ".join(argv or []),
+        "command": "python -m examples.corruption_stage.autoencoder_pilot "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "args": vars(args),
         "rule": {
             "max_latent_numbers": MAX_NUMBERS,
