@@ -303,6 +303,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="The guidance given to a guidance-distilled Flux (Flux.1-dev) while training.",
     )
     flow.add_argument(
+        "--precondition_outputs",
+        type=int,
+        default=None,
+        choices=[0, 1],
+        help="SD3 only, as diffusers' SD3 scripts (default 1): 1 preconditions the output as in EDM (the loss compares "
+        "the predicted clean latents, noisy - sigma * output, with the latents); 0 compares the output with noise - "
+        "latents.",
+    )
+    flow.add_argument(
         "--max_sequence_length",
         type=int,
         default=None,
@@ -634,6 +643,11 @@ def resolve_family(args: argparse.Namespace) -> tuple[ModelFamily, dict]:
             f"{', '.join(wrong)} applies to {kind} only; {path!r} is {family.label}. Drop it"
             + (" (give --kl_weight a number)." if "--kl_weight elbo" in wrong else ".")
         )
+    if args.precondition_outputs is not None and family.name != "sd3":
+        raise ArgumentsError(
+            f"--precondition_outputs applies to SD3 only (as in diffusers' scripts); {path!r} is {family.label}. "
+            "Drop it."
+        )
     if args.output_kohya_format and family.denoiser != "unet":
         raise ArgumentsError(
             f"--output_kohya_format writes the UNet kohya layout (SD 1.x/2.x, SDXL); {family.label} has none here. "
@@ -642,6 +656,8 @@ def resolve_family(args: argparse.Namespace) -> tuple[ModelFamily, dict]:
     if family.flow_matching:
         args.weighting_scheme = args.weighting_scheme or family.default_weighting_scheme
         args.max_sequence_length = args.max_sequence_length or family.default_max_sequence_length
+    if family.name == "sd3" and args.precondition_outputs is None:
+        args.precondition_outputs = 1
     return family, model_index
 
 
@@ -1279,9 +1295,9 @@ def main(args: argparse.Namespace) -> dict:
                         accelerator.device,
                         args.max_sequence_length,
                     )
-                weighting = None
+                weighting = sigmas = None
                 if family.flow_matching:
-                    noisy, timesteps, _, weighting = dreambooth_models.flow_matching_inputs(
+                    noisy, timesteps, sigmas, weighting = dreambooth_models.flow_matching_inputs(
                         args, noise_scheduler, latents, noise
                     )
                     target = noise - latents
@@ -1300,6 +1316,9 @@ def main(args: argparse.Namespace) -> dict:
                 model_pred = dreambooth_models.predict(
                     family, denoiser_train, noisy, timesteps, cond, batch["time_ids"], guidance
                 )
+                if family.name == "sd3" and args.precondition_outputs:  # EDM preconditioning: predict the latents
+                    model_pred = model_pred * (-sigmas) + noisy
+                    target = latents
                 loss = denoising_loss(args, noise_scheduler, model_pred, target, timesteps, weighting)
                 kl_term = sum(bayes_adapter.kl_loss(unwrap(m), kl_examples) for m in wrapped.values())
                 accelerator.backward(loss + kl_term)

@@ -117,7 +117,8 @@ VANILLA = textwrap.dedent(
     "family, extra",
     [
         ("flux", []),  # frozen text encoders: the conditioning is computed once per prompt
-        ("sd3", ["--train_text_encoder", "--weighting_scheme", "mode"]),  # both CLIPs Bayesian, T5 frozen
+        # both CLIPs Bayesian, T5 frozen; diffusers' default EDM preconditioning of SD3's output
+        ("sd3", ["--train_text_encoder", "--weighting_scheme", "mode"]),
     ],
 )
 def test_dit_train_resume_and_export(request, tmp_path, instance_dir, family, extra):
@@ -289,6 +290,7 @@ def _error_of(capsys, argv) -> str:
         ("sd3", ["--output_kohya_format"], "--output_kohya_format"),
         ("sd", ["--weighting_scheme", "logit_normal"], "--weighting_scheme"),
         ("sd", ["--max_sequence_length", "77"], "--max_sequence_length"),
+        ("flux", ["--precondition_outputs", "1"], "--precondition_outputs applies to SD3 only"),
     ],
 )
 def test_family_specific_flags_are_refused_clearly(request, tmp_path, instance_dir, capsys, family, extra, message):
@@ -309,3 +311,20 @@ def test_a_pipeline_the_script_does_not_train_is_named(tmp_path, instance_dir, c
     )
     err = _error_of(capsys, dreambooth_args(model, instance_dir, tmp_path / "out", "--max_train_steps", "1"))
     assert "KandinskyV22Pipeline" in err and "StableDiffusionPipeline" in err and "FluxPipeline" in err, err
+
+
+def test_sd3_preconditions_its_output_by_default_as_diffusers(tmp_path, tiny_sd3, instance_dir):
+    """diffusers' SD3 scripts default to --precondition_outputs 1 (the loss on noisy - sigma * output vs the
+    latents); 0 is the plain flow-matching target. Same seed, one step: the two give different adapters."""
+    from peft import get_peft_model_state_dict
+
+    args = train.parse_args(dreambooth_args(tiny_sd3, instance_dir, tmp_path / "a", *T5_TOKENS))
+    assert args.precondition_outputs == 1
+    states = []
+    for flag, out in (("1", "a"), ("0", "b")):
+        extra = ["--max_train_steps", "1", "--precondition_outputs", flag, *T5_TOKENS]
+        reset_accelerate_state()
+        result = train.main(train.parse_args(dreambooth_args(tiny_sd3, instance_dir, tmp_path / out, *extra)))
+        states.append(get_peft_model_state_dict(result["transformer"]))
+    moved = [key for key in states[0] if ".lora_B." in key and not torch.equal(states[0][key], states[1][key])]
+    assert moved, "the preconditioning does not change the training"
