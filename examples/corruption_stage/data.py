@@ -22,6 +22,12 @@ SUBJECT_KIND = "cross"
 NULL_TOKEN = len(KINDS)
 SUBJECT_TOKEN = len(KINDS) + 1
 NUM_TOKENS = len(KINDS) + 2
+# Lab v2 (PLAN_V2.md) adds two tokens after the condition sequence's START/END ids (models.py), so v1 models keep
+# their vocabulary: the subject's class ("cross", pretrained on crosses of random appearance) and "photo" (the
+# natural crops of the pretraining mix).
+CLASS_TOKEN = NUM_TOKENS + 2
+PHOTO_TOKEN = NUM_TOKENS + 3
+V2_EXTRA_TOKENS = 2
 
 _SS = 2  # supersampling factor for anti-aliased edges
 
@@ -134,14 +140,28 @@ def render(
     return img.clamp(-1, 1)
 
 
-def make_pretraining_set(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` random images of the pretraining kinds and their kind labels (condition tokens)."""
+def make_pretraining_set(
+    n: int, seed: int = 0, size: int = 32, with_class: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random images of the pretraining kinds and their kind labels (condition tokens). ``with_class`` (lab
+    v2) adds the subject's kind, the cross, in random colours and textures, labelled ``CLASS_TOKEN``."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    kinds = KINDS + (SUBJECT_KIND,) if with_class else KINDS
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(len(KINDS), (n,), generator=g)
-    images = torch.stack([render(g, KINDS[int(k)], size) for k in labels])
+    labels = torch.randint(len(kinds), (n,), generator=g)
+    images = torch.stack([render(g, kinds[int(k)], size) for k in labels])
+    if with_class:
+        labels[labels == len(KINDS)] = CLASS_TOKEN
     return images, labels
+
+
+def make_v2_pretraining_set(n: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lab v2's denoiser data: ``n // 2`` procedural images with the class (``make_pretraining_set(with_class=True)``)
+    and ``n - n // 2`` natural crops labelled ``PHOTO_TOKEN``, with their condition tokens."""
+    images, labels = make_pretraining_set(n // 2, seed=seed, size=size, with_class=True)
+    crops = make_natural_crops(n - n // 2, seed=seed + 7, size=size)
+    return torch.cat([images, crops]), torch.cat([labels, torch.full((len(crops),), PHOTO_TOKEN)])
 
 
 SUBJECT_COLOURS = (torch.tensor([0.9, -0.6, -0.7]), torch.tensor([0.95, 0.85, -0.8]))  # red / yellow

@@ -27,6 +27,7 @@ class LabModelConfig:
     cond_dim: int = 64
     cond_len: int = 4
     num_train_timesteps: int = 1000
+    extra_tokens: int = 0  # lab v2: data.V2_EXTRA_TOKENS (class and photo tokens)
 
     @property
     def latent_size(self) -> int:
@@ -42,17 +43,21 @@ VOCAB = data.NUM_TOKENS + 2
 class ConditionEmbedding(torch.nn.Module):
     """A token id -> a short sequence of embeddings (the lab's stand-in for a text encoder)."""
 
-    def __init__(self, dim: int, length: int):
+    def __init__(self, dim: int, length: int, extra_tokens: int = 0):
         super().__init__()
         self.length = length
-        self.tokens = torch.nn.Embedding(VOCAB, dim)
+        self.tokens = torch.nn.Embedding(VOCAB + extra_tokens, dim)
         self.positions = torch.nn.Parameter(torch.randn(length, dim) * 0.02)
         torch.nn.init.normal_(self.tokens.weight, std=1.0)
 
     def forward(self, token: torch.Tensor) -> torch.Tensor:
+        """``token``: ``(B,)`` ids, or ``(B, k)`` for a k-token prompt (lab v2's "sks cross"), k < length."""
+        tokens = token[:, None] if token.dim() == 1 else token
+        if tokens.shape[1] >= self.length:
+            raise ValueError(f"a prompt holds at most {self.length - 1} tokens, got {tokens.shape[1]}")
         ids = torch.full((token.shape[0], self.length), END_TOKEN, dtype=torch.long, device=token.device)
         ids[:, 0] = START_TOKEN
-        ids[:, 1] = token
+        ids[:, 1 : 1 + tokens.shape[1]] = tokens
         return self.tokens(ids) + self.positions
 
 
@@ -117,7 +122,9 @@ class LabModel:
 def new_model(cfg: LabModelConfig | None = None, seed: int = 0) -> LabModel:
     cfg = cfg or LabModelConfig()
     torch.manual_seed(seed)
-    return LabModel(cfg, build_autoencoder(cfg), ConditionEmbedding(cfg.cond_dim, cfg.cond_len), build_unet(cfg))
+    return LabModel(
+        cfg, build_autoencoder(cfg), ConditionEmbedding(cfg.cond_dim, cfg.cond_len, cfg.extra_tokens), build_unet(cfg)
+    )
 
 
 WEIGHTS_FILE = "lab_model.safetensors"

@@ -172,6 +172,62 @@ def pretrain(
     return model
 
 
+# Lab v2's autoencoder: the candidate chosen by pilot 2b (PLAN_V2.md, results/v2_autoencoder_pilot2b.json), trained
+# exactly as in that pilot (same data, seeds, steps, one thread), so it is the autoencoder that was measured.
+V2_CONFIG = LabModelConfig(ae_channels=(32, 64), latent_channels=4, extra_tokens=data.V2_EXTRA_TOKENS)
+V2_AUTOENCODER = {"n_images": 6000, "steps": 4000, "batch": 32, "lr": 2e-3, "seed": 0, "edge_weight": 1.0}
+
+
+def pretrain_v2(
+    out_dir: str,
+    n_images: int = 12000,
+    unet_steps: int = 5000,
+    unet_batch: int = 64,
+    seed: int = 0,
+    unet_threads: int = 2,
+    autoencoder: dict | None = None,
+) -> LabModel:
+    """Lab v2's base model (PLAN_V2.md step 2): pilot 2b's autoencoder, then v1's denoiser recipe on its latents of
+    ``data.make_v2_pretraining_set`` (procedural kinds with the cross as a class, and photo crops). The autoencoder
+    alone is saved to ``<out_dir>/autoencoder`` first, so a cut-off run keeps it."""
+    ae = {**V2_AUTOENCODER, **(autoencoder or {})}
+    t0 = time.time()
+    half = ae["n_images"] // 2
+    ae_images = torch.cat(
+        [data.make_pretraining_set(half, seed=ae["seed"])[0], data.make_natural_crops(half, seed=ae["seed"] + 7)]
+    )
+    model = new_model(V2_CONFIG, seed=ae["seed"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ae_hist = train_autoencoder(
+        model, ae_images, ae["steps"], ae["batch"], ae["lr"], seed=ae["seed"] + 1, edge_weight=ae["edge_weight"]
+    )["history"]
+    torch.set_num_threads(unet_threads or threads)
+    t_ae = time.time() - t0
+    save_model(model, f"{out_dir}/autoencoder", {"stage": "autoencoder only", "autoencoder_recipe": ae})
+    images, labels = data.make_v2_pretraining_set(n_images, seed=seed)
+    raw = encode_all(model, images)
+    model.latent_scale = float(1.0 / raw.std())
+    un = train_unet(model, raw * model.latent_scale, labels, unet_steps, unet_batch, lr=1e-3, seed=seed + 2)
+    extra = {
+        "how_made": (
+            "python -m examples.corruption_stage.pretrain --v2 (examples/corruption_stage/pretrain.py, "
+            f"pretrain_v2): AutoencoderKL {V2_CONFIG.ae_channels} as lab v2 pilot 2b ({ae}), one thread; then "
+            f"UNet2DConditionModel {unet_steps} steps batch {unet_batch} on the latents of {n_images} images "
+            f"(make_v2_pretraining_set seed {seed}; v1's recipe), {unet_threads} threads; weights stored in float16."
+        ),
+        "seed": seed,
+        "torch": torch.__version__,
+        "autoencoder_recipe": ae,
+        "final_unet_loss_avg_last10": sum(h["loss"] for h in un["history"][-10:]) / len(un["history"][-10:]),
+        "seconds": {"autoencoder": round(t_ae, 1), "total": round(time.time() - t0, 1)},
+    }
+    save_model(model, out_dir, extra)
+    with open(f"{out_dir}/pretrain_history.json", "w") as f:
+        json.dump({"autoencoder": ae_hist, "unet": un["history"]}, f)
+    return model
+
+
 def _save_preview(model: LabModel, path: str) -> None:
     import matplotlib
 
@@ -179,7 +235,10 @@ def _save_preview(model: LabModel, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = []
-    for tok in list(range(len(data.KINDS))) + [data.SUBJECT_TOKEN]:
+    tokens = list(range(len(data.KINDS))) + [data.SUBJECT_TOKEN]
+    if model.cfg.extra_tokens:
+        tokens += [data.CLASS_TOKEN, data.PHOTO_TOKEN]
+    for tok in tokens:
         rows.append(sample(model, tok, 8, seed=0))
     fig, axs = plt.subplots(len(rows), 8, figsize=(8, len(rows)))
     for r, imgs in enumerate(rows):
@@ -198,9 +257,15 @@ def main() -> None:
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preview", default=None)
+    p.add_argument("--v2", action="store_true", help="lab v2's base model (PLAN_V2.md; ignores --ae-steps)")
     a = p.parse_args()
-    torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if a.v2:
+        model = pretrain_v2(a.out, a.n_images, a.unet_steps, seed=a.seed)
+        if a.preview:
+            _save_preview(model, a.preview)
+        return
+    torch.set_num_threads(1)
     pretrain(a.out, a.n_images, a.ae_steps, a.unet_steps, seed=a.seed, preview=a.preview)
 
 
