@@ -3,6 +3,8 @@ model's implied width of the learned distribution around a training image."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from diffusers import DDIMScheduler
 
@@ -41,24 +43,33 @@ def _train_schedule(model: LabModel) -> DDIMScheduler:
     return _SCHEDULES[key]
 
 
+def condition_tokens(token: int | Sequence[int], n: int) -> torch.Tensor:
+    """``n`` copies of a one-token (``int``) or several-token prompt, as the condition embedding takes them."""
+    if isinstance(token, int):
+        return torch.full((n,), token, dtype=torch.long)
+    return torch.tensor([list(token)] * n, dtype=torch.long)
+
+
 @torch.no_grad()
 def sample(
     model: LabModel,
-    token: int,
+    token: int | Sequence[int],
     n: int,
     seed: int = 0,
     steps: int = 25,
     guidance: float = 3.0,
     eta: float = 0.0,
-) -> torch.Tensor:
-    """Draws ``n`` images for condition ``token`` with DDIM (``eta`` = 0: deterministic given the seed) and
-    classifier-free guidance; returns images in [-1, 1]. The UNet is used in whatever mode it is in."""
+    return_latents: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Draws ``n`` images for the prompt ``token`` (an id or a sequence of ids) with DDIM (``eta`` = 0: deterministic
+    given the seed) and classifier-free guidance; returns images in [-1, 1], and with ``return_latents`` also the
+    final latents. The UNet is used in whatever mode it is in."""
     sched = build_scheduler(model.cfg)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     c = model.cfg
     x = torch.randn((n, c.latent_channels, c.latent_size, c.latent_size), generator=g)
-    cond = model.cond(torch.full((n,), token, dtype=torch.long))
+    cond = model.cond(condition_tokens(token, n))
     uncond = model.cond(torch.full((n,), data.NULL_TOKEN, dtype=torch.long))
     emb = torch.cat([uncond, cond])
     for t in sched.timesteps:
@@ -66,14 +77,14 @@ def sample(
         eu, ec = eps.chunk(2)
         eps = eu + guidance * (ec - eu)
         x = sched.step(eps, t, x, eta=eta, generator=g).prev_sample
-    return model.decode(x)
+    return (model.decode(x), x) if return_latents else model.decode(x)
 
 
 @torch.no_grad()
 def learned_width(
     model: LabModel,
     latents: torch.Tensor,
-    token: int,
+    token: int | Sequence[int],
     timesteps: list[int],
     n_noise: int = 8,
     seed: int = 0,
@@ -84,7 +95,7 @@ def learned_width(
     g = torch.Generator().manual_seed(seed)
     x0 = latents.repeat_interleave(n_noise, 0)
     noise = torch.randn(x0.shape, generator=g)
-    emb = model.cond(torch.full((x0.shape[0],), token, dtype=torch.long))
+    emb = model.cond(condition_tokens(token, x0.shape[0]))
     out = []
     for t in timesteps:
         ab = sched.alphas_cumprod[t]

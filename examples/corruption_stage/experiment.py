@@ -19,7 +19,8 @@ from bayes_adapter import BayesLoraConfig, kl_divergence, kl_loss
 from bayes_adapter.monitor import copy_rate, corruption_report, nearest_reference_distance
 
 from . import data
-from .diffusion import diffusion_loss, learned_width, sample
+from .diffusion import condition_tokens, diffusion_loss, learned_width, sample
+from .measures import latent_residuals, structural_fidelity
 from .models import LabModel
 
 
@@ -62,6 +63,11 @@ class ExperimentConfig:
     eval_seed: int = 10_000
     grid_seed: int = 0  # the training seed whose samples are kept for the figure's grids
     grid_n: int = 6
+    # Lab v2 (PLAN_V2.md): the training and sampling prompt (v2: subject then class token, "sks cross") and the v2
+    # measures at every evaluation (SSIM fidelity; latent residual energy, whiteness and copy rate).
+    prompt: tuple[int, ...] = (data.SUBJECT_TOKEN,)
+    v2_measures: bool = False
+    latent_copy_energy: float = 0.1  # v2 copy: residual energy below this fraction of the training latents' variance
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -145,7 +151,9 @@ def run_arm(
     with torch.no_grad():
         latents = model.encode(train_images)
     g = torch.Generator().manual_seed(seed)
-    token = torch.full((cfg.batch,), data.SUBJECT_TOKEN, dtype=torch.long)
+    prompt = cfg.prompt[0] if len(cfg.prompt) == 1 else cfg.prompt
+    token = condition_tokens(prompt, cfg.batch)
+    ssim_ceiling = structural_fidelity(recon, train_images) if cfg.v2_measures else None
     # L2 control: the KL's own pull on the means of B (its mu^2 / 2 prior^2 term), without the noise.
     l2_coef = kl_w / (2 * cfg.sigma**2 * n_img)
 
@@ -164,12 +172,21 @@ def run_arm(
     def evaluate(it: int) -> None:
         nonlocal prev, run_loss, run_n
         model.unet.eval()
-        imgs = sample(
-            model, data.SUBJECT_TOKEN, cfg.n_eval, seed=cfg.eval_seed, steps=cfg.sample_steps, guidance=cfg.guidance
+        imgs, sample_latents = sample(
+            model,
+            prompt,
+            cfg.n_eval,
+            seed=cfg.eval_seed,
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
+            return_latents=True,
         )
         rep = corruption_report(imgs, train_images, copy_threshold=cfg.copy_threshold)
         rep["copy_rate"] = float(copy_rate(imgs, recon, cfg.copy_threshold))
         rep["nn_distance_recon"] = float(nearest_reference_distance(imgs, recon).mean())
+        if cfg.v2_measures:
+            rep.update(_v2_measures(imgs, sample_latents, train_images, latents, cfg.latent_copy_energy))
+            rep["ssim_ceiling"] = ssim_ceiling
         for k, v in rep.items():
             curves.setdefault(k, []).append(v)
         curves["iteration"].append(it)
@@ -177,7 +194,7 @@ def run_arm(
         run_loss, run_n = 0.0, 0
         curves["flicker"].append(float((imgs - prev).pow(2).mean().sqrt()) if prev is not None else float("nan"))
         prev = imgs
-        curves["width"].append(learned_width(model, latents, data.SUBJECT_TOKEN, list(cfg.width_timesteps)))
+        curves["width"].append(learned_width(model, latents, prompt, list(cfg.width_timesteps)))
         if bayesian:
             stats = bayes_adapter.posterior_std_stats(model.unet)
             for key in ("mean", "min", "max"):
@@ -229,6 +246,18 @@ def run_arm(
     if keep_samples:
         out["samples"] = torch.stack(samples_kept)  # (n_evals, grid_n, 3, H, W) uint8
     return out
+
+
+def _v2_measures(
+    images: torch.Tensor, sample_latents: torch.Tensor, train_images: torch.Tensor, latents: torch.Tensor, copy: float
+) -> dict[str, float]:
+    residual = latent_residuals(sample_latents, latents)
+    return {
+        "ssim_fidelity": structural_fidelity(images, train_images),
+        "latent_energy": float(residual["energy"].median()),
+        "whiteness": float(residual["whiteness"].median()),
+        "latent_copy_rate": float((residual["energy"] < copy).double().mean()),
+    }
 
 
 def run_experiment(base: LabModel, cfg: ExperimentConfig, tensorboard_dir: str | None = None) -> dict:

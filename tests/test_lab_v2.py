@@ -1,0 +1,172 @@
+"""Lab v2 (examples/corruption_stage/PLAN_V2.md): its data, prompts, measures, base-model recipe and gate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from examples.corruption_stage import autoencoder_pilot, data, gate, measures, models, pretrain
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_v2_pretraining_set_has_the_class_and_photo_tokens():
+    images, labels = data.make_v2_pretraining_set(40, seed=3)
+    assert images.shape == (40, 3, 32, 32) and float(images.abs().max()) <= 1.0
+    assert set(labels[:20].tolist()) <= set(range(len(data.KINDS))) | {data.CLASS_TOKEN}
+    assert data.CLASS_TOKEN in labels[:20].tolist()
+    assert labels[20:].tolist() == [data.PHOTO_TOKEN] * 20
+    again, _ = data.make_v2_pretraining_set(40, seed=3)
+    assert torch.equal(images, again)
+    # v1's set is unchanged by the option: no class, the same draws
+    v1_images, v1_labels = data.make_pretraining_set(20, seed=3)
+    assert int(v1_labels.max()) < len(data.KINDS)
+    assert torch.equal(v1_images, data.make_pretraining_set(20, seed=3, with_class=False)[0])
+    # the new ids come after v1's whole vocabulary (tokens, START, END), so v1 models keep theirs
+    assert data.CLASS_TOKEN == models.VOCAB and data.PHOTO_TOKEN == models.VOCAB + 1
+
+
+def test_condition_embedding_takes_a_two_token_prompt():
+    cond = models.ConditionEmbedding(8, 4, extra_tokens=data.V2_EXTRA_TOKENS)
+    prompt = torch.tensor([[data.SUBJECT_TOKEN, data.CLASS_TOKEN]])
+    ids = [models.START_TOKEN, data.SUBJECT_TOKEN, data.CLASS_TOKEN, models.END_TOKEN]
+    with torch.no_grad():
+        assert torch.equal(cond(prompt)[0], cond.tokens.weight[ids] + cond.positions)
+        assert torch.equal(cond(torch.tensor([3]))[0, 1], cond.tokens.weight[3] + cond.positions[1])
+    with pytest.raises(ValueError, match="at most 3 tokens, got 4"):
+        cond(torch.zeros(1, 4, dtype=torch.long))
+    assert models.ConditionEmbedding(8, 4).tokens.num_embeddings == models.VOCAB
+
+
+def test_spectral_flatness_separates_white_noise_from_smooth_fields():
+    g = torch.Generator().manual_seed(0)
+    white = measures.spectral_flatness(torch.randn(16, 4, 16, 16, generator=g))
+    assert 0.5 < float(white.mean()) < 0.62  # exp(-Euler's gamma) = 0.561 for a white Gaussian field
+    ramp = torch.linspace(-1, 1, 16)
+    smooth = (ramp[:, None] * ramp[None, :]).expand(2, 4, 16, 16)
+    assert float(measures.spectral_flatness(smooth).max()) < 0.05
+
+
+def test_structural_fidelity_is_one_for_the_training_images_and_lower_with_noise():
+    g = torch.Generator().manual_seed(1)
+    train = data.make_subject_set(3)
+    assert measures.ssim_matrix(train, train).diagonal().tolist() == pytest.approx([1.0] * 3)
+    assert measures.structural_fidelity(train.flip(0), train) == pytest.approx(1.0)  # nearest, not same index
+    noisy = (train + 0.3 * torch.randn(train.shape, generator=g)).clamp(-1, 1)
+    assert measures.structural_fidelity(noisy, train) < 0.8
+
+
+def test_latent_residuals_use_the_nearest_training_latent():
+    g = torch.Generator().manual_seed(2)
+    train = torch.randn(3, 4, 8, 8, generator=g)
+    ramp = torch.linspace(-0.2, 0.2, 8)
+    smooth = (ramp[:, None] + ramp[None, :]).expand(4, 8, 8)
+    samples = torch.stack([train[2], train[0] + smooth])
+    residual = measures.latent_residuals(samples, train)
+    variance = float(train.var(unbiased=False))
+    expected = float(smooth.pow(2).mean()) / variance
+    assert residual["energy"].tolist() == pytest.approx([0.0, expected], rel=1e-5)
+    assert float(residual["whiteness"][1]) < 0.05
+
+
+def _curves(fidelity, whiteness, energy, copies):
+    return {
+        "iteration": [100 * i for i in range(len(fidelity))],
+        "ssim_fidelity": fidelity,
+        "whiteness": whiteness,
+        "latent_energy": energy,
+        "latent_copy_rate": copies,
+        "ssim_ceiling": [0.8] * len(fidelity),
+    }
+
+
+def test_stage_rule_needs_two_consecutive_corrupt_checkpoints_before_the_copies():
+    stage = _curves(
+        [0.3, 0.7, 0.6, 0.6, 0.75], [0.2, 0.2, 0.35, 0.4, 0.1], [2.0, 1.0, 0.5, 0.4, 0.01], [0, 0, 0, 0, 1]
+    )
+    judged = gate.judge_run(stage)
+    assert judged["stage"] and judged["recovers"] and judged["stage_from_iteration"] == 200
+    # the peak is the one before the copies, although the copies' fidelity exceeds it
+    assert judged["peak_iteration"] == 100 and judged["first_copy_iteration"] == 400
+    early = _curves([0.3, 0.7, 0.6, 0.6, 0.65], [0.2, 0.2, 0.35, 0.4, 0.1], [2.0, 1.0, 0.5, 0.4, 0.3], [0] * 5)
+    assert gate.stage_rule(early) == {
+        "stage": True,
+        "stage_from_iteration": 200,
+        "recovers": False,
+        "peak_iteration": 100,
+        "first_copy_iteration": None,
+    }
+    one = _curves([0.3, 0.7, 0.6, 0.7, 0.65], [0.2, 0.2, 0.35, 0.2, 0.1], [2.0, 1.0, 0.5, 0.4, 0.3], [0] * 5)
+    assert not gate.stage_rule(one)["stage"]
+    low_energy = _curves([0.3, 0.7, 0.6, 0.6], [0.2, 0.2, 0.35, 0.4], [2.0, 1.0, 0.2, 0.2], [0] * 4)
+    assert not gate.stage_rule(low_energy)["stage"]
+
+
+def test_gates_two_and_three_use_the_plan_thresholds():
+    curves = _curves([0.5, 0.73, 0.7], [0.2] * 3, [1.0, 0.1, 0.05], [0.0, 0.4, 0.5])
+    judged = gate.judge_run(curves)  # 0.73 >= 0.9 * 0.8, final copy rate 0.5 >= 0.5
+    assert judged["learns_subject"] and judged["ends_in_copies"] and judged["max_ssim_fidelity_iteration"] == 100
+    curves = _curves([0.5, 0.71, 0.7], [0.2] * 3, [1.0, 0.1, 0.05], [0.0, 0.5, 0.4])
+    judged = gate.judge_run(curves)
+    assert not judged["learns_subject"] and not judged["ends_in_copies"]
+
+
+@pytest.mark.slow
+def test_pretrain_v2_trains_the_autoencoder_pilot_2b_measured(tmp_path):
+    chosen = autoencoder_pilot.CANDIDATES["half16_edge"]
+    assert pretrain.V2_CONFIG.ae_channels == chosen["ae_channels"]
+    assert pretrain.V2_CONFIG.latent_channels == chosen["latent_channels"]
+    assert pretrain.V2_AUTOENCODER["edge_weight"] == autoencoder_pilot.TRAINING["half16_edge"]["edge_weight"]
+    small = ["--steps", "2", "--n-images", "40", "--candidates", "half16_edge"]
+    pilot = autoencoder_pilot.main([*small, "--out", str(tmp_path / "pilot.json")])["results"]["half16_edge"]
+    model = pretrain.pretrain_v2(
+        str(tmp_path / "v2"), n_images=16, unet_steps=2, unet_batch=4, autoencoder={"steps": 2, "n_images": 40}
+    )
+    scores = autoencoder_pilot.score(model.vae, autoencoder_pilot.held_out_sets())
+    for key, value in scores.items():
+        assert value == pytest.approx(pilot[key], rel=1e-5), key
+    loaded = models.load_model(str(tmp_path / "v2"))
+    assert loaded.cfg.extra_tokens == data.V2_EXTRA_TOKENS and loaded.cfg.latent_size == 16
+    assert models.load_model(str(tmp_path / "v2" / "autoencoder")).cfg == loaded.cfg
+    meta = json.loads((tmp_path / "v2" / models.CONFIG_FILE).read_text())
+    assert meta["autoencoder_recipe"]["steps"] == 2 and "pretrain_v2" in meta["how_made"]
+
+
+@pytest.mark.slow
+def test_gate_runs_end_to_end_on_a_tiny_v2_model(tmp_path):
+    model = pretrain.pretrain_v2(
+        str(tmp_path / "v2"), n_images=16, unet_steps=2, unet_batch=4, autoencoder={"steps": 2, "n_images": 16}
+    )
+    assert model.cfg.extra_tokens
+    out = tmp_path / "gate.json"
+    args = ["--model-dir", str(tmp_path / "v2"), "--out", str(out), "--seeds", "0", "1", "--steps", "2"]
+    payload = gate.main([*args, "--eval-every", "1", "--workers", "2", "--classifier-steps", "2"])
+    assert json.loads(out.read_text())["passed"] == payload["passed"] is False  # an untrained model fails
+    gate1 = payload["gate1_class"]
+    assert gate1["of"] == 12 and len(gate1["class_sample_kinds"]) == 12
+    assert set(gate1["class_sample_kinds"]) <= set(gate.CLASSES)
+    assert [r["seed"] for r in payload["runs"]] == [0, 1]
+    curves = payload["runs"][0]["curves"]
+    assert curves["iteration"] == [0, 1, 2] and len(curves["latent_energy"]) == 3
+    assert payload["runs"][0]["curves"]["loss"][1:] != payload["runs"][1]["curves"]["loss"][1:]
+    assert list(payload["config"]["prompt"]) == [data.SUBJECT_TOKEN, data.CLASS_TOKEN]
+    # a 2-step classifier is no measure: gate 1 is then unmeasurable, never passed
+    assert gate1["classifier_accuracy_held_out_all_kinds"] < 0.9 and not gate1["measurable"]
+
+
+def test_gate_refuses_a_v1_model(tmp_path):
+    shipped_v1 = os.path.join(ROOT, "examples", "corruption_stage", "base_model")
+    out = str(tmp_path / "gate.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.corruption_stage.gate", "--model-dir", shipped_v1, "--out", out],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "not a lab v2 model" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(out)
