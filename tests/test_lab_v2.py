@@ -158,6 +158,24 @@ def test_gate_runs_end_to_end_on_a_tiny_v2_model(tmp_path):
     assert gate1["classifier_accuracy_held_out_all_kinds"] < 0.9 and not gate1["measurable"]
 
 
+@pytest.mark.slow
+def test_the_lab_command_runs_v2_on_a_v2_model_and_refuses_a_mismatch(tmp_path, capsys):
+    from examples.corruption_stage.__main__ import main
+
+    model_dir = str(tmp_path / "v2")
+    pretrain.pretrain_v2(model_dir, n_images=16, unet_steps=2, unet_batch=4, autoencoder={"steps": 2, "n_images": 16})
+    paths = main(["--tiny", "--v2", "--model-dir", model_dir, "--out", str(tmp_path / "out"), "--arms", "lora"])
+    result = json.loads(open(paths["json"]).read())
+    assert result["config"]["prompt"] == [data.SUBJECT_TOKEN, data.CLASS_TOKEN]
+    curves = result["runs"][0]["curves"]
+    assert len(curves["ssim_fidelity"]) == len(curves["iteration"]) == len(curves["whiteness"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tiny", "--model-dir", model_dir, "--out", str(tmp_path / "out2")])
+    assert exit_info.value.code == 2
+    assert "holds a lab v2 model; pass --v2" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out2")
+
+
 def test_gate_refuses_a_v1_model(tmp_path):
     shipped_v1 = os.path.join(ROOT, "examples", "corruption_stage", "base_model")
     out = str(tmp_path / "gate.json")

@@ -8,6 +8,7 @@ markdown summary.
     python -m examples.corruption_stage                 # default configuration (a few minutes, one thread)
     python -m examples.corruption_stage --full          # all arms, 1 and 3 images, 3 seeds
     python -m examples.corruption_stage --pretrain      # retrain the base model (~25 min on one core)
+    python -m examples.corruption_stage --v2 --pretrain-only --threads 2  # lab v2's base model (PLAN_V2.md, ~2 h)
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import time
 
 import torch
 
-from . import experiment, models, pretrain, report
+from . import data, experiment, models, pretrain, report
 
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
+V2_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model_v2")
 
 
 def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
@@ -56,6 +58,8 @@ def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
         over["n_images"] = tuple(args.n_images)
     if args.seeds:
         over["seeds"] = tuple(args.seeds)
+    if args.v2:
+        over.update(prompt=(data.SUBJECT_TOKEN, data.CLASS_TOKEN), v2_measures=True)
     if over:
         cfg = experiment.ExperimentConfig(**{**cfg.__dict__, **over})
     return cfg
@@ -64,7 +68,12 @@ def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join("outputs", "corruption_stage"), help="output folder")
-    p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="base model folder (read, or written by --pretrain)")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="base model folder (read, or written by --pretrain); default: the shipped one",
+    )
+    p.add_argument("--v2", action="store_true", help="lab v2 (PLAN_V2.md): its base model, 'sks cross', v2 measures")
     p.add_argument("--full", action="store_true", help="the full study: all arms, 1 and 3 images, 3 seeds")
     p.add_argument("--pretrain", action="store_true", help="retrain the base model into --model-dir first")
     p.add_argument("--pretrain-only", action="store_true", help="retrain the base model and stop")
@@ -83,7 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale of the evaluation samples")
     p.add_argument("--sample-steps", type=int, help="DDIM steps of the evaluation samples")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.model_dir is None:
+        args.model_dir = V2_MODEL_DIR if args.v2 else DEFAULT_MODEL_DIR
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,10 +107,20 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m examples.corruption_stage " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.time()
     if args.pretrain or args.pretrain_only:
-        pretrain.pretrain(args.model_dir)
+        if args.v2:
+            pretrain.pretrain_v2(args.model_dir, unet_threads=args.threads)
+        else:
+            pretrain.pretrain(args.model_dir)
         if args.pretrain_only:
             return {}
     base = models.load_model(args.model_dir)
+    if args.v2 != bool(base.cfg.extra_tokens):
+        kind = "a lab v2" if base.cfg.extra_tokens else "a v1"
+        print(
+            f"error: --model-dir {args.model_dir} holds {kind} model; pass --v2 exactly for a v2 model",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     cfg = build_config(args)
     result = experiment.run_experiment(base, cfg, tensorboard_dir=os.path.join(args.out, "tensorboard"))
     paths = report.write_outputs(result, args.out, command.strip())

@@ -88,6 +88,7 @@ def make_figure(result: dict, summary: dict, path: str) -> None:
         sub = gs[row].subgridspec(1, len(panels), wspace=0.5)
         for col, (key, title, logy) in enumerate(panels):
             ax = fig.add_subplot(sub[col])
+            positive = False  # a log axis needs a positive value (plain LoRA alone has no posterior std)
             for arm in arms:
                 s = summary.get(f"{arm}/{n_img}")
                 if s is None:
@@ -99,6 +100,7 @@ def make_figure(result: dict, summary: dict, path: str) -> None:
                     sd = [v[ti] for v in s["width"]["std"]]
                 else:
                     m, sd = s[key]["mean"], s[key]["std"]
+                positive = positive or any(v > 0 for v in m if not math.isnan(v))
                 lo = [a - b for a, b in zip(m, sd)]
                 hi = [a + b for a, b in zip(m, sd)]
                 ax.plot(x, m, color=COLOURS[arm], label=ARM_LABELS[arm], lw=1.5)
@@ -109,8 +111,10 @@ def make_figure(result: dict, summary: dict, path: str) -> None:
             ref = result.get("references", {}).get(f"autoencoder_reconstruction/{n_img}", {})
             if key in ("fidelity", "corruption") and key in ref:
                 ax.axhline(ref[key], color="k", ls="--", lw=0.8, label="AE reconstruction of training images")
-            if logy:
+            if logy and positive:
                 ax.set_yscale("log")
+            elif logy:
+                ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, fontsize=8)
             ax.set_title(f"{title}\n{n_img} training image(s)", fontsize=8)
             ax.set_xlabel("iteration", fontsize=8)
             ax.tick_params(labelsize=7)
