@@ -153,6 +153,7 @@ def test_gate_runs_end_to_end_on_a_tiny_v2_model(tmp_path):
     curves = payload["runs"][0]["curves"]
     assert curves["iteration"] == [0, 1, 2] and len(curves["latent_energy"]) == 3
     assert payload["runs"][0]["curves"]["loss"][1:] != payload["runs"][1]["curves"]["loss"][1:]
+    assert (tmp_path / "gate.png").stat().st_size > 0  # the figure of the three phases
     assert list(payload["config"]["prompt"]) == [data.SUBJECT_TOKEN, data.CLASS_TOKEN]
     # a 2-step classifier is no measure: gate 1 is then unmeasurable, never passed
     assert gate1["classifier_accuracy_held_out_all_kinds"] < 0.9 and not gate1["measurable"]

@@ -23,6 +23,7 @@ import torch
 from . import data
 from .diffusion import sample
 from .experiment import ExperimentConfig, run_arm
+from .gate_report import make_gate_figure
 from .models import LabModel, load_model
 
 
@@ -168,8 +169,9 @@ def _fine_tune(model_dir: str, cfg: ExperimentConfig, seed: int) -> dict:
     with torch.no_grad():
         recon = model.decode(model.encode(train))
     start = time.time()
-    run = run_arm(model, "lora", train, seed, cfg, recon)
-    return {"seed": seed, "seconds": round(time.time() - start, 1), "curves": run["curves"]}
+    run = run_arm(model, "lora", train, seed, cfg, recon, keep_samples=seed == cfg.grid_seed)
+    out = {"seed": seed, "seconds": round(time.time() - start, 1), "curves": run["curves"]}
+    return {**out, "samples": run["samples"]} if "samples" in run else out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         runs = list(pool.map(_fine_tune, [args.model_dir] * len(args.seeds), [cfg] * len(args.seeds), args.seeds))
+    samples = next((run.pop("samples") for run in runs if "samples" in run), None)
     for run in runs:
         run["judged"] = judge_run(run["curves"])
     passing = sum(r["judged"]["learns_subject"] and r["judged"]["ends_in_copies"] for r in runs)
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(payload, f, indent=2)
+    make_gate_figure(runs, samples, f"{os.path.splitext(args.out)[0]}.png")
     print(
         f"gate 1 (class): {gate1['class_samples_classified_cross']}/{gate1['of']} samples classified a cross "
         f"(classifier held-out accuracy: crosses {gate1['classifier_accuracy_held_out_crosses']:.2f}, "

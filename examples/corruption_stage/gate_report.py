@@ -1,0 +1,58 @@
+"""The gate's figure: plain fine-tuning's curves per seed (structural fidelity against its ceiling, latent copy rate,
+residual energy and whiteness) and one seed's samples at evenly spread checkpoints, so the three phases (learning,
+any corruption, copies) can be seen."""
+
+from __future__ import annotations
+
+import torch
+
+from .report import _grid_image, key_iterations
+
+
+PANELS = (
+    ("ssim_fidelity", "structural fidelity (SSIM to nearest training image)"),
+    ("latent_copy_rate", "copy rate (latent residual energy < 0.1)"),
+    ("latent_energy", "median latent residual energy"),
+    ("whiteness", "median residual whiteness (spectral flatness)"),
+)
+
+
+def make_gate_figure(runs: list[dict], samples: torch.Tensor | None, path: str, n_checkpoints: int = 7) -> None:
+    """``runs``: the gate's runs (``seed``, ``curves``, ``judged``); ``samples``: ``(n_evals, k, 3, H, W)`` uint8 of
+    the first run, or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(3.3 * len(PANELS), 6.2 if samples is not None else 3.0))
+    gs = fig.add_gridspec(
+        2 if samples is not None else 1, len(PANELS), height_ratios=[3, 3.2][: 1 + (samples is not None)]
+    )
+    for col, (key, title) in enumerate(PANELS):
+        ax = fig.add_subplot(gs[0, col])
+        for run in runs:
+            ax.plot(run["curves"]["iteration"], run["curves"][key], lw=1.3, label=f"seed {run['seed']}")
+        if key == "ssim_fidelity":
+            ceiling = runs[0]["judged"]["ssim_ceiling"]
+            ax.axhline(ceiling, color="k", ls="--", lw=0.8, label="autoencoder ceiling")
+            ax.axhline(0.9 * ceiling, color="k", ls=":", lw=0.8, label="gate: 0.9 x ceiling")
+        if key == "latent_energy":
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if col == 0:
+            ax.legend(fontsize=6)
+    if samples is not None:
+        its = runs[0]["curves"]["iteration"]
+        keys = key_iterations(its, n_checkpoints)
+        ax = fig.add_subplot(gs[1, :])
+        grid = torch.cat([_grid_image(samples[i], 1) for i in keys], dim=1)
+        ax.imshow(grid.numpy(), interpolation="nearest")
+        ax.set_xticks([(i + 0.5) * grid.shape[1] / len(keys) for i in range(len(keys))])
+        ax.set_xticklabels([f"it {its[i]}" for i in keys], fontsize=7)
+        ax.set_yticks([])
+        ax.set_title(f"seed {runs[0]['seed']}: samples of 'sks cross' (fixed seeds) per checkpoint", fontsize=8)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
