@@ -200,12 +200,14 @@ def main(argv: list[str] | None = None) -> dict:
         v2_measures=True,
     )
     torch.set_num_threads(1)
-    classifier = train_kind_classifier(args.classifier_images, args.classifier_steps, size=model.cfg.image_size)
-    gate1 = class_gate(model, cfg, classifier)
-    logging.info("gate 1: %s", gate1)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-        runs = list(pool.map(_fine_tune, [args.model_dir] * len(args.seeds), [cfg] * len(args.seeds), args.seeds))
+        # the fine-tuning runs start first; gate 1 (the classifier's training included) is measured meanwhile
+        futures = [pool.submit(_fine_tune, args.model_dir, cfg, seed) for seed in args.seeds]
+        classifier = train_kind_classifier(args.classifier_images, args.classifier_steps, size=model.cfg.image_size)
+        gate1 = class_gate(model, cfg, classifier)
+        logging.info("gate 1: %s", gate1)
+        runs = [future.result() for future in futures]
     samples = next((run.pop("samples") for run in runs if "samples" in run), None)
     for run in runs:
         run["judged"] = judge_run(run["curves"])
