@@ -189,3 +189,12 @@ def test_gate_refuses_a_v1_model(tmp_path):
     assert result.returncode == 2
     assert "not a lab v2 model" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(out)
+
+
+def test_autoencoder_pilot_scores_a_saved_model_against_the_rule(tmp_path):
+    shipped_v1 = os.path.join(ROOT, "examples", "corruption_stage", "base_model")
+    out = tmp_path / "score.json"
+    payload = autoencoder_pilot.main(["--score-model", shipped_v1, "--out", str(out)])
+    assert payload["results"][shipped_v1] == payload["results"]["shipped_v1"]  # the same model, the same numbers
+    assert payload["chosen"] is None  # v1's autoencoder blurs the subject's checker (texture ratio 0.02)
+    assert json.loads(out.read_text())["args"]["score_model"] == shipped_v1

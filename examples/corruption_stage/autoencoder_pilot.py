@@ -74,12 +74,14 @@ def held_out_sets() -> dict[str, torch.Tensor]:
     }
 
 
-def decide(results: dict[str, dict]) -> str | None:
-    """PLAN_V2.md's rule: the lowest subject RMSE among candidates within the limits, or None."""
+def decide(results: dict[str, dict], candidates: set[str] | None = None) -> str | None:
+    """PLAN_V2.md's rule: the lowest subject RMSE among `candidates` (default: `CANDIDATES`) within the limits, or
+    None."""
+    candidates = set(CANDIDATES) if candidates is None else candidates
     ok = [
         name
         for name, r in results.items()
-        if name in CANDIDATES
+        if name in candidates
         and r["latent_numbers"] <= MAX_NUMBERS
         and r["rmse_procedural"] <= MAX_PROCEDURAL_RMSE
         and r["subject_texture_ratio"] >= MIN_TEXTURE_RATIO
@@ -96,9 +98,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     parser.add_argument("--preview", action="store_true", help="also write <out>_<candidate>.png (subject, rows)")
+    parser.add_argument(
+        "--score-model", default=None, help="score this saved lab model's autoencoder against the rule, train nothing"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.score_model:
+        saved = load_model(args.score_model)
+        numbers = saved.cfg.latent_channels * saved.cfg.latent_size**2
+        scored = {"latent_numbers": numbers, **score(saved.vae, held_out_sets())}
+        args.candidates = []
     half = args.n_images // 2
     images = torch.cat(
         [data.make_pretraining_set(half, seed=args.seed)[0], data.make_natural_crops(half, seed=args.seed + 7)]
@@ -123,7 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
         logging.info("%s: %s", name, results[name])
         if args.preview:
             save_preview(model.vae, sets["subject"], f"{os.path.splitext(args.out)[0]}_{name}.png")
-    chosen = decide(results)
+    if args.score_model:
+        results[args.score_model] = scored
+        scored_names = {args.score_model}
+    else:
+        scored_names = set(CANDIDATES)
+    chosen = decide(results, scored_names)
     payload = {
         "command": "python -m examples.corruption_stage.autoencoder_pilot "
         + " ".join(sys.argv[1:] if argv is None else argv),
