@@ -104,17 +104,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    sets = held_out_sets()
+    results: dict[str, dict] = {"shipped_v1": {"latent_numbers": 256, **score(load_model(SHIPPED).vae, sets)}}
     if args.score_model:
         saved = load_model(args.score_model)
         numbers = saved.cfg.latent_channels * saved.cfg.latent_size**2
-        scored = {"latent_numbers": numbers, **score(saved.vae, held_out_sets())}
-        args.candidates = []
-    half = args.n_images // 2
-    images = torch.cat(
-        [data.make_pretraining_set(half, seed=args.seed)[0], data.make_natural_crops(half, seed=args.seed + 7)]
-    )
-    sets = held_out_sets()
-    results: dict[str, dict] = {"shipped_v1": {"latent_numbers": 256, **score(load_model(SHIPPED).vae, sets)}}
+        results[args.score_model] = {"latent_numbers": numbers, **score(saved.vae, sets)}
+        args.candidates = []  # nothing is trained; the JSON's args say so
+    else:
+        half = args.n_images // 2
+        images = torch.cat(
+            [data.make_pretraining_set(half, seed=args.seed)[0], data.make_natural_crops(half, seed=args.seed + 7)]
+        )
     for name in args.candidates:
         cfg = LabModelConfig(**CANDIDATES[name])
         model = new_model(cfg, seed=args.seed)
@@ -133,12 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.info("%s: %s", name, results[name])
         if args.preview:
             save_preview(model.vae, sets["subject"], f"{os.path.splitext(args.out)[0]}_{name}.png")
-    if args.score_model:
-        results[args.score_model] = scored
-        scored_names = {args.score_model}
-    else:
-        scored_names = set(CANDIDATES)
-    chosen = decide(results, scored_names)
+    chosen = decide(results, {args.score_model} if args.score_model else None)
     payload = {
         "command": "python -m examples.corruption_stage.autoencoder_pilot "
         + " ".join(sys.argv[1:] if argv is None else argv),

@@ -119,9 +119,9 @@ def class_gate(model: LabModel, cfg: ExperimentConfig, classifier: torch.nn.Modu
 
 
 def stage_rule(curves: dict) -> dict:
-    """PLAN_V2.md step 3: two consecutive checkpoints after the structural-fidelity peak (of the checkpoints before the
-    first copy checkpoint) and before that copy checkpoint where fidelity is >= 0.05 below the peak, median whiteness >= 0.1 above its value at the peak and
-    median residual energy >= 0.25."""
+    """PLAN_V2.md step 3: two consecutive checkpoints after the structural-fidelity peak (of the checkpoints before
+    the first copy checkpoint) and before that copy checkpoint where fidelity is >= 0.05 below the peak, median
+    whiteness >= 0.1 above its value at the peak and median residual energy >= 0.25."""
     fidelity, white, energy = curves["ssim_fidelity"], curves["whiteness"], curves["latent_energy"]
     copies = curves["latent_copy_rate"]
     first_copy = next((i for i, c in enumerate(copies) if c >= MIN_FINAL_COPY_RATE), len(copies))
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(payload, f, indent=2)
-    make_gate_figure(runs, samples, f"{os.path.splitext(args.out)[0]}.png")
+    make_gate_figure(runs, samples, f"{os.path.splitext(args.out)[0]}.png", FIDELITY_OF_CEILING)
     print(
         f"gate 1 (class): {gate1['class_samples_classified_cross']}/{gate1['of']} samples classified a cross "
         f"(classifier held-out accuracy: crosses {gate1['classifier_accuracy_held_out_crosses']:.2f}, "

@@ -17,9 +17,11 @@ PANELS = (
 )
 
 
-def make_gate_figure(runs: list[dict], samples: torch.Tensor | None, path: str, n_checkpoints: int = 7) -> None:
+def make_gate_figure(
+    runs: list[dict], samples: torch.Tensor | None, path: str, fidelity_of_ceiling: float, n_checkpoints: int = 7
+) -> None:
     """``runs``: the gate's runs (``seed``, ``curves``, ``judged``); ``samples``: ``(n_evals, k, 3, H, W)`` uint8 of
-    the first run, or None."""
+    the first run, or None; ``fidelity_of_ceiling``: gate 2's fraction of the ceiling, drawn as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +38,8 @@ def make_gate_figure(runs: list[dict], samples: torch.Tensor | None, path: str, 
         if key == "ssim_fidelity":
             ceiling = runs[0]["judged"]["ssim_ceiling"]
             ax.axhline(ceiling, color="k", ls="--", lw=0.8, label="autoencoder ceiling")
-            ax.axhline(0.9 * ceiling, color="k", ls=":", lw=0.8, label="gate: 0.9 x ceiling")
+            threshold = fidelity_of_ceiling * ceiling
+            ax.axhline(threshold, color="k", ls=":", lw=0.8, label=f"gate: {fidelity_of_ceiling} x ceiling")
         if key == "latent_energy":
             ax.set_yscale("log")
         ax.set_title(title, fontsize=8)
