@@ -43,7 +43,7 @@ def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
             grid_n=2,
         )
     elif args.full:
-        cfg = experiment.ExperimentConfig(arms=experiment.ARMS, n_images=(1, 3), seeds=(0, 1, 2))
+        cfg = experiment.ExperimentConfig(arms=experiment.V1_ARMS, n_images=(1, 3), seeds=(0, 1, 2))
     else:
         cfg = experiment.ExperimentConfig()
     over = {}

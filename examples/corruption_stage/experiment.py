@@ -26,7 +26,8 @@ from .models import LabModel
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
-ARMS = ("lora", "bayes_paper", "bayes_kl", "fixed_noise", "lora_dropout", "l2")
+V1_ARMS = ("lora", "bayes_paper", "bayes_kl", "fixed_noise", "lora_dropout", "l2")
+ARMS = (*V1_ARMS, "full")  # "full": DreamBooth, every UNet weight trained, no adapter (lab v2)
 ARM_LABELS = {
     "lora": "plain LoRA",
     "bayes_paper": "Bayesian B, KL weight 0 (paper)",
@@ -34,6 +35,7 @@ ARM_LABELS = {
     "fixed_noise": "fixed-sigma weight noise",
     "lora_dropout": "LoRA dropout 0.1",
     "l2": "L2 pull to pretrained",
+    "full": "full fine-tuning",
 }
 
 
@@ -144,7 +146,10 @@ def run_arm(
     model = copy.copy(base)
     model.unet = copy.deepcopy(base.unet)
     torch.manual_seed(seed)
-    model.unet.add_adapter(make_adapter_config(arm, cfg, kl_w))
+    if arm == "full":
+        model.unet.requires_grad_(True)
+    else:
+        model.unet.add_adapter(make_adapter_config(arm, cfg, kl_w))
     opt = torch.optim.AdamW(
         bayes_adapter.param_groups(model.unet, posterior_std_lr=cfg.posterior_std_lr), lr=cfg.lr, weight_decay=0.0
     )

@@ -19,6 +19,7 @@ COLOURS = {
     "fixed_noise": "tab:purple",
     "lora_dropout": "tab:green",
     "l2": "tab:gray",
+    "full": "black",
 }
 
 # A pre-declared reading of the curves (fixed before the first real run): a seed "shows a corruption stage" when
