@@ -125,8 +125,11 @@ def test_lab_smoke_run_end_to_end(tmp_path):
     kl_run = next(r for r in res["runs"] if r["arm"] == "bayes_kl")
     assert kl_run["kl_weight"] > 0 and kl_run["curves"]["posterior_std"][0] == pytest.approx(0.01, rel=1e-3)
     assert os.path.getsize(paths["figure"]) > 10_000
+    assert os.path.getsize(paths["frontier"]) > 10_000
     summary = open(paths["summary"]).read()
     assert "plain LoRA" in summary and "Bayesian B + KL" in summary
+    assert "At matched fidelity, 1 training image(s)" in summary
+    assert set(res["matched_fidelity"]["1"]["arms"]) == {"lora", "bayes_kl", "l2"}
 
 
 def test_natural_crops_come_from_bundled_photographs_deterministically():

@@ -160,6 +160,52 @@ def test_gate_runs_end_to_end_on_a_tiny_v2_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_gate_measures_its_parts_alone_and_tunes_the_classifier_on_its_own_seed(tmp_path):
+    model_dir = str(tmp_path / "v2")
+    pretrain.pretrain_v2(model_dir, n_images=16, unet_steps=2, unet_batch=4, autoencoder={"steps": 2, "n_images": 16})
+    common = ["--model-dir", model_dir, "--steps", "2", "--eval-every", "2", "--workers", "1"]
+    runs_only = gate.main(
+        [*common, "--out", str(tmp_path / "full.json"), "--seeds", "0", "--arm", "full"]
+        + ["--lr", "1e-3", "--classifier-steps", "0"]
+    )
+    assert runs_only["gate1_class"] is None and runs_only["passed"] is None
+    assert list(runs_only["config"]["arms"]) == ["full"] and runs_only["config"]["lr"] == 1e-3
+    assert runs_only["gates_2_and_3_passed"] is False and (tmp_path / "full.png").exists()
+    gate1_only = gate.main([*common, "--out", str(tmp_path / "g1.json"), "--seeds", "--classifier-steps", "2"])
+    assert gate1_only["runs"] == [] and gate1_only["passed"] is None and gate1_only["gates_2_and_3_passed"] is None
+    assert gate1_only["gate1_class"]["classifier"] == {"n_images": 14000, "steps": 2, "width": 64, "cosine": False}
+    assert set(gate1_only["gate1_class"]["classifier_accuracy_held_out_per_kind"]) == {
+        "circle", "square", "triangle", "ring", "star", "cross", "all_kinds"
+    }  # fmt: skip
+    tuned = gate.main(
+        [*common, "--out", str(tmp_path / "t.json"), "--tune-classifier", "--classifier-steps", "2"]
+        + ["--classifier-images", "70", "--classifier-width", "16", "--classifier-cosine"]
+    )
+    assert set(tuned) == {"command", "classifier", f"accuracy_seed_{gate.TUNING_SEED}"}
+    assert gate.TUNING_SEED != gate.HELD_OUT_SEED
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--classifier-steps", "0", "--seeds"], "--classifier-steps must be positive here, got 0"),
+        (["--arm", "bayes_kl"], "invalid choice: 'bayes_kl'"),
+    ],
+)
+def test_gate_refuses_bad_arguments_before_any_work(tmp_path, extra, message):
+    out = str(tmp_path / "gate.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.corruption_stage.gate", "--model-dir", "nowhere", "--out", out, *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow
 def test_the_lab_command_runs_v2_on_a_v2_model_and_refuses_a_mismatch(tmp_path, capsys):
     from examples.corruption_stage.__main__ import main
 

@@ -37,6 +37,15 @@ ARM_LABELS = {
     "l2": "L2 pull to pretrained",
     "full": "full fine-tuning",
 }
+ARM_COLOURS = {
+    "lora": "tab:red",
+    "bayes_paper": "tab:orange",
+    "bayes_kl": "tab:blue",
+    "fixed_noise": "tab:purple",
+    "lora_dropout": "tab:green",
+    "l2": "tab:gray",
+    "full": "black",
+}
 
 
 @dataclass

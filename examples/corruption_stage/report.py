@@ -9,18 +9,10 @@ import os
 
 import torch
 
+from .experiment import ARM_COLOURS as COLOURS
 from .experiment import ARM_LABELS, fidelity_drawdown, summarise
+from .frontier import make_frontier_figure, matched_fidelity, matched_fidelity_markdown
 
-
-COLOURS = {
-    "lora": "tab:red",
-    "bayes_paper": "tab:orange",
-    "bayes_kl": "tab:blue",
-    "fixed_noise": "tab:purple",
-    "lora_dropout": "tab:green",
-    "l2": "tab:gray",
-    "full": "black",
-}
 
 # A pre-declared reading of the curves (fixed before the first real run): a seed "shows a corruption stage" when
 # its fidelity falls by at least DIP below its running maximum (the deepest such fall), while the corruption score
@@ -222,21 +214,27 @@ def markdown_summary(result: dict, summary: dict, command: str) -> str:
 
 
 def write_outputs(result: dict, out_dir: str, command: str, figure_name: str = "corruption_stage.png") -> dict:
-    """Writes ``results.json``, ``summary.md`` and the figure into ``out_dir``; returns the paths."""
+    """Writes ``results.json``, ``summary.md``, the figure and the frontier figure (``frontier.png``) into
+    ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarise(result)
+    # v2 runs judge fidelity structurally (SSIM), v1 runs by feature cosine
+    fidelity_key = "ssim_fidelity" if "ssim_fidelity" in result["runs"][0]["curves"] else "fidelity"
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     public["summary"] = summary
     public["stage_flags"] = stage_flags(result)
+    public["matched_fidelity"] = matched_fidelity(result, fidelity_key)
     public["command"] = command
     paths = {
         "json": os.path.join(out_dir, "results.json"),
         "summary": os.path.join(out_dir, "summary.md"),
         "figure": os.path.join(out_dir, figure_name),
+        "frontier": os.path.join(out_dir, "frontier.png"),
     }
     with open(paths["json"], "w") as f:
         json.dump(public, f, indent=1, default=float)
     with open(paths["summary"], "w") as f:
-        f.write(markdown_summary(result, summary, command))
+        f.write(markdown_summary(result, summary, command) + "\n" + matched_fidelity_markdown(result, fidelity_key))
     make_figure(result, summary, paths["figure"])
+    make_frontier_figure(result, paths["frontier"], fidelity_key)
     return paths

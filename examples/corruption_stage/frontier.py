@@ -1,0 +1,164 @@
+"""The lab's headline question, asked of every checkpoint: at matched subject fidelity, which arm copies less and
+is more diverse? (Issue 16, item 6.)
+
+Each run's *frontier* at a fidelity level f is the best value of a measure (the lowest copy rate, the highest
+diversity) among its checkpoints whose fidelity is at least f: what a user who stops at the right checkpoint gets
+for that fidelity. Frontiers are averaged over seeds at levels every seed of the arm reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from .experiment import ARM_COLOURS, ARM_LABELS
+
+
+# (curve, better) per measure; v1 and v2 name their curves differently.
+MEASURES = {
+    "fidelity": {"copy_rate": "lower", "diversity": "higher"},
+    "ssim_fidelity": {"latent_copy_rate": "lower", "diversity": "higher"},
+}
+MEASURE_LABELS = {
+    "copy_rate": "copy rate (pixel)",
+    "latent_copy_rate": "copy rate (latent residual)",
+    "diversity": "diversity",
+}
+
+
+def frontier_curve(fidelity: list[float], values: list[float], levels: list[float], better: str) -> list[float]:
+    """The best of ``values`` over the checkpoints whose fidelity is at least each level (nan where none is)."""
+    if better not in ("lower", "higher"):
+        raise ValueError(f"better must be 'lower' or 'higher', got {better!r}")
+    pick = min if better == "lower" else max
+    out = []
+    for level in levels:
+        reached = [v for f, v in zip(fidelity, values) if f >= level and not math.isnan(v)]
+        out.append(pick(reached) if reached else math.nan)
+    return out
+
+
+def _groups(result: dict) -> dict[tuple[str, int], list[dict]]:
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in result["runs"]:
+        groups.setdefault((run["arm"], run["n_images"]), []).append(run)
+    return groups
+
+
+def matched_fidelity(result: dict, fidelity_key: str = "fidelity") -> dict[int, dict]:
+    """Per training-set size: the highest fidelity level that every run of every arm reaches at some checkpoint,
+    and each arm's frontier there (mean and std over seeds) for every measure of ``MEASURES[fidelity_key]``."""
+    out: dict[int, dict] = {}
+    groups = _groups(result)
+    for n_img in sorted({n for _, n in groups}):
+        runs = [r for (_, n), rs in groups.items() if n == n_img for r in rs]
+        level = min(max(r["curves"][fidelity_key]) for r in runs)
+        arms = {}
+        for (arm, n), rs in groups.items():
+            if n != n_img:
+                continue
+            entry = {"seeds": len(rs)}
+            for measure, better in MEASURES[fidelity_key].items():
+                vals = torch.tensor(
+                    [frontier_curve(r["curves"][fidelity_key], r["curves"][measure], [level], better)[0] for r in rs],
+                    dtype=torch.float64,
+                )
+                entry[measure] = {"mean": float(vals.mean()), "std": float(vals.std(unbiased=False))}
+            arms[arm] = entry
+        out[n_img] = {"fidelity_level": level, "arms": arms}
+    return out
+
+
+def matched_fidelity_markdown(result: dict, fidelity_key: str = "fidelity") -> str:
+    """A markdown table of `matched_fidelity`, one section per training-set size."""
+    measures = list(MEASURES[fidelity_key])
+    lines = []
+    for n_img, entry in matched_fidelity(result, fidelity_key).items():
+        lines += [
+            f"### At matched fidelity, {n_img} training image(s)",
+            "",
+            f"The best each arm reaches among its checkpoints with {fidelity_key} >= {entry['fidelity_level']:.3f} "
+            "(the highest level every run of every arm reaches); mean ± std over seeds.",
+            "",
+            "| arm | seeds | "
+            + " | ".join(f"{MEASURE_LABELS[m]} ({MEASURES[fidelity_key][m]} is better)" for m in measures)
+            + " |",
+            "|---|---|" + "---|" * len(measures),
+        ]
+        for arm, a in entry["arms"].items():
+            cells = " | ".join(f"{a[m]['mean']:.3f} ± {a[m]['std']:.3f}" for m in measures)
+            lines.append(f"| {ARM_LABELS[arm]} | {a['seeds']} | {cells} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def make_frontier_figure(result: dict, path: str, fidelity_key: str = "fidelity") -> None:
+    """Every checkpoint of every run as a faint point (fidelity against each measure), and each arm's frontier:
+    the mean over seeds as a line, the seed spread (± std) as a band, where every seed of the arm reaches the
+    level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measures = MEASURES[fidelity_key]
+    groups = _groups(result)
+    sizes = sorted({n for _, n in groups})
+    fig, axes = plt.subplots(len(sizes), len(measures), figsize=(4.6 * len(measures), 3.6 * len(sizes)), squeeze=False)
+    for row, n_img in enumerate(sizes):
+        for col, (measure, better) in enumerate(measures.items()):
+            ax = axes[row][col]
+            for (arm, n), rs in groups.items():
+                if n != n_img:
+                    continue
+                colour = ARM_COLOURS[arm]
+                for r in rs:
+                    ax.scatter(r["curves"][fidelity_key], r["curves"][measure], s=5, color=colour, alpha=0.25, lw=0)
+                top = min(max(r["curves"][fidelity_key]) for r in rs)
+                bottom = min(min(r["curves"][fidelity_key]) for r in rs)
+                levels = [bottom + (top - bottom) * i / 49 for i in range(50)]
+                fronts = torch.tensor(
+                    [frontier_curve(r["curves"][fidelity_key], r["curves"][measure], levels, better) for r in rs],
+                    dtype=torch.float64,
+                )
+                mean, std = fronts.mean(0), fronts.std(0, unbiased=False)
+                label = f"{ARM_LABELS[arm]} ({len(rs)} seeds)"
+                ax.plot(levels, mean.tolist(), color=colour, lw=1.6, label=label)
+                ax.fill_between(levels, (mean - std).tolist(), (mean + std).tolist(), color=colour, alpha=0.15, lw=0)
+            ax.set_xlabel(f"{fidelity_key} (higher: more like the subject)", fontsize=8)
+            ax.set_ylabel(f"{MEASURE_LABELS[measure]} ({better} is better)", fontsize=8)
+            ax.set_title(f"{n_img} training image(s): best {MEASURE_LABELS[measure]} at >= this fidelity", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=6)
+    fig.suptitle("Frontier over every checkpoint (points); lines: mean over seeds, bands: ± std", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Draws ``frontier.png`` beside a lab ``results.json`` and prints the matched-fidelity table."""
+    parser = argparse.ArgumentParser(description="The frontier figure and matched-fidelity table of a lab run.")
+    parser.add_argument("results", help="a results.json written by the lab")
+    parser.add_argument("--fidelity", choices=tuple(MEASURES), help="default: ssim_fidelity if the runs have it")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.results):
+        parser.error(f"results {args.results!r} is not a file")
+    with open(args.results) as f:
+        result = json.load(f)
+    if not result.get("runs"):
+        parser.error(f"results {args.results!r} holds no runs")
+    fidelity_key = args.fidelity or ("ssim_fidelity" if "ssim_fidelity" in result["runs"][0]["curves"] else "fidelity")
+    make_frontier_figure(
+        result, os.path.join(os.path.dirname(os.path.abspath(args.results)), "frontier.png"), fidelity_key
+    )
+    print(matched_fidelity_markdown(result, fidelity_key))
+
+
+if __name__ == "__main__":
+    main()

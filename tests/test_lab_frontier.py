@@ -1,0 +1,85 @@
+"""The lab's frontier (fidelity against copy rate and diversity over every checkpoint) and its full fine-tuning arm."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from examples.corruption_stage import data, experiment, frontier, models
+
+
+def test_frontier_curve_takes_the_best_checkpoint_at_or_above_each_fidelity():
+    fidelity = [0.1, 0.5, 0.4, 0.8]
+    copies = [0.0, 0.2, 0.0, 0.6]
+    assert frontier.frontier_curve(fidelity, copies, [0.0, 0.45, 0.8], "lower") == [0.0, 0.2, 0.6]
+    diversity = [0.9, 0.3, 0.5, 0.1]
+    assert frontier.frontier_curve(fidelity, diversity, [0.35, 0.5], "higher") == [0.5, 0.3]
+    beyond = frontier.frontier_curve(fidelity, diversity, [0.81], "higher")
+    assert math.isnan(beyond[0])  # no checkpoint reaches it
+    with pytest.raises(ValueError, match="better must be 'lower' or 'higher', got 'up'"):
+        frontier.frontier_curve(fidelity, copies, [0.1], "up")
+
+
+def _run(arm, seed, fidelity, copies, diversity):
+    curves = {"iteration": list(range(len(fidelity))), "fidelity": fidelity, "copy_rate": copies}
+    return {"arm": arm, "seed": seed, "n_images": 1, "curves": {**curves, "diversity": diversity}}
+
+
+def _result():
+    return {
+        "runs": [
+            _run("lora", 0, [0.1, 0.6, 0.9], [0.0, 0.5, 1.0], [0.9, 0.4, 0.1]),
+            _run("lora", 1, [0.1, 0.7, 0.8], [0.0, 0.3, 0.8], [0.9, 0.5, 0.2]),
+            _run("bayes_kl", 0, [0.1, 0.65, 0.7], [0.0, 0.1, 0.2], [0.9, 0.7, 0.6]),
+        ]
+    }
+
+
+def test_matched_fidelity_is_the_highest_level_every_run_reaches():
+    entry = frontier.matched_fidelity(_result())[1]
+    assert entry["fidelity_level"] == 0.7  # the Bayesian run never gets above 0.7
+    lora = entry["arms"]["lora"]
+    assert lora["seeds"] == 2
+    # seed 0 reaches 0.7 only at its last checkpoint (copy rate 1.0), seed 1 at 0.7 (copy rate 0.3)
+    assert lora["copy_rate"]["mean"] == pytest.approx(0.65) and lora["copy_rate"]["std"] == pytest.approx(0.35)
+    assert lora["diversity"]["mean"] == pytest.approx(0.3)
+    assert entry["arms"]["bayes_kl"]["copy_rate"] == {"mean": pytest.approx(0.2), "std": 0.0}
+    table = frontier.matched_fidelity_markdown(_result())
+    assert "fidelity >= 0.700" in table and "| plain LoRA | 2 | 0.650 ± 0.350 | 0.300 ± 0.200 |" in table
+
+
+def test_frontier_command_draws_the_figure_beside_the_results(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_result()))
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.corruption_stage.frontier", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Bayesian B + KL (ours)" in result.stdout
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    missing = subprocess.run(
+        [sys.executable, "-m", "examples.corruption_stage.frontier", str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "is not a file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_full_fine_tuning_trains_every_unet_weight_of_a_copy():
+    base = models.new_model(models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS))
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    cfg = experiment.ExperimentConfig(
+        arms=("full",), steps=2, eval_every=2, n_eval=2, sample_steps=2, width_timesteps=(20,), lr=1e-2
+    )
+    train = data.make_subject_set(1)
+    with torch.no_grad():
+        recon = base.decode(base.encode(train))
+    run = experiment.run_arm(base, "full", train, 0, cfg, recon)
+    assert run["curves"]["iteration"] == [0, 2]
+    assert all(torch.equal(v, before[k]) for k, v in base.unet.state_dict().items())  # the base is untouched
+    assert run["curves"]["flicker"][-1] > 1e-3  # the samples moved: the copy's weights were trained
+    assert math.isnan(run["curves"]["posterior_std"][-1])
+    assert experiment.ARM_LABELS["full"] == "full fine-tuning" and "full" not in experiment.V1_ARMS
