@@ -165,3 +165,49 @@ def test_autoencoder_pilot_scores_candidates_and_applies_its_rule(tmp_path):
     }
     assert autoencoder_pilot.decide(results) == "half16"
     assert autoencoder_pilot.decide({"v1_arch": {**good, "rmse_subject": 0.1, "rmse_procedural": 0.2}}) is None
+
+
+def test_lab_records_the_papers_metrics_with_models_given_by_path(tmp_path):
+    from tiny_models import save_tiny_clip, save_tiny_dino
+
+    from examples.corruption_stage import __main__ as corruption_stage
+    from examples.corruption_stage import pretrain
+
+    model_dir = tmp_path / "base"
+    pretrain.pretrain(str(model_dir), n_images=32, ae_steps=2, unet_steps=2, ae_batch=4, unet_batch=4)
+    clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")
+    paths = corruption_stage.main(
+        ["--tiny", "--model-dir", str(model_dir), "--out", str(tmp_path / "out"), "--arms", "lora"]
+        + ["--clip-model", clip, "--dino-model", dino, "--clip-prompt", "a cross"]
+    )
+    res = json.load(open(paths["json"]))
+    assert res["config"]["clip_model"] == clip and res["config"]["clip_prompt"] == "a cross"
+    curves = res["runs"][0]["curves"]
+    for key in ("clip_i", "clip_t", "dino", "dino_diversity"):
+        assert len(curves[key]) == len(curves["iteration"]) == 3, key
+        assert all(-1.0 <= v <= 2.0 for v in curves[key]), key
+    assert curves["dino"][0] != curves["dino"][-1]  # the tiny ViT tells the samples of the two checkpoints apart
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--n-images", "7"], "n_images must be values in 1..5, got (7,)"),
+        (["--lr", "-1"], "lr must be positive, got -1.0"),
+        (["--clip-model", "no/such-model-here"], "--clip-model 'no/such-model-here' / --dino-model None did not load"),
+    ],
+)
+def test_lab_command_refuses_bad_arguments_before_any_work(tmp_path, extra, message):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.corruption_stage", "--out", str(out), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "error:" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from . import data, experiment, models, pretrain, report
+from . import data, experiment, measures, models, pretrain, report
 
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
@@ -60,6 +60,9 @@ def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
         over["seeds"] = tuple(args.seeds)
     if args.v2:
         over.update(prompt=(data.SUBJECT_TOKEN, data.CLASS_TOKEN), v2_measures=True)
+    for name in ("clip_model", "dino_model", "clip_prompt"):
+        if getattr(args, name) is not None:
+            over[name] = getattr(args, name)
     if over:
         cfg = experiment.ExperimentConfig(**{**cfg.__dict__, **over})
     return cfg
@@ -92,16 +95,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale of the evaluation samples")
     p.add_argument("--sample-steps", type=int, help="DDIM steps of the evaluation samples")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--clip-model", help="the paper's CLIP-I/CLIP-T at every evaluation: a Hub id or local folder")
+    p.add_argument("--dino-model", help="the paper's DINO and DINO diversity: a Hub id or local folder")
+    p.add_argument("--clip-prompt", help="CLIP-T's text (default: a photo of a red and yellow checkered cross)")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     if args.model_dir is None:
         args.model_dir = V2_MODEL_DIR if args.v2 else DEFAULT_MODEL_DIR
+    try:
+        args.config = build_config(args)
+    except ValueError as error:
+        p.error(str(error))
+    if args.clip_model or args.dino_model:
+        try:  # before any work: a model that does not load stops the run here
+            measures.load_paper_models(args.clip_model, args.dino_model)
+        except (OSError, ValueError) as error:
+            p.error(f"--clip-model {args.clip_model!r} / --dino-model {args.dino_model!r} did not load: {error}")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     command = "python -m examples.corruption_stage " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    cfg = build_config(args)
+    cfg = args.config
     result = experiment.run_experiment(base, cfg, tensorboard_dir=os.path.join(args.out, "tensorboard"))
     paths = report.write_outputs(result, args.out, command.strip())
     print(open(paths["summary"]).read())

@@ -20,7 +20,7 @@ from bayes_adapter.monitor import copy_rate, corruption_report, nearest_referenc
 
 from . import data
 from .diffusion import condition_tokens, diffusion_loss, learned_width, sample
-from .measures import latent_residuals, structural_fidelity
+from .measures import latent_residuals, paper_metrics, structural_fidelity
 from .models import LabModel
 
 
@@ -79,6 +79,11 @@ class ExperimentConfig:
     prompt: tuple[int, ...] = (data.SUBJECT_TOKEN,)
     v2_measures: bool = False
     latent_copy_energy: float = 0.1  # v2 copy: residual energy below this fraction of the training latents' variance
+    # The paper's metrics (CLIP-I, CLIP-T, DINO, DINO diversity) at every evaluation, with real models by name or
+    # local path (`bayes_adapter.metrics`); None leaves them out (the CPU default has no such models).
+    clip_model: str | None = None
+    dino_model: str | None = None
+    clip_prompt: str = "a photo of a red and yellow checkered cross"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -201,6 +206,8 @@ def run_arm(
         if cfg.v2_measures:
             rep.update(_v2_measures(imgs, sample_latents, train_images, latents, cfg.latent_copy_energy))
             rep["ssim_ceiling"] = ssim_ceiling
+        if cfg.clip_model or cfg.dino_model:
+            rep.update(paper_metrics(imgs, train_images, cfg.clip_prompt, cfg.clip_model, cfg.dino_model))
         for k, v in rep.items():
             curves.setdefault(k, []).append(v)
         curves["iteration"].append(it)

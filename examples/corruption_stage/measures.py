@@ -8,8 +8,11 @@ smooths it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
+from PIL import Image
 from skimage.metrics import structural_similarity
 
 
@@ -47,3 +50,29 @@ def latent_residuals(latents: torch.Tensor, train_latents: torch.Tensor) -> dict
         "energy": (residual.double().pow(2).flatten(1).mean(1) / variance).float(),
         "whiteness": spectral_flatness(residual),
     }
+
+
+@functools.lru_cache(maxsize=2)
+def load_paper_models(clip_model: str | None, dino_model: str | None) -> tuple:
+    """The paper's feature models, each loaded once per process (``bayes_adapter.metrics``; None skips one)."""
+    from bayes_adapter import metrics
+
+    clip = metrics.load_clip(clip_model) if clip_model else None
+    dino = metrics.load_dino(dino_model) if dino_model else None
+    return clip, dino
+
+
+def paper_metrics(
+    samples: torch.Tensor, references: torch.Tensor, prompt: str, clip_model: str | None, dino_model: str | None
+) -> dict[str, float]:
+    """CLIP-I, CLIP-T, DINO and DINO diversity of images in [-1, 1] against the training images, with the real
+    models given by name or path (issue 16, item 7); the metrics whose model is not given are left out."""
+    from bayes_adapter import metrics
+
+    def pil(images: torch.Tensor) -> list[Image.Image]:
+        pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+
+    clip, dino = load_paper_models(clip_model, dino_model)
+    scores = metrics.evaluate(pil(samples), pil(references), prompt, clip=clip, dino_model=dino)
+    return {k: float(v) for k, v in scores.items() if not k.startswith("num_")}
