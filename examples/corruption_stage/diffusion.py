@@ -21,7 +21,8 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The epsilon-prediction MSE at random timesteps (DDPM training objective)."""
+    """The MSE of the model's prediction at random timesteps (DDPM training objective): of the noise for an
+    "epsilon" model, of the velocity ``sqrt(ab) * noise - sqrt(1 - ab) * x0`` for a "v_prediction" one."""
     sched = _train_schedule(model)
     n = latents.shape[0]
     if timesteps is None:
@@ -30,14 +31,23 @@ def diffusion_loss(
     ab = sched.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
     pred = model.unet(noisy, timesteps, model.cond(tokens)).sample
-    return torch.nn.functional.mse_loss(pred, noise)
+    target = noise if model.cfg.prediction_type == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * latents
+    return torch.nn.functional.mse_loss(pred, target)
 
 
-_SCHEDULES: dict[int, DDIMScheduler] = {}
+def predicted_x0(model: LabModel, noisy: torch.Tensor, output: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """The clean latent implied by the UNet's ``output`` at a noise level with cumulative alpha ``alpha_bar``."""
+    ab = torch.as_tensor(alpha_bar, dtype=noisy.dtype)
+    if model.cfg.prediction_type == "epsilon":
+        return (noisy - (1 - ab).sqrt() * output) / ab.sqrt()
+    return ab.sqrt() * noisy - (1 - ab).sqrt() * output
+
+
+_SCHEDULES: dict[tuple[int, str], DDIMScheduler] = {}
 
 
 def _train_schedule(model: LabModel) -> DDIMScheduler:
-    key = model.cfg.num_train_timesteps
+    key = (model.cfg.num_train_timesteps, model.cfg.prediction_type)
     if key not in _SCHEDULES:
         _SCHEDULES[key] = build_scheduler(model.cfg)
     return _SCHEDULES[key]
@@ -100,7 +110,7 @@ def learned_width(
     for t in timesteps:
         ab = sched.alphas_cumprod[t]
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        eps = model.unet(xt, torch.full((x0.shape[0],), t), emb).sample
-        x0_hat = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+        output = model.unet(xt, torch.full((x0.shape[0],), t), emb).sample
+        x0_hat = predicted_x0(model, xt, output, float(ab))
         out.append(float(implied_width(x0, x0_hat, noise, float(ab))))
     return out

@@ -28,6 +28,13 @@ class LabModelConfig:
     cond_len: int = 4
     num_train_timesteps: int = 1000
     extra_tokens: int = 0  # lab v2: data.V2_EXTRA_TOKENS (class and photo tokens)
+    # What the UNet predicts: "epsilon" (v1, v2) or "v_prediction" (v2b, PLAN_V2.md: an epsilon model's clean-latent
+    # estimate at the first sampling step is 1 / sqrt(alpha_bar) = 16x its noise error, and fine-tuning never fixes it)
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
 
     @property
     def latent_size(self) -> int:
@@ -93,14 +100,14 @@ def build_unet(cfg: LabModelConfig) -> UNet2DConditionModel:
 
 
 def build_scheduler(cfg: LabModelConfig) -> DDIMScheduler:
-    # Cosine ("squaredcos_cap_v2") schedule, epsilon prediction, SD-style DDIM settings.
+    # Cosine ("squaredcos_cap_v2") schedule, SD-style DDIM settings; epsilon or v prediction as the model was trained.
     return DDIMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule="squaredcos_cap_v2",
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=cfg.prediction_type,
     )
 
 

@@ -5,8 +5,10 @@ latents. ``python -m examples.corruption_stage.pretrain --out DIR`` or ``python 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import time
 
 import torch
@@ -14,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .diffusion import diffusion_loss, sample
-from .models import LabModel, LabModelConfig, new_model, save_model
+from .models import CONFIG_FILE, LabModel, LabModelConfig, load_model, new_model, save_model
 
 
 logger = logging.getLogger("lab.pretrain")
@@ -186,22 +188,34 @@ def pretrain_v2(
     seed: int = 0,
     unet_threads: int = 2,
     autoencoder: dict | None = None,
+    prediction_type: str = "epsilon",
+    autoencoder_from: str | None = None,
 ) -> LabModel:
     """Lab v2's base model (PLAN_V2.md step 2): pilot 2b's autoencoder, then v1's denoiser recipe on its latents of
     ``data.make_v2_pretraining_set`` (procedural kinds with the cross as a class, and photo crops). The autoencoder
-    alone is saved to ``<out_dir>/autoencoder`` first, so a cut-off run keeps it."""
+    alone is saved to ``<out_dir>/autoencoder`` first, so a cut-off run keeps it.
+
+    ``autoencoder_from``: a saved model folder whose autoencoder is reused instead of trained (v2b reuses v2's);
+    ``prediction_type``: what the denoiser predicts ("v_prediction" for v2b)."""
     ae = {**V2_AUTOENCODER, **(autoencoder or {})}
     t0 = time.time()
-    half = ae["n_images"] // 2
-    ae_images = torch.cat(
-        [data.make_pretraining_set(half, seed=ae["seed"])[0], data.make_natural_crops(half, seed=ae["seed"] + 7)]
-    )
-    model = new_model(V2_CONFIG, seed=ae["seed"])
+    model = new_model(dataclasses.replace(V2_CONFIG, prediction_type=prediction_type), seed=ae["seed"])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ae_hist = train_autoencoder(
-        model, ae_images, ae["steps"], ae["batch"], ae["lr"], seed=ae["seed"] + 1, edge_weight=ae["edge_weight"]
-    )["history"]
+    if autoencoder_from is not None:
+        source = load_model(autoencoder_from)
+        if source.cfg.ae_channels != V2_CONFIG.ae_channels or source.cfg.latent_channels != V2_CONFIG.latent_channels:
+            raise ValueError(f"autoencoder_from {autoencoder_from!r} does not hold lab v2's autoencoder")
+        model.vae.load_state_dict(source.vae.state_dict())
+        ae, ae_hist = {"reused_from": autoencoder_from}, []
+    else:
+        half = ae["n_images"] // 2
+        ae_images = torch.cat(
+            [data.make_pretraining_set(half, seed=ae["seed"])[0], data.make_natural_crops(half, seed=ae["seed"] + 7)]
+        )
+        torch.set_num_threads(1)
+        ae_hist = train_autoencoder(
+            model, ae_images, ae["steps"], ae["batch"], ae["lr"], seed=ae["seed"] + 1, edge_weight=ae["edge_weight"]
+        )["history"]
     torch.set_num_threads(unet_threads or threads)
     t_ae = time.time() - t0
     save_model(model, f"{out_dir}/autoencoder", {"stage": "autoencoder only", "autoencoder_recipe": ae})
@@ -213,7 +227,8 @@ def pretrain_v2(
         "how_made": (
             "python -m examples.corruption_stage.pretrain --v2 (examples/corruption_stage/pretrain.py, "
             f"pretrain_v2): AutoencoderKL {V2_CONFIG.ae_channels} as lab v2 pilot 2b ({ae}), one thread; then "
-            f"UNet2DConditionModel {unet_steps} steps batch {unet_batch} on the latents of {n_images} images "
+            f"UNet2DConditionModel ({prediction_type}) {unet_steps} steps batch {unet_batch} on the latents of "
+            f"{n_images} images "
             f"(make_v2_pretraining_set seed {seed}; v1's recipe), {unet_threads} threads; weights stored in float16."
         ),
         "seed": seed,
@@ -258,10 +273,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preview", default=None)
     p.add_argument("--v2", action="store_true", help="lab v2's base model (PLAN_V2.md; ignores --ae-steps)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon", help="with --v2")
+    p.add_argument("--autoencoder-from", help="with --v2: reuse this model folder's autoencoder instead of training")
     a = p.parse_args()
+    if (a.prediction_type != "epsilon" or a.autoencoder_from) and not a.v2:
+        p.error("--prediction-type and --autoencoder-from need --v2")
+    if a.autoencoder_from and not os.path.isfile(os.path.join(a.autoencoder_from, CONFIG_FILE)):
+        p.error(f"--autoencoder-from {a.autoencoder_from!r} holds no lab model ({CONFIG_FILE})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.v2:
-        model = pretrain_v2(a.out, a.n_images, a.unet_steps, seed=a.seed)
+        model = pretrain_v2(
+            a.out, a.n_images, a.unet_steps, seed=a.seed, prediction_type=a.prediction_type,
+            autoencoder_from=a.autoencoder_from,
+        )  # fmt: skip
         if a.preview:
             _save_preview(model, a.preview)
         return
