@@ -244,3 +244,93 @@ def test_autoencoder_pilot_scores_a_saved_model_against_the_rule(tmp_path):
     assert payload["results"][shipped_v1] == payload["results"]["shipped_v1"]  # the same model, the same numbers
     assert payload["chosen"] is None  # v1's autoencoder blurs the subject's checker (texture ratio 0.02)
     assert json.loads(out.read_text())["args"]["score_model"] == shipped_v1
+
+
+def test_v_prediction_loss_target_and_clean_latent_estimate():
+    from examples.corruption_stage import diffusion
+
+    model = models.new_model(models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS, prediction_type="v_prediction"))
+    assert diffusion.build_scheduler(model.cfg).config.prediction_type == "v_prediction"
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    ab = 0.3
+    noisy = ab**0.5 * x0 + (1 - ab) ** 0.5 * noise
+    velocity = ab**0.5 * noise - (1 - ab) ** 0.5 * x0
+    torch.testing.assert_close(diffusion.predicted_x0(model, noisy, velocity, ab), x0)
+    epsilon_model = models.new_model(models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS))
+    torch.testing.assert_close(diffusion.predicted_x0(epsilon_model, noisy, noise, ab), x0)
+    # the loss's target is the velocity: a UNet that outputs it exactly has zero loss
+    tokens = diffusion.condition_tokens(data.CLASS_TOKEN, 2)
+    t = torch.tensor([100, 900])
+    sched = diffusion.build_scheduler(model.cfg)
+    expected_target = sched.get_velocity(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)), t)
+
+    class Exact(torch.nn.Module):
+        def forward(self, sample, timesteps, encoder_hidden_states):
+            return type("Out", (), {"sample": expected_target})()
+
+    model.unet = Exact()
+    loss = diffusion.diffusion_loss(model, x0, tokens, generator=torch.Generator().manual_seed(3), timesteps=t)
+    assert float(loss) < 1e-10
+    with pytest.raises(ValueError, match="prediction_type must be 'epsilon' or 'v_prediction', got 'x0'"):
+        models.LabModelConfig(prediction_type="x0")
+
+
+def test_pretrain_v2_reuses_an_autoencoder_and_records_the_prediction_type(tmp_path):
+    first = pretrain.pretrain_v2(
+        str(tmp_path / "a"), n_images=16, unet_steps=1, unet_batch=4, autoencoder={"steps": 1, "n_images": 16}
+    )
+    pretrain.pretrain_v2(
+        str(tmp_path / "b"), n_images=16, unet_steps=1, unet_batch=4, prediction_type="v_prediction",
+        autoencoder_from=str(tmp_path / "a" / "autoencoder"),
+    )  # fmt: skip
+    loaded = models.load_model(str(tmp_path / "b"))
+    assert (
+        loaded.cfg.prediction_type == "v_prediction"
+        and models.load_model(str(tmp_path / "a")).cfg.prediction_type == "epsilon"
+    )
+    for key, value in first.vae.state_dict().items():
+        torch.testing.assert_close(loaded.vae.state_dict()[key], value.half().float())
+    assert loaded.latent_scale == pytest.approx(first.latent_scale, rel=1e-3)
+    meta = json.loads((tmp_path / "b" / models.CONFIG_FILE).read_text())
+    assert meta["autoencoder_recipe"] == {"reused_from": str(tmp_path / "a" / "autoencoder")}
+    with pytest.raises(ValueError, match="does not hold lab v2's autoencoder"):
+        pretrain.pretrain_v2(
+            str(tmp_path / "c"),
+            n_images=16,
+            unet_steps=1,
+            autoencoder_from=os.path.join(ROOT, "examples", "corruption_stage", "base_model"),
+        )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prediction-type", "v_prediction"], "--prediction-type and --autoencoder-from need --v2"),
+        (["--v2", "--autoencoder-from", "nowhere"], "--autoencoder-from 'nowhere' holds no lab model"),
+    ],
+)
+def test_pretrain_command_refuses_bad_arguments(tmp_path, extra, message):
+    out = tmp_path / "model"
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.corruption_stage.pretrain", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_x0_probe_reports_every_timestep_and_writes_its_json(tmp_path):
+    from examples.corruption_stage import x0_probe
+
+    model_dir = str(tmp_path / "v2")
+    pretrain.pretrain_v2(model_dir, n_images=16, unet_steps=2, unet_batch=4, autoencoder={"steps": 2, "n_images": 16})
+    out = tmp_path / "probe.json"
+    rows = x0_probe.main(["--model-dir", model_dir, "--steps", "2", "--every", "1", "--out", str(out)])
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert all(r[f"x0_error_t{t}"] >= 0 for r in rows for t in x0_probe.TIMESTEPS)
+    assert rows[0]["x0_error_t961"] != rows[2]["x0_error_t961"]  # fine-tuning moved the denoiser
+    assert json.loads(out.read_text())["rows"] == rows
