@@ -30,6 +30,11 @@ MEASURE_LABELS = {
 }
 
 
+def default_fidelity_key(result: dict) -> str:
+    """v2 runs judge fidelity structurally (``ssim_fidelity``), v1 runs by feature cosine (``fidelity``)."""
+    return "ssim_fidelity" if "ssim_fidelity" in result["runs"][0]["curves"] else "fidelity"
+
+
 def frontier_curve(fidelity: list[float], values: list[float], levels: list[float], better: str) -> list[float]:
     """The best of ``values`` over the checkpoints whose fidelity is at least each level (nan where none is)."""
     if better not in ("lower", "higher"):
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         result = json.load(f)
     if not result.get("runs"):
         parser.error(f"results {args.results!r} holds no runs")
-    fidelity_key = args.fidelity or ("ssim_fidelity" if "ssim_fidelity" in result["runs"][0]["curves"] else "fidelity")
+    fidelity_key = args.fidelity or default_fidelity_key(result)
     make_frontier_figure(
         result, os.path.join(os.path.dirname(os.path.abspath(args.results)), "frontier.png"), fidelity_key
     )

@@ -11,7 +11,7 @@ import torch
 
 from .experiment import ARM_COLOURS as COLOURS
 from .experiment import ARM_LABELS, fidelity_drawdown, summarise
-from .frontier import make_frontier_figure, matched_fidelity, matched_fidelity_markdown
+from .frontier import default_fidelity_key, make_frontier_figure, matched_fidelity, matched_fidelity_markdown
 
 
 # A pre-declared reading of the curves (fixed before the first real run): a seed "shows a corruption stage" when
@@ -218,8 +218,7 @@ def write_outputs(result: dict, out_dir: str, command: str, figure_name: str = "
     ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarise(result)
-    # v2 runs judge fidelity structurally (SSIM), v1 runs by feature cosine
-    fidelity_key = "ssim_fidelity" if "ssim_fidelity" in result["runs"][0]["curves"] else "fidelity"
+    fidelity_key = default_fidelity_key(result)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     public["summary"] = summary
     public["stage_flags"] = stage_flags(result)

@@ -22,7 +22,7 @@ import torch
 from . import data
 from .diffusion import condition_tokens, diffusion_loss, predicted_x0, sample
 from .measures import latent_residuals
-from .models import build_scheduler, load_model
+from .models import CONFIG_FILE, build_scheduler, load_model
 
 
 TIMESTEPS = (999, 961, 800, 500, 200)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in ("steps", "every", "lr"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if not os.path.isfile(os.path.join(args.model_dir, "lab_model.json")):
+    if not os.path.isfile(os.path.join(args.model_dir, CONFIG_FILE)):
         parser.error(f"--model-dir {args.model_dir!r} holds no lab model")
     torch.set_num_threads(1)
     base = load_model(args.model_dir)
