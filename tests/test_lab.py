@@ -193,6 +193,7 @@ def test_lab_records_the_papers_metrics_with_models_given_by_path(tmp_path):
     "extra, message",
     [
         (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
         (["--n-images", "7"], "n_images must be values in 1..5, got (7,)"),
         (["--lr", "-1"], "lr must be positive, got -1.0"),
         (["--clip-model", "no/such-model-here"], "--clip-model 'no/such-model-here' / --dino-model None did not load"),

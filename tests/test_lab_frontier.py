@@ -83,3 +83,29 @@ def test_full_fine_tuning_trains_every_unet_weight_of_a_copy():
     assert run["curves"]["flicker"][-1] > 1e-3  # the samples moved: the copy's weights were trained
     assert math.isnan(run["curves"]["posterior_std"][-1])
     assert experiment.ARM_LABELS["full"] == "full fine-tuning" and "full" not in experiment.V1_ARMS
+
+
+def _flat(curves: dict) -> list[float]:
+    out = []
+    for key in sorted(curves):
+        for value in curves[key]:
+            out.extend(value if isinstance(value, list) else [value])
+    return out
+
+
+def test_runs_in_worker_processes_match_runs_in_one_process():
+    base = models.new_model(models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS))
+    cfg = experiment.ExperimentConfig(
+        arms=("lora", "bayes_kl"), seeds=(0, 1), steps=2, eval_every=2, n_eval=2, sample_steps=2,
+        width_timesteps=(20,), grid_n=2, prompt=(data.SUBJECT_TOKEN, data.CLASS_TOKEN), v2_measures=True,
+    )  # fmt: skip
+    alone = experiment.run_experiment(base, cfg)
+    pooled = experiment.run_experiment(base, cfg, workers=2)
+    assert [(r["arm"], r["seed"]) for r in pooled["runs"]] == [(r["arm"], r["seed"]) for r in alone["runs"]]
+    for a, b in zip(alone["runs"], pooled["runs"]):
+        assert _flat(b["curves"]) == pytest.approx(_flat(a["curves"]), rel=1e-4, abs=1e-6, nan_ok=True)
+    assert set(pooled["_grids"]) == {"lora/1", "bayes_kl/1"}
+    for key, grid in alone["_grids"].items():  # uint8 images: float32 rounding may move a pixel by one level
+        assert (grid.int() - pooled["_grids"][key].int()).abs().max() <= 1
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        experiment.run_experiment(base, cfg, workers=0)

@@ -7,6 +7,7 @@ markdown summary.
 
     python -m examples.corruption_stage                 # default configuration (a few minutes, one thread)
     python -m examples.corruption_stage --full          # all arms, 1 and 3 images, 3 seeds
+    python -m examples.corruption_stage --full --workers 2  # the same, two runs at once
     python -m examples.corruption_stage --pretrain      # retrain the base model (~25 min on one core)
     python -m examples.corruption_stage --v2 --pretrain-only --threads 2  # lab v2's base model (PLAN_V2.md, ~2 h)
 """
@@ -95,12 +96,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale of the evaluation samples")
     p.add_argument("--sample-steps", type=int, help="DDIM steps of the evaluation samples")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="fine-tuning runs at once, one thread each (default 1)")
     p.add_argument("--clip-model", help="the paper's CLIP-I/CLIP-T at every evaluation: a Hub id or local folder")
     p.add_argument("--dino-model", help="the paper's DINO and DINO diversity: a Hub id or local folder")
     p.add_argument("--clip-prompt", help="CLIP-T's text (default: a photo of a red and yellow checkered cross)")
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     if args.model_dir is None:
         args.model_dir = V2_MODEL_DIR if args.v2 else DEFAULT_MODEL_DIR
     try:
@@ -137,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
         raise SystemExit(2)
     cfg = args.config
-    result = experiment.run_experiment(base, cfg, tensorboard_dir=os.path.join(args.out, "tensorboard"))
+    result = experiment.run_experiment(
+        base, cfg, tensorboard_dir=os.path.join(args.out, "tensorboard"), workers=args.workers
+    )
     paths = report.write_outputs(result, args.out, command.strip())
     print(open(paths["summary"]).read())
     print(f"wrote {paths['figure']}, {paths['json']}, {paths['summary']} in {time.time() - t0:.0f} s")

@@ -3,8 +3,10 @@ regulariser, with the monitor's metrics measured every ``eval_every`` iterations
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -281,41 +283,60 @@ def _v2_measures(
     }
 
 
-def run_experiment(base: LabModel, cfg: ExperimentConfig, tensorboard_dir: str | None = None) -> dict:
+def _run_in_worker(kwargs: dict) -> dict:
+    torch.set_num_threads(1)  # one thread per worker: the workers share the cores
+    return run_arm(**kwargs)
+
+
+def run_experiment(
+    base: LabModel, cfg: ExperimentConfig, tensorboard_dir: str | None = None, workers: int = 1
+) -> dict:
     """Every arm x training-set size x seed; returns a JSON-ready dict (samples for the grids kept aside).
 
-    With `tensorboard_dir`, each run logs its curves and posterior-std histograms there (see `run_arm`)."""
+    With `tensorboard_dir`, each run logs its curves and posterior-std histograms there (see `run_arm`). With
+    `workers` > 1, that many runs go at once in spawned processes of one thread each; every run is seeded on its
+    own, so the numbers are those of `workers=1` to float32 rounding."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     t0 = time.time()
     subject = data.make_subject_set(max(cfg.n_images), seed=cfg.subject_seed, size=base.cfg.image_size)
     with torch.no_grad():
         recon = base.decode(base.encode(subject))
     recon_rmse = (recon - subject).pow(2).flatten(1).mean(1).sqrt()
     kl_w = cfg.kl_weight if cfg.kl_weight is not None else kl_weight_default(base)
-    # Reference points for the metrics: the autoencoder's reconstructions of the training images (the best a
-    # copy can be) and the base model's samples of an unrelated pretraining kind.
+    jobs = [
+        {
+            "base": base,
+            "arm": arm,
+            "train_images": subject[:n_img],
+            "seed": seed,
+            "cfg": cfg,
+            "recon": recon[:n_img],
+            "keep_samples": seed == cfg.grid_seed,
+            "tensorboard_dir": tensorboard_dir,
+        }
+        for n_img in cfg.n_images
+        for arm in cfg.arms
+        for seed in cfg.seeds
+    ]
+    with tqdm(total=len(jobs) * cfg.steps, desc="fine-tuning", mininterval=2.0) as bar:
+        if workers == 1:
+            results = []
+            for job in jobs:
+                bar.set_postfix(arm=job["arm"], n=len(job["train_images"]), seed=job["seed"])
+                results.append(run_arm(**job, progress=bar.update))
+        else:
+            context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [pool.submit(_run_in_worker, job) for job in jobs]
+                for _done in concurrent.futures.as_completed(futures):
+                    bar.update(cfg.steps)
+                results = [future.result() for future in futures]
     runs, grids = [], {}
-    total = len(cfg.arms) * len(cfg.n_images) * len(cfg.seeds) * cfg.steps
-    with tqdm(total=total, desc="fine-tuning", mininterval=2.0) as bar:
-        for n_img in cfg.n_images:
-            train = subject[:n_img]
-            for arm in cfg.arms:
-                for seed in cfg.seeds:
-                    bar.set_postfix(arm=arm, n=n_img, seed=seed)
-                    keep = seed == cfg.grid_seed
-                    r = run_arm(
-                        base,
-                        arm,
-                        train,
-                        seed,
-                        cfg,
-                        recon[:n_img],
-                        keep_samples=keep,
-                        progress=bar.update,
-                        tensorboard_dir=tensorboard_dir,
-                    )
-                    if keep:
-                        grids[f"{arm}/{n_img}"] = r.pop("samples")
-                    runs.append(r)
+    for job, r in zip(jobs, results):
+        if job["keep_samples"]:
+            grids[f"{job['arm']}/{len(job['train_images'])}"] = r.pop("samples")
+        runs.append(r)
     refs = {}
     for n_img in cfg.n_images:
         train = subject[:n_img]
