@@ -51,6 +51,18 @@ def test_matched_fidelity_is_the_highest_level_every_run_reaches():
     assert "fidelity >= 0.700" in table and "| plain LoRA | 2 | 0.650 ± 0.350 | 0.300 ± 0.200 |" in table
 
 
+def test_early_stopping_is_plain_loras_checkpoint_of_highest_fidelity():
+    stopped = frontier.matched_fidelity(_result())[1]["early_stopping"]
+    # both LoRA seeds peak at their last checkpoint: copy rates 1.0 and 0.8, diversity 0.1 and 0.2
+    assert stopped["seeds"] == 2 and stopped["iteration"] == {"mean": 2.0, "std": 0.0}
+    assert stopped["fidelity"]["mean"] == pytest.approx(0.85) and stopped["fidelity"]["std"] == pytest.approx(0.05)
+    assert stopped["copy_rate"]["mean"] == pytest.approx(0.9) and stopped["copy_rate"]["std"] == pytest.approx(0.1)
+    assert stopped["diversity"]["mean"] == pytest.approx(0.15)
+    table = frontier.matched_fidelity_markdown(_result())
+    assert f"| {frontier.EARLY_STOPPING_LABEL} | 2 | 0.900 ± 0.100 | 0.150 ± 0.050 |" in table
+    assert frontier.early_stopping([r for r in _result()["runs"] if r["arm"] != "lora"]) is None
+
+
 def test_frontier_command_draws_the_figure_beside_the_results(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(_result()))

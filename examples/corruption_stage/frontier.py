@@ -4,6 +4,8 @@ is more diverse? (Issue 16, item 6.)
 Each run's *frontier* at a fidelity level f is the best value of a measure (the lowest copy rate, the highest
 diversity) among its checkpoints whose fidelity is at least f: what a user who stops at the right checkpoint gets
 for that fidelity. Frontiers are averaged over seeds at levels every seed of the arm reaches.
+
+*Early stopping* is what a user gets without that oracle: plain LoRA stopped at its checkpoint of highest fidelity.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ MEASURE_LABELS = {
 }
 
 
+EARLY_STOPPING_LABEL = "early stopping (plain LoRA's best checkpoint by fidelity)"
+
+
 def default_fidelity_key(result: dict) -> str:
     """v2 runs judge fidelity structurally (``ssim_fidelity``), v1 runs by feature cosine (``fidelity``)."""
     return "ssim_fidelity" if "ssim_fidelity" in result["runs"][0]["curves"] else "fidelity"
@@ -54,9 +59,26 @@ def _groups(result: dict) -> dict[tuple[str, int], list[dict]]:
     return groups
 
 
+def _mean_std(values: list[float]) -> dict[str, float]:
+    vals = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(vals.mean()), "std": float(vals.std(unbiased=False))}
+
+
+def early_stopping(runs: list[dict], fidelity_key: str = "fidelity") -> dict | None:
+    """Plain LoRA stopped at each run's checkpoint of highest fidelity: that checkpoint's iteration, fidelity and
+    measures (mean and std over the runs); None without plain LoRA runs."""
+    runs = [r for r in runs if r["arm"] == "lora"]
+    if not runs:
+        return None
+    best = [max(range(len(r["curves"][fidelity_key])), key=r["curves"][fidelity_key].__getitem__) for r in runs]
+    keys = ("iteration", fidelity_key, *MEASURES[fidelity_key])
+    return {"seeds": len(runs), **{k: _mean_std([r["curves"][k][i] for r, i in zip(runs, best)]) for k in keys}}
+
+
 def matched_fidelity(result: dict, fidelity_key: str = "fidelity") -> dict[int, dict]:
     """Per training-set size: the highest fidelity level that every run of every arm reaches at some checkpoint,
-    and each arm's frontier there (mean and std over seeds) for every measure of ``MEASURES[fidelity_key]``."""
+    and each arm's frontier there (mean and std over seeds) for every measure of ``MEASURES[fidelity_key]``; and
+    `early_stopping` (its checkpoints reach that level by construction)."""
     out: dict[int, dict] = {}
     groups = _groups(result)
     for n_img in sorted({n for _, n in groups}):
@@ -68,13 +90,11 @@ def matched_fidelity(result: dict, fidelity_key: str = "fidelity") -> dict[int, 
                 continue
             entry = {"seeds": len(rs)}
             for measure, better in MEASURES[fidelity_key].items():
-                vals = torch.tensor(
-                    [frontier_curve(r["curves"][fidelity_key], r["curves"][measure], [level], better)[0] for r in rs],
-                    dtype=torch.float64,
+                entry[measure] = _mean_std(
+                    [frontier_curve(r["curves"][fidelity_key], r["curves"][measure], [level], better)[0] for r in rs]
                 )
-                entry[measure] = {"mean": float(vals.mean()), "std": float(vals.std(unbiased=False))}
             arms[arm] = entry
-        out[n_img] = {"fidelity_level": level, "arms": arms}
+        out[n_img] = {"fidelity_level": level, "arms": arms, "early_stopping": early_stopping(runs, fidelity_key)}
     return out
 
 
@@ -97,6 +117,16 @@ def matched_fidelity_markdown(result: dict, fidelity_key: str = "fidelity") -> s
         for arm, a in entry["arms"].items():
             cells = " | ".join(f"{a[m]['mean']:.3f} ± {a[m]['std']:.3f}" for m in measures)
             lines.append(f"| {ARM_LABELS[arm]} | {a['seeds']} | {cells} |")
+        stopped = entry["early_stopping"]
+        if stopped is not None:
+            cells = " | ".join(f"{stopped[m]['mean']:.3f} ± {stopped[m]['std']:.3f}" for m in measures)
+            lines.append(f"| {EARLY_STOPPING_LABEL} | {stopped['seeds']} | {cells} |")
+            lines += [
+                "",
+                f"Early stopping's checkpoints: iteration {stopped['iteration']['mean']:.0f} ± "
+                f"{stopped['iteration']['std']:.0f}, {fidelity_key} {stopped[fidelity_key]['mean']:.3f} ± "
+                f"{stopped[fidelity_key]['std']:.3f}.",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -134,6 +164,12 @@ def make_frontier_figure(result: dict, path: str, fidelity_key: str = "fidelity"
                 label = f"{ARM_LABELS[arm]} ({len(rs)} seeds)"
                 ax.plot(levels, mean.tolist(), color=colour, lw=1.6, label=label)
                 ax.fill_between(levels, (mean - std).tolist(), (mean + std).tolist(), color=colour, alpha=0.15, lw=0)
+            stopped = [r for r in result["runs"] if r["arm"] == "lora" and r["n_images"] == n_img]
+            for i, r in enumerate(stopped):
+                best = max(range(len(r["curves"][fidelity_key])), key=r["curves"][fidelity_key].__getitem__)
+                x, y = r["curves"][fidelity_key][best], r["curves"][measure][best]
+                label = EARLY_STOPPING_LABEL if i == 0 else None
+                ax.scatter([x], [y], marker="*", s=70, color=ARM_COLOURS["lora"], edgecolor="k", lw=0.5, label=label)
             ax.set_xlabel(f"{fidelity_key} (higher: more like the subject)", fontsize=8)
             ax.set_ylabel(f"{MEASURE_LABELS[measure]} ({better} is better)", fontsize=8)
             ax.set_title(f"{n_img} training image(s): best {MEASURE_LABELS[measure]} at >= this fidelity", fontsize=8)
