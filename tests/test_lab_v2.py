@@ -303,11 +303,38 @@ def test_pretrain_v2_reuses_an_autoencoder_and_records_the_prediction_type(tmp_p
         )
 
 
+def test_pretrain_v2_continues_a_saved_denoiser_with_everything_else_kept(tmp_path):
+    source = str(tmp_path / "a")
+    pretrain.pretrain_v2(
+        source, n_images=16, unet_steps=1, unet_batch=4, prediction_type="v_prediction",
+        autoencoder={"steps": 1, "n_images": 16},
+    )  # fmt: skip
+    before = models.load_model(source)
+    pretrain.pretrain_v2(str(tmp_path / "b"), n_images=16, unet_steps=2, unet_batch=4, denoiser_from=source)
+    after = models.load_model(str(tmp_path / "b"))
+    assert after.cfg == before.cfg and after.latent_scale == before.latent_scale
+    assert all(torch.equal(v, before.vae.state_dict()[k]) for k, v in after.vae.state_dict().items())
+    moved = [k for k, v in after.unet.state_dict().items() if not torch.equal(v, before.unet.state_dict()[k])]
+    assert moved  # the denoiser was trained further
+    meta = json.loads((tmp_path / "b" / models.CONFIG_FILE).read_text())
+    assert meta["autoencoder_recipe"] == {"reused_from": source} and f"continued from {source}" in meta["how_made"]
+    with pytest.raises(ValueError, match="is not a lab v2 model"):
+        pretrain.pretrain_v2(
+            str(tmp_path / "c"), n_images=16, unet_steps=1,
+            denoiser_from=os.path.join(ROOT, "examples", "corruption_stage", "base_model"),
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--prediction-type", "v_prediction"], "--prediction-type and --autoencoder-from need --v2"),
+        (["--prediction-type", "v_prediction"], "--prediction-type, --autoencoder-from and --denoiser-from need --v2"),
         (["--v2", "--autoencoder-from", "nowhere"], "--autoencoder-from 'nowhere' holds no lab model"),
+        (["--v2", "--denoiser-from", "nowhere"], "--denoiser-from 'nowhere' holds no lab model"),
+        (
+            ["--v2", "--denoiser-from", "x", "--prediction-type", "v_prediction"],
+            "--denoiser-from takes its autoencoder and prediction type from that model",
+        ),
     ],
 )
 def test_pretrain_command_refuses_bad_arguments(tmp_path, extra, message):

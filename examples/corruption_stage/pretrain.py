@@ -190,18 +190,26 @@ def pretrain_v2(
     autoencoder: dict | None = None,
     prediction_type: str = "epsilon",
     autoencoder_from: str | None = None,
+    denoiser_from: str | None = None,
 ) -> LabModel:
     """Lab v2's base model (PLAN_V2.md step 2): pilot 2b's autoencoder, then v1's denoiser recipe on its latents of
     ``data.make_v2_pretraining_set`` (procedural kinds with the cross as a class, and photo crops). The autoencoder
     alone is saved to ``<out_dir>/autoencoder`` first, so a cut-off run keeps it.
 
     ``autoencoder_from``: a saved model folder whose autoencoder is reused instead of trained (v2b reuses v2's);
-    ``prediction_type``: what the denoiser predicts ("v_prediction" for v2b)."""
+    ``prediction_type``: what the denoiser predicts ("v_prediction" for v2b); ``denoiser_from``: a saved v2 model
+    whose every part is loaded and whose denoiser is trained ``unet_steps`` more (v2c continues v2b), with its own
+    prediction type and a new batch order."""
     ae = {**V2_AUTOENCODER, **(autoencoder or {})}
     t0 = time.time()
     model = new_model(dataclasses.replace(V2_CONFIG, prediction_type=prediction_type), seed=ae["seed"])
     threads = torch.get_num_threads()
-    if autoencoder_from is not None:
+    if denoiser_from is not None:
+        model = load_model(denoiser_from)
+        if not model.cfg.extra_tokens:
+            raise ValueError(f"denoiser_from {denoiser_from!r} is not a lab v2 model")
+        prediction_type, ae, ae_hist = model.cfg.prediction_type, {"reused_from": denoiser_from}, []
+    elif autoencoder_from is not None:
         source = load_model(autoencoder_from)
         if source.cfg.ae_channels != V2_CONFIG.ae_channels or source.cfg.latent_channels != V2_CONFIG.latent_channels:
             raise ValueError(f"autoencoder_from {autoencoder_from!r} does not hold lab v2's autoencoder")
@@ -221,13 +229,18 @@ def pretrain_v2(
     save_model(model, f"{out_dir}/autoencoder", {"stage": "autoencoder only", "autoencoder_recipe": ae})
     images, labels = data.make_v2_pretraining_set(n_images, seed=seed)
     raw = encode_all(model, images)
-    model.latent_scale = float(1.0 / raw.std())
-    un = train_unet(model, raw * model.latent_scale, labels, unet_steps, unet_batch, lr=1e-3, seed=seed + 2)
+    if denoiser_from is None:
+        model.latent_scale = float(1.0 / raw.std())
+    # a continued denoiser keeps its latent scale and sees a new batch order
+    batch_seed = seed + (3 if denoiser_from is not None else 2)
+    un = train_unet(model, raw * model.latent_scale, labels, unet_steps, unet_batch, lr=1e-3, seed=batch_seed)
     extra = {
         "how_made": (
             "python -m examples.corruption_stage.pretrain --v2 (examples/corruption_stage/pretrain.py, "
             f"pretrain_v2): AutoencoderKL {V2_CONFIG.ae_channels} as lab v2 pilot 2b ({ae}), one thread; then "
-            f"UNet2DConditionModel ({prediction_type}) {unet_steps} steps batch {unet_batch} on the latents of "
+            f"UNet2DConditionModel ({prediction_type}) {unet_steps} steps batch {unet_batch}"
+            + (f" continued from {denoiser_from}" if denoiser_from is not None else "")
+            + " on the latents of "
             f"{n_images} images "
             f"(make_v2_pretraining_set seed {seed}; v1's recipe), {unet_threads} threads; weights stored in float16."
         ),
@@ -275,16 +288,23 @@ def main() -> None:
     p.add_argument("--v2", action="store_true", help="lab v2's base model (PLAN_V2.md; ignores --ae-steps)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon", help="with --v2")
     p.add_argument("--autoencoder-from", help="with --v2: reuse this model folder's autoencoder instead of training")
+    p.add_argument(
+        "--denoiser-from", help="with --v2: load this v2 model whole and train its denoiser --unet-steps more"
+    )
     a = p.parse_args()
-    if (a.prediction_type != "epsilon" or a.autoencoder_from) and not a.v2:
-        p.error("--prediction-type and --autoencoder-from need --v2")
-    if a.autoencoder_from and not os.path.isfile(os.path.join(a.autoencoder_from, CONFIG_FILE)):
-        p.error(f"--autoencoder-from {a.autoencoder_from!r} holds no lab model ({CONFIG_FILE})")
+    if (a.prediction_type != "epsilon" or a.autoencoder_from or a.denoiser_from) and not a.v2:
+        p.error("--prediction-type, --autoencoder-from and --denoiser-from need --v2")
+    if a.denoiser_from and (a.autoencoder_from or a.prediction_type != "epsilon"):
+        p.error("--denoiser-from takes its autoencoder and prediction type from that model; drop the other two")
+    for name in ("autoencoder_from", "denoiser_from"):
+        folder = getattr(a, name)
+        if folder and not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+            p.error(f"--{name.replace('_', '-')} {folder!r} holds no lab model ({CONFIG_FILE})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.v2:
         model = pretrain_v2(
             a.out, a.n_images, a.unet_steps, seed=a.seed, prediction_type=a.prediction_type,
-            autoencoder_from=a.autoencoder_from,
+            autoencoder_from=a.autoencoder_from, denoiser_from=a.denoiser_from,
         )  # fmt: skip
         if a.preview:
             _save_preview(model, a.preview)
