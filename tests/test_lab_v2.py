@@ -361,3 +361,11 @@ def test_x0_probe_reports_every_timestep_and_writes_its_json(tmp_path):
     assert all(r[f"x0_error_t{t}"] >= 0 for r in rows for t in x0_probe.TIMESTEPS)
     assert rows[0]["x0_error_t961"] != rows[2]["x0_error_t961"]  # fine-tuning moved the denoiser
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_gate_figure_shows_the_early_checkpoints_where_fine_tuning_changes_fastest():
+    from examples.corruption_stage.gate_report import doubling_checkpoints
+
+    iterations = list(range(0, 3001, 100))
+    assert [iterations[i] for i in doubling_checkpoints(iterations, 7)] == [0, 100, 200, 400, 700, 1500, 3000]
+    assert doubling_checkpoints([0, 2, 4], 7) == [0, 1, 2]  # fewer checkpoints than asked: each once

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .report import _grid_image, key_iterations
+from .report import _grid_image
 
 
 PANELS = (
@@ -15,6 +15,15 @@ PANELS = (
     ("latent_energy", "median latent residual energy"),
     ("whiteness", "median residual whiteness (spectral flatness)"),
 )
+
+
+def doubling_checkpoints(iterations: list[int], n: int) -> list[int]:
+    """Indices of ``n`` checkpoints: the first, then the ones nearest to the last iteration halved again and again
+    (e.g. 0, 100, 200, 400, 800, 1500, 3000): fine-tuning changes fastest at the start."""
+    last = iterations[-1]
+    targets = [last / 2 ** (n - 2 - k) for k in range(n - 1)]
+    picks = [0] + [min(range(len(iterations)), key=lambda i, t=t: abs(iterations[i] - t)) for t in targets]
+    return sorted(set(picks))
 
 
 def make_gate_figure(
@@ -27,7 +36,7 @@ def make_gate_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(3.3 * len(PANELS), 6.2 if samples is not None else 3.0))
+    fig = plt.figure(figsize=(3.3 * len(PANELS), 6.2 if samples is not None else 3.0), layout="constrained")
     gs = fig.add_gridspec(
         2 if samples is not None else 1, len(PANELS), height_ratios=[3, 3.2][: 1 + (samples is not None)]
     )
@@ -49,7 +58,7 @@ def make_gate_figure(
             ax.legend(fontsize=6)
     if samples is not None:
         its = runs[0]["curves"]["iteration"]
-        keys = key_iterations(its, n_checkpoints)
+        keys = doubling_checkpoints(its, n_checkpoints)
         ax = fig.add_subplot(gs[1, :])
         grid = torch.cat([_grid_image(samples[i], 1) for i in keys], dim=1)
         ax.imshow(grid.numpy(), interpolation="nearest")
@@ -57,5 +66,5 @@ def make_gate_figure(
         ax.set_xticklabels([f"it {its[i]}" for i in keys], fontsize=7)
         ax.set_yticks([])
         ax.set_title(f"seed {runs[0]['seed']}: samples of 'sks cross' (fixed seeds) per checkpoint", fontsize=8)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=90)
     plt.close(fig)
