@@ -369,3 +369,23 @@ def test_gate_figure_shows_the_early_checkpoints_where_fine_tuning_changes_faste
     iterations = list(range(0, 3001, 100))
     assert [iterations[i] for i in doubling_checkpoints(iterations, 7)] == [0, 100, 200, 400, 700, 1500, 3000]
     assert doubling_checkpoints([0, 2, 4], 7) == [0, 1, 2]  # fewer checkpoints than asked: each once
+
+
+def test_render_probe_scores_every_kind_of_every_model(tmp_path):
+    from examples.corruption_stage import render_probe
+
+    model_dir = str(tmp_path / "v2")
+    pretrain.pretrain_v2(model_dir, n_images=16, unet_steps=1, unet_batch=4, autoencoder={"steps": 1, "n_images": 16})
+    out = tmp_path / "probe.json"
+    args = ["--model-dirs", model_dir, "--classifier-steps", "2", "--classifier-images", "70", "--out", str(out)]
+    payload = render_probe.main(args)
+    rates = payload["render_rates"][model_dir]
+    assert set(rates) == set(gate.ALL_KINDS) and all(
+        0.0 <= r <= 1.0 and r * 12 == round(r * 12) for r in rates.values()
+    )
+    assert json.loads(out.read_text())["render_rates"] == payload["render_rates"]
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.corruption_stage.render_probe", "--model-dirs", "nowhere", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--model-dirs 'nowhere' holds no lab model" in result.stderr
