@@ -64,13 +64,19 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(vals.mean()), "std": float(vals.std(unbiased=False))}
 
 
+def best_checkpoint(run: dict, fidelity_key: str = "fidelity") -> int:
+    """The index of a run's checkpoint of highest fidelity (the first, on ties): where early stopping stops."""
+    fidelity = run["curves"][fidelity_key]
+    return max(range(len(fidelity)), key=fidelity.__getitem__)
+
+
 def early_stopping(runs: list[dict], fidelity_key: str = "fidelity") -> dict | None:
     """Plain LoRA stopped at each run's checkpoint of highest fidelity: that checkpoint's iteration, fidelity and
     measures (mean and std over the runs); None without plain LoRA runs."""
     runs = [r for r in runs if r["arm"] == "lora"]
     if not runs:
         return None
-    best = [max(range(len(r["curves"][fidelity_key])), key=r["curves"][fidelity_key].__getitem__) for r in runs]
+    best = [best_checkpoint(r, fidelity_key) for r in runs]
     keys = ("iteration", fidelity_key, *MEASURES[fidelity_key])
     return {"seeds": len(runs), **{k: _mean_std([r["curves"][k][i] for r, i in zip(runs, best)]) for k in keys}}
 
@@ -166,7 +172,7 @@ def make_frontier_figure(result: dict, path: str, fidelity_key: str = "fidelity"
                 ax.fill_between(levels, (mean - std).tolist(), (mean + std).tolist(), color=colour, alpha=0.15, lw=0)
             stopped = [r for r in result["runs"] if r["arm"] == "lora" and r["n_images"] == n_img]
             for i, r in enumerate(stopped):
-                best = max(range(len(r["curves"][fidelity_key])), key=r["curves"][fidelity_key].__getitem__)
+                best = best_checkpoint(r, fidelity_key)
                 x, y = r["curves"][fidelity_key][best], r["curves"][measure][best]
                 label = EARLY_STOPPING_LABEL if i == 0 else None
                 ax.scatter([x], [y], marker="*", s=70, color=ARM_COLOURS["lora"], edgecolor="k", lw=0.5, label=label)

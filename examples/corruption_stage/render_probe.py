@@ -20,7 +20,7 @@ import torch
 
 from . import data
 from .diffusion import sample
-from .gate import ALL_KINDS, CLASSES, HELD_OUT_SEED, _merge_same_shapes, classifier_accuracy, train_kind_classifier
+from .gate import ALL_KINDS, CLASSES, HELD_OUT_SEED, classifier_accuracy, merge_same_shapes, train_kind_classifier
 from .models import CONFIG_FILE, LabModel, load_model
 
 
@@ -42,8 +42,8 @@ def render_rates(
     for index, kind in enumerate(ALL_KINDS):
         token = data.CLASS_TOKEN if kind == data.SUBJECT_KIND else index
         images = sample(model, token, n, seed=seed, steps=steps, guidance=guidance)
-        predicted = _merge_same_shapes(classifier(images).argmax(dim=1))
-        target = _merge_same_shapes(torch.tensor([index]))
+        predicted = merge_same_shapes(classifier(images).argmax(dim=1))
+        target = merge_same_shapes(torch.tensor([index]))
         out[kind] = float((predicted == target).double().mean())
     return out
 
