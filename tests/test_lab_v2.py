@@ -325,6 +325,9 @@ def test_pretrain_v2_continues_a_saved_denoiser_with_everything_else_kept(tmp_pa
         )  # fmt: skip
 
 
+V1_MODEL = os.path.join(ROOT, "examples", "corruption_stage", "base_model")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -335,6 +338,10 @@ def test_pretrain_v2_continues_a_saved_denoiser_with_everything_else_kept(tmp_pa
             ["--v2", "--denoiser-from", "x", "--prediction-type", "v_prediction"],
             "--denoiser-from takes its autoencoder and prediction type from that model",
         ),
+        (["--v2", "--denoiser-from", V1_MODEL], "is not a lab v2 model"),
+        (["--v2", "--autoencoder-from", V1_MODEL], "does not hold lab v2's autoencoder"),
+        (["--v2", "--n-images", "0"], "--n-images must be positive, got 0"),
+        (["--v2", "--unet-steps", "-1"], "--unet-steps must be positive, got -1"),
     ],
 )
 def test_pretrain_command_refuses_bad_arguments(tmp_path, extra, message):
@@ -369,6 +376,23 @@ def test_gate_figure_shows_the_early_checkpoints_where_fine_tuning_changes_faste
     iterations = list(range(0, 3001, 100))
     assert [iterations[i] for i in doubling_checkpoints(iterations, 7)] == [0, 100, 200, 400, 700, 1500, 3000]
     assert doubling_checkpoints([0, 2, 4], 7) == [0, 1, 2]  # fewer checkpoints than asked: each once
+
+
+def test_render_rates_score_each_kind_against_its_own_prompt():
+    from examples.corruption_stage import render_probe
+
+    model = models.new_model(models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS))
+
+    def always(kind):  # a stand-in classifier that calls every image one kind
+        return lambda images: torch.nn.functional.one_hot(
+            torch.full((len(images),), gate.CLASSES.index(kind)), len(gate.CLASSES)
+        ).float()
+
+    rates = render_probe.render_rates(model, always("ring"), n=2, steps=2)
+    assert rates == {kind: float(kind == "ring") for kind in gate.ALL_KINDS}
+    rates = render_probe.render_rates(model, always("diamond"), n=2, steps=2)
+    assert rates == {kind: float(kind in ("square", "diamond")) for kind in gate.ALL_KINDS}  # one shape
+    assert render_probe.render_rates(model, always("cross"), n=2, steps=2)["cross"] == 1.0  # the class prompt
 
 
 def test_render_probe_scores_every_kind_of_every_model(tmp_path):

@@ -193,16 +193,16 @@ def pretrain_v2(
     denoiser_from: str | None = None,
 ) -> LabModel:
     """Lab v2's base model (PLAN_V2.md step 2): pilot 2b's autoencoder, then v1's denoiser recipe on its latents of
-    ``data.make_v2_pretraining_set`` (procedural kinds with the cross as a class, and photo crops). The autoencoder
-    alone is saved to ``<out_dir>/autoencoder`` first, so a cut-off run keeps it.
+        ``data.make_v2_pretraining_set`` (procedural kinds with the cross as a class, and photo crops). The autoencoder
+        alone is saved to ``<out_dir>/autoencoder`` first, so a cut-off run keeps it (not when continuing a model, which
+    holds it already).
 
-    ``autoencoder_from``: a saved model folder whose autoencoder is reused instead of trained (v2b reuses v2's);
-    ``prediction_type``: what the denoiser predicts ("v_prediction" for v2b); ``denoiser_from``: a saved v2 model
-    whose every part is loaded and whose denoiser is trained ``unet_steps`` more (v2c continues v2b), with its own
-    prediction type and a new batch order."""
+        ``autoencoder_from``: a saved model folder whose autoencoder is reused instead of trained (v2b reuses v2's);
+        ``prediction_type``: what the denoiser predicts ("v_prediction" for v2b); ``denoiser_from``: a saved v2 model
+        whose every part is loaded and whose denoiser is trained ``unet_steps`` more (v2c continues v2b), with its own
+        prediction type and a new batch order."""
     ae = {**V2_AUTOENCODER, **(autoencoder or {})}
     t0 = time.time()
-    model = new_model(dataclasses.replace(V2_CONFIG, prediction_type=prediction_type), seed=ae["seed"])
     threads = torch.get_num_threads()
     if denoiser_from is not None:
         model = load_model(denoiser_from)
@@ -210,12 +210,14 @@ def pretrain_v2(
             raise ValueError(f"denoiser_from {denoiser_from!r} is not a lab v2 model")
         prediction_type, ae, ae_hist = model.cfg.prediction_type, {"reused_from": denoiser_from}, []
     elif autoencoder_from is not None:
+        model = new_model(dataclasses.replace(V2_CONFIG, prediction_type=prediction_type), seed=ae["seed"])
         source = load_model(autoencoder_from)
         if source.cfg.ae_channels != V2_CONFIG.ae_channels or source.cfg.latent_channels != V2_CONFIG.latent_channels:
             raise ValueError(f"autoencoder_from {autoencoder_from!r} does not hold lab v2's autoencoder")
         model.vae.load_state_dict(source.vae.state_dict())
         ae, ae_hist = {"reused_from": autoencoder_from}, []
     else:
+        model = new_model(dataclasses.replace(V2_CONFIG, prediction_type=prediction_type), seed=ae["seed"])
         half = ae["n_images"] // 2
         ae_images = torch.cat(
             [data.make_pretraining_set(half, seed=ae["seed"])[0], data.make_natural_crops(half, seed=ae["seed"] + 7)]
@@ -226,7 +228,8 @@ def pretrain_v2(
         )["history"]
     torch.set_num_threads(unet_threads or threads)
     t_ae = time.time() - t0
-    save_model(model, f"{out_dir}/autoencoder", {"stage": "autoencoder only", "autoencoder_recipe": ae})
+    if denoiser_from is None:  # a continued model's autoencoder is already saved, in denoiser_from
+        save_model(model, f"{out_dir}/autoencoder", {"stage": "autoencoder only", "autoencoder_recipe": ae})
     images, labels = data.make_v2_pretraining_set(n_images, seed=seed)
     raw = encode_all(model, images)
     if denoiser_from is None:
@@ -296,16 +299,22 @@ def main() -> None:
         p.error("--prediction-type, --autoencoder-from and --denoiser-from need --v2")
     if a.denoiser_from and (a.autoencoder_from or a.prediction_type != "epsilon"):
         p.error("--denoiser-from takes its autoencoder and prediction type from that model; drop the other two")
+    for name in ("n_images", "unet_steps"):
+        if getattr(a, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
     for name in ("autoencoder_from", "denoiser_from"):
         folder = getattr(a, name)
         if folder and not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
             p.error(f"--{name.replace('_', '-')} {folder!r} holds no lab model ({CONFIG_FILE})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.v2:
-        model = pretrain_v2(
-            a.out, a.n_images, a.unet_steps, seed=a.seed, prediction_type=a.prediction_type,
-            autoencoder_from=a.autoencoder_from, denoiser_from=a.denoiser_from,
-        )  # fmt: skip
+        try:  # a source model of the wrong kind is refused before any training or writing
+            model = pretrain_v2(
+                a.out, a.n_images, a.unet_steps, seed=a.seed, prediction_type=a.prediction_type,
+                autoencoder_from=a.autoencoder_from, denoiser_from=a.denoiser_from,
+            )  # fmt: skip
+        except ValueError as error:
+            p.error(str(error))
         if a.preview:
             _save_preview(model, a.preview)
         return
