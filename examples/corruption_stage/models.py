@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -31,6 +31,10 @@ class LabModelConfig:
     # What the UNet predicts: "epsilon" (v1, v2) or "v_prediction" (v2b, PLAN_V2.md: an epsilon model's clean-latent
     # estimate at the first sampling step is 1 / sqrt(alpha_bar) = 16x its noise error, and fine-tuning never fixes it)
     prediction_type: str = "epsilon"
+    # Lab v2d (PLAN_V2.md): the condition also reaches every resnet through the time embedding, pooled as SD XL's and
+    # Kandinsky's text embeddings are (diffusers' ``addition_embed_type="text"``); cross-attention alone left v2-v2c
+    # drawing nearly the same blob for every kind
+    pooled_condition: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -96,7 +100,27 @@ def build_unet(cfg: LabModelConfig) -> UNet2DConditionModel:
         cross_attention_dim=cfg.cond_dim,
         attention_head_dim=4,
         norm_num_groups=16,
+        addition_embed_type="text" if cfg.pooled_condition else None,
+        addition_embed_type_num_heads=4,
     )
+
+
+def add_pooled_condition(model: LabModel) -> LabModel:
+    """``model`` with a pooled-condition path added to its denoiser's time embedding (``pooled_condition``), every
+    other weight kept. The path's last LayerNorm gain starts at zero, so the new model's output equals the old one's
+    until training moves it (a zero projection instead would sit under a LayerNorm of a zero vector, whose gradient
+    is 1 / sqrt(eps))."""
+    if model.cfg.pooled_condition:
+        raise ValueError("the model's denoiser already takes the pooled condition")
+    cfg = replace(model.cfg, pooled_condition=True)
+    unet = build_unet(cfg)
+    result = unet.load_state_dict(model.unet.state_dict(), strict=False)
+    if result.unexpected_keys or any(not k.startswith("add_embedding.") for k in result.missing_keys):
+        raise ValueError(f"denoiser weights do not match the lab's UNet: {result}")
+    torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
+    unet.train(model.unet.training)
+    unet.requires_grad_(any(p.requires_grad for p in model.unet.parameters()))
+    return LabModel(cfg, model.vae, model.cond, unet, model.latent_scale)
 
 
 def build_scheduler(cfg: LabModelConfig) -> DDIMScheduler:

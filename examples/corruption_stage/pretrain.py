@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .diffusion import diffusion_loss, sample
-from .models import CONFIG_FILE, LabModel, LabModelConfig, load_model, new_model, save_model
+from .models import CONFIG_FILE, LabModel, LabModelConfig, add_pooled_condition, load_model, new_model, save_model
 
 
 logger = logging.getLogger("lab.pretrain")
@@ -191,6 +191,7 @@ def pretrain_v2(
     prediction_type: str = "epsilon",
     autoencoder_from: str | None = None,
     denoiser_from: str | None = None,
+    pooled_condition: bool = False,
 ) -> LabModel:
     """Lab v2's base model (PLAN_V2.md step 2): pilot 2b's autoencoder, then v1's denoiser recipe on its latents of
         ``data.make_v2_pretraining_set`` (procedural kinds with the cross as a class, and photo crops). The autoencoder
@@ -200,7 +201,8 @@ def pretrain_v2(
         ``autoencoder_from``: a saved model folder whose autoencoder is reused instead of trained (v2b reuses v2's);
         ``prediction_type``: what the denoiser predicts ("v_prediction" for v2b); ``denoiser_from``: a saved v2 model
         whose every part is loaded and whose denoiser is trained ``unet_steps`` more (v2c continues v2b), with its own
-        prediction type and a new batch order."""
+        prediction type and a new batch order; ``pooled_condition``: the denoiser also takes the pooled condition in its
+        time embedding (``models.add_pooled_condition`` on a continued denoiser; v2d continues v2c so)."""
     ae = {**V2_AUTOENCODER, **(autoencoder or {})}
     t0 = time.time()
     threads = torch.get_num_threads()
@@ -209,15 +211,23 @@ def pretrain_v2(
         if not model.cfg.extra_tokens:
             raise ValueError(f"denoiser_from {denoiser_from!r} is not a lab v2 model")
         prediction_type, ae, ae_hist = model.cfg.prediction_type, {"reused_from": denoiser_from}, []
+        if pooled_condition and not model.cfg.pooled_condition:
+            model = add_pooled_condition(model)
     elif autoencoder_from is not None:
-        model = new_model(dataclasses.replace(V2_CONFIG, prediction_type=prediction_type), seed=ae["seed"])
+        model = new_model(
+            dataclasses.replace(V2_CONFIG, prediction_type=prediction_type, pooled_condition=pooled_condition),
+            seed=ae["seed"],
+        )
         source = load_model(autoencoder_from)
         if source.cfg.ae_channels != V2_CONFIG.ae_channels or source.cfg.latent_channels != V2_CONFIG.latent_channels:
             raise ValueError(f"autoencoder_from {autoencoder_from!r} does not hold lab v2's autoencoder")
         model.vae.load_state_dict(source.vae.state_dict())
         ae, ae_hist = {"reused_from": autoencoder_from}, []
     else:
-        model = new_model(dataclasses.replace(V2_CONFIG, prediction_type=prediction_type), seed=ae["seed"])
+        model = new_model(
+            dataclasses.replace(V2_CONFIG, prediction_type=prediction_type, pooled_condition=pooled_condition),
+            seed=ae["seed"],
+        )
         half = ae["n_images"] // 2
         ae_images = torch.cat(
             [data.make_pretraining_set(half, seed=ae["seed"])[0], data.make_natural_crops(half, seed=ae["seed"] + 7)]
@@ -243,6 +253,7 @@ def pretrain_v2(
             f"pretrain_v2): AutoencoderKL {V2_CONFIG.ae_channels} as lab v2 pilot 2b ({ae}), one thread; then "
             f"UNet2DConditionModel ({prediction_type}) {unet_steps} steps batch {unet_batch}"
             + (f" continued from {denoiser_from}" if denoiser_from is not None else "")
+            + (" with the pooled condition in its time embedding" if model.cfg.pooled_condition else "")
             + " on the latents of "
             f"{n_images} images "
             f"(make_v2_pretraining_set seed {seed}; v1's recipe), {unet_threads} threads; weights stored in float16."
@@ -294,9 +305,12 @@ def main() -> None:
     p.add_argument(
         "--denoiser-from", help="with --v2: load this v2 model whole and train its denoiser --unet-steps more"
     )
+    p.add_argument(
+        "--pooled-condition", action="store_true", help="with --v2: the condition also enters the time embedding"
+    )
     a = p.parse_args()
-    if (a.prediction_type != "epsilon" or a.autoencoder_from or a.denoiser_from) and not a.v2:
-        p.error("--prediction-type, --autoencoder-from and --denoiser-from need --v2")
+    if (a.prediction_type != "epsilon" or a.autoencoder_from or a.denoiser_from or a.pooled_condition) and not a.v2:
+        p.error("--prediction-type, --autoencoder-from, --denoiser-from and --pooled-condition need --v2")
     if a.denoiser_from and (a.autoencoder_from or a.prediction_type != "epsilon"):
         p.error("--denoiser-from takes its autoencoder and prediction type from that model; drop the other two")
     for name in ("n_images", "unet_steps"):
@@ -311,7 +325,7 @@ def main() -> None:
         try:  # a source model of the wrong kind is refused before any training or writing
             model = pretrain_v2(
                 a.out, a.n_images, a.unet_steps, seed=a.seed, prediction_type=a.prediction_type,
-                autoencoder_from=a.autoencoder_from, denoiser_from=a.denoiser_from,
+                autoencoder_from=a.autoencoder_from, denoiser_from=a.denoiser_from, pooled_condition=a.pooled_condition,
             )  # fmt: skip
         except ValueError as error:
             p.error(str(error))
