@@ -1,14 +1,16 @@
 """Lab v2 (examples/corruption_stage/PLAN_V2.md): its data, prompts, measures, base-model recipe and gate."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
+import peft
 import pytest
 import torch
 
-from examples.corruption_stage import autoencoder_pilot, data, gate, measures, models, pretrain
+from examples.corruption_stage import autoencoder_pilot, data, experiment, gate, measures, models, pretrain
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,13 +327,89 @@ def test_pretrain_v2_continues_a_saved_denoiser_with_everything_else_kept(tmp_pa
         )  # fmt: skip
 
 
+def _tiny_v2_model(seed: int = 0) -> models.LabModel:
+    return models.new_model(
+        models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS, prediction_type="v_prediction"), seed
+    )
+
+
+def test_the_pooled_condition_path_starts_as_the_model_it_extends_and_then_learns():
+    base = _tiny_v2_model()
+    for p in base.unet.parameters():  # a trained-looking denoiser: no weight at a special value
+        p.data.add_(torch.randn_like(p) * 0.05)
+    pooled = models.add_pooled_condition(base)
+    assert pooled.cfg.pooled_condition and not base.cfg.pooled_condition
+    assert pooled.vae is base.vae and pooled.cond is base.cond and pooled.latent_scale == base.latent_scale
+    new = {k for k in pooled.unet.state_dict()} - set(base.unet.state_dict())
+    assert new and all(k.startswith("add_embedding.") for k in new)
+    latents, t = torch.randn(4, 4, 8, 8), torch.tensor([10, 300, 600, 990])
+    cond = base.cond(torch.tensor([0, 1, data.CLASS_TOKEN, data.NULL_TOKEN]))
+    with torch.no_grad():
+        torch.testing.assert_close(pooled.unet(latents, t, cond).sample, base.unet(latents, t, cond).sample)
+    # the gain at zero still passes a gradient, so the path learns from the first step
+    pooled.unet.requires_grad_(True)
+    pooled.unet(latents, t, cond.detach()).sample.square().mean().backward()
+    assert pooled.unet.add_embedding.norm2.weight.grad.abs().max() > 0
+    # the kind now changes the output through the time embedding too
+    with torch.no_grad():
+        pooled.unet.add_embedding.norm2.weight.fill_(1.0)
+        other = base.cond(torch.tensor([2, 3, 4, 5]))
+        a = pooled.unet(latents, t, cond).sample - base.unet(latents, t, cond).sample
+        b = pooled.unet(latents, t, other).sample - base.unet(latents, t, other).sample
+    assert a.abs().max() > 1e-4 and (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="already takes the pooled condition"):
+        models.add_pooled_condition(pooled)
+
+
+def test_lora_fine_tuning_of_a_pooled_model_leaves_the_new_path_to_the_base(tmp_path):
+    base = models.add_pooled_condition(_tiny_v2_model())
+    models.save_model(base, str(tmp_path / "m"))
+    base = models.load_model(str(tmp_path / "m"))
+    assert base.cfg.pooled_condition and base.unet.config.addition_embed_type == "text"
+    cfg = experiment.ExperimentConfig(
+        arms=("bayes_kl",), steps=2, eval_every=2, n_eval=2, sample_steps=2, width_timesteps=(20,), lr=1e-2,
+        prompt=(data.SUBJECT_TOKEN, data.CLASS_TOKEN), v2_measures=True,
+    )  # fmt: skip
+    train = data.make_subject_set(1)
+    with torch.no_grad():
+        recon = base.decode(base.encode(train))
+    run = experiment.run_arm(base, "bayes_kl", train, 0, cfg, recon)
+    assert run["curves"]["iteration"] == [0, 2] and run["curves"]["flicker"][-1] > 0
+    adapted = peft.tuners.lora.LoraConfig(r=2, target_modules=experiment.TARGETS)
+    unet = models.load_model(str(tmp_path / "m")).unet
+    unet.add_adapter(adapted)
+    assert not [n for n, _ in unet.named_modules() if n.startswith("add_embedding") and "lora" in n]
+
+
+def test_pretrain_v2_adds_the_pooled_condition_to_a_continued_denoiser(tmp_path):
+    source = str(tmp_path / "a")
+    pretrain.pretrain_v2(
+        source, n_images=16, unet_steps=1, unet_batch=4, prediction_type="v_prediction",
+        autoencoder={"steps": 1, "n_images": 16},
+    )  # fmt: skip
+    before = models.load_model(source)
+    pretrain.pretrain_v2(
+        str(tmp_path / "b"), n_images=16, unet_steps=2, unet_batch=4, denoiser_from=source, pooled_condition=True
+    )
+    after = models.load_model(str(tmp_path / "b"))
+    assert after.cfg == dataclasses.replace(before.cfg, pooled_condition=True)
+    assert all(torch.equal(v, before.vae.state_dict()[k]) for k, v in after.vae.state_dict().items())
+    assert after.unet.add_embedding.norm2.weight.abs().max() > 0  # trained away from its zero start
+    meta = json.loads((tmp_path / "b" / models.CONFIG_FILE).read_text())
+    assert "with the pooled condition in its time embedding" in meta["how_made"]
+
+
 V1_MODEL = os.path.join(ROOT, "examples", "corruption_stage", "base_model")
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--prediction-type", "v_prediction"], "--prediction-type, --autoencoder-from and --denoiser-from need --v2"),
+        (
+            ["--prediction-type", "v_prediction"],
+            "--autoencoder-from, --denoiser-from and --pooled-condition need --v2",
+        ),
+        (["--pooled-condition"], "--pooled-condition need --v2"),
         (["--v2", "--autoencoder-from", "nowhere"], "--autoencoder-from 'nowhere' holds no lab model"),
         (["--v2", "--denoiser-from", "nowhere"], "--denoiser-from 'nowhere' holds no lab model"),
         (
