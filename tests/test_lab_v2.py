@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import peft
 import pytest
 import torch
 
-from examples.corruption_stage import autoencoder_pilot, data, experiment, gate, measures, models, pretrain
+from examples.corruption_stage import autoencoder_pilot, data, experiment, gate, measures, models, pretrain, reproduce
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -491,3 +492,45 @@ def test_render_probe_scores_every_kind_of_every_model(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 2 and "--model-dirs 'nowhere' holds no lab model" in result.stderr
+
+
+def _quoted_commands(text: str) -> set[str]:
+    found = re.finditer(r"`(python -m examples\.corruption_stage\.[a-z0-9_]+\s[^`]*)`", text, re.S)
+    return {" ".join(m.group(1).split()) for m in found}
+
+
+def test_reproduce_lists_exactly_the_v2_commands_results_md_quotes():
+    text = open(os.path.join(ROOT, "examples", "corruption_stage", "RESULTS.md")).read()
+    v2_part = text.split("\n## v1")[0]
+    assert "\n## v1" in text and len(v2_part) < len(text)
+    steps = {step.quoted for step in reproduce.V2_STEPS}
+    assert len(steps) == len(reproduce.V2_STEPS)
+    assert _quoted_commands(v2_part) == steps
+    for step in reproduce.V2_STEPS:  # each step's module exists and its outputs go where the report reads them
+        assert os.path.isfile(os.path.join(ROOT, "examples", "corruption_stage", step.command.split()[0] + ".py"))
+        assert step.argv[:3] == [sys.executable, "-m", "examples.corruption_stage." + step.command.split()[0]]
+
+
+def test_reproduce_runs_its_steps_in_order_and_stops_at_a_failure(capsys):
+    listing = reproduce.Step("reproduce --list", 0)
+    failing = reproduce.Step("reproduce --from 0", 0)
+    reproduce.run((listing, listing), start=2)
+    out = capsys.readouterr().out
+    assert "[2/2] python -m examples.corruption_stage.reproduce --list" in out and "[1/2]" not in out
+    with pytest.raises(subprocess.CalledProcessError):
+        reproduce.run((failing, listing))
+    assert "[2/2]" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="start must be in 1..2, got 3"):
+        reproduce.run((listing, listing), start=3)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-m", "examples.corruption_stage.reproduce", "--from", "0"], "--from must be in 1.."),
+        (["-m", "examples.corruption_stage", "--v2", "--full", "--seeds", "1"], "it takes no --seeds"),
+    ],
+)
+def test_reproduce_refuses_bad_arguments(argv, message):
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

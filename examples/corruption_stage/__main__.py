@@ -8,6 +8,7 @@ markdown summary.
     python -m examples.corruption_stage                 # default configuration (a few minutes, one thread)
     python -m examples.corruption_stage --full          # all arms, 1 and 3 images, 3 seeds
     python -m examples.corruption_stage --full --workers 2  # the same, two runs at once
+    python -m examples.corruption_stage --v2 --full     # every lab v2 number in RESULTS.md (reproduce.py, ~7 h)
     python -m examples.corruption_stage --pretrain      # retrain the base model (~25 min on one core)
     python -m examples.corruption_stage --v2 --pretrain-only --threads 2  # lab v2's base model (PLAN_V2.md, ~2 h)
 """
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from . import data, experiment, measures, models, pretrain, report
+from . import data, experiment, measures, models, pretrain, report, reproduce
 
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
@@ -78,7 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="base model folder (read, or written by --pretrain); default: the shipped one",
     )
     p.add_argument("--v2", action="store_true", help="lab v2 (PLAN_V2.md): its base model, 'sks cross', v2 measures")
-    p.add_argument("--full", action="store_true", help="the full study: all arms, 1 and 3 images, 3 seeds")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the full study: all arms, 1 and 3 images, 3 seeds; with --v2, every v2 command of RESULTS.md in order",
+    )
     p.add_argument("--pretrain", action="store_true", help="retrain the base model into --model-dir first")
     p.add_argument("--pretrain-only", action="store_true", help="retrain the base model and stop")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests, CI)")
@@ -101,6 +106,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dino-model", help="the paper's DINO and DINO diversity: a Hub id or local folder")
     p.add_argument("--clip-prompt", help="CLIP-T's text (default: a photo of a red and yellow checkered cross)")
     args = p.parse_args(argv)
+    if args.v2 and args.full:
+        given = [
+            a.option_strings[0]
+            for a in p._actions
+            if a.dest not in ("help", "v2", "full") and getattr(args, a.dest) != a.default
+        ]
+        if given:
+            p.error(f"--v2 --full runs RESULTS.md's commands as they are; it takes no {', '.join(given)}")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.workers < 1:
@@ -125,6 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     command = "python -m examples.corruption_stage " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.time()
+    if args.v2 and args.full:
+        reproduce.main([])
+        return {}
     if args.pretrain or args.pretrain_only:
         if args.v2:
             pretrain.pretrain_v2(args.model_dir, unet_threads=args.threads)
