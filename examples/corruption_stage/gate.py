@@ -107,15 +107,22 @@ def classifier_accuracy(classifier: torch.nn.Module, seed: int, size: int = 32, 
 
 
 @torch.no_grad()
+@torch.no_grad()
+def sample_kinds(
+    model: LabModel, classifier: torch.nn.Module, token: int, n: int, seed: int, steps: int, guidance: float
+) -> torch.Tensor:
+    """The classifier's label (an index into ``CLASSES``) of each of ``n`` fixed-seed samples of the prompt ``token``."""
+    return classifier(sample(model, token, n, seed=seed, steps=steps, guidance=guidance)).argmax(dim=1)
+
+
 def class_gate(model: LabModel, cfg: ExperimentConfig, classifier: torch.nn.Module | None = None) -> dict:
     """Gate 1: how many of the class prompt's fixed-seed samples the kind classifier calls a cross; and the
     classifier's accuracy on held-out renders and on the subject, so the measure's own reliability is known."""
     if classifier is None:
         classifier = train_kind_classifier(size=model.cfg.image_size)
-    samples = sample(
-        model, data.CLASS_TOKEN, cfg.n_eval, seed=cfg.eval_seed, steps=cfg.sample_steps, guidance=cfg.guidance
+    predicted = sample_kinds(
+        model, classifier, data.CLASS_TOKEN, cfg.n_eval, cfg.eval_seed, cfg.sample_steps, cfg.guidance
     )
-    predicted = classifier(samples).argmax(dim=1)
     accuracy = classifier_accuracy(classifier, HELD_OUT_SEED, size=model.cfg.image_size)  # never used in tuning
     subject = data.make_subject_set(5, seed=cfg.subject_seed, size=model.cfg.image_size)
     cross = len(ALL_KINDS) - 1

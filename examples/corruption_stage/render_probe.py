@@ -19,8 +19,15 @@ import sys
 import torch
 
 from . import data
-from .diffusion import sample
-from .gate import ALL_KINDS, CLASSES, HELD_OUT_SEED, classifier_accuracy, merge_same_shapes, train_kind_classifier
+from .gate import (
+    ALL_KINDS,
+    CLASSES,
+    HELD_OUT_SEED,
+    classifier_accuracy,
+    merge_same_shapes,
+    sample_kinds,
+    train_kind_classifier,
+)
 from .models import CONFIG_FILE, LabModel, load_model
 
 
@@ -41,8 +48,7 @@ def render_rates(
     out = {}
     for index, kind in enumerate(ALL_KINDS):
         token = data.CLASS_TOKEN if kind == data.SUBJECT_KIND else index
-        images = sample(model, token, n, seed=seed, steps=steps, guidance=guidance)
-        predicted = merge_same_shapes(classifier(images).argmax(dim=1))
+        predicted = merge_same_shapes(sample_kinds(model, classifier, token, n, seed, steps, guidance))
         target = merge_same_shapes(torch.tensor([index]))
         out[kind] = float((predicted == target).double().mean())
     return out
