@@ -107,7 +107,6 @@ def classifier_accuracy(classifier: torch.nn.Module, seed: int, size: int = 32, 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def sample_kinds(
     model: LabModel, classifier: torch.nn.Module, token: int, n: int, seed: int, steps: int, guidance: float
 ) -> torch.Tensor:
@@ -115,11 +114,11 @@ def sample_kinds(
     return classifier(sample(model, token, n, seed=seed, steps=steps, guidance=guidance)).argmax(dim=1)
 
 
-def class_gate(model: LabModel, cfg: ExperimentConfig, classifier: torch.nn.Module | None = None) -> dict:
-    """Gate 1: how many of the class prompt's fixed-seed samples the kind classifier calls a cross; and the
-    classifier's accuracy on held-out renders and on the subject, so the measure's own reliability is known."""
-    if classifier is None:
-        classifier = train_kind_classifier(size=model.cfg.image_size)
+@torch.no_grad()
+def class_gate(model: LabModel, cfg: ExperimentConfig, classifier: torch.nn.Module) -> dict:
+    """Gate 1: how many of the class prompt's fixed-seed samples the kind ``classifier`` (``train_kind_classifier``)
+    calls a cross; and its accuracy on held-out renders and on the subject, so the measure's own reliability is
+    known."""
     predicted = sample_kinds(
         model, classifier, data.CLASS_TOKEN, cfg.n_eval, cfg.eval_seed, cfg.sample_steps, cfg.guidance
     )

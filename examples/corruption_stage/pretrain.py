@@ -206,6 +206,7 @@ def pretrain_v2(
     ae = {**V2_AUTOENCODER, **(autoencoder or {})}
     t0 = time.time()
     threads = torch.get_num_threads()
+    new_cfg = dataclasses.replace(V2_CONFIG, prediction_type=prediction_type, pooled_condition=pooled_condition)
     if denoiser_from is not None:
         model = load_model(denoiser_from)
         if not model.cfg.extra_tokens:
@@ -214,20 +215,14 @@ def pretrain_v2(
         if pooled_condition and not model.cfg.pooled_condition:
             model = add_pooled_condition(model)
     elif autoencoder_from is not None:
-        model = new_model(
-            dataclasses.replace(V2_CONFIG, prediction_type=prediction_type, pooled_condition=pooled_condition),
-            seed=ae["seed"],
-        )
+        model = new_model(new_cfg, seed=ae["seed"])
         source = load_model(autoencoder_from)
         if source.cfg.ae_channels != V2_CONFIG.ae_channels or source.cfg.latent_channels != V2_CONFIG.latent_channels:
             raise ValueError(f"autoencoder_from {autoencoder_from!r} does not hold lab v2's autoencoder")
         model.vae.load_state_dict(source.vae.state_dict())
         ae, ae_hist = {"reused_from": autoencoder_from}, []
     else:
-        model = new_model(
-            dataclasses.replace(V2_CONFIG, prediction_type=prediction_type, pooled_condition=pooled_condition),
-            seed=ae["seed"],
-        )
+        model = new_model(new_cfg, seed=ae["seed"])
         half = ae["n_images"] // 2
         ae_images = torch.cat(
             [data.make_pretraining_set(half, seed=ae["seed"])[0], data.make_natural_crops(half, seed=ae["seed"] + 7)]
