@@ -80,6 +80,36 @@ def test_frontier_command_draws_the_figure_beside_the_results(tmp_path):
     assert missing.returncode == 2 and "is not a file" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def _with_config(result: dict, **config) -> dict:
+    return {**result, "config": {"lr": 3e-3, "steps": 2, "seeds": [], "arms": [], **config}}
+
+
+def test_results_of_a_study_split_by_seed_merge_into_one(tmp_path):
+    runs = _result()["runs"]
+    first = _with_config({"runs": runs[:1]}, seeds=[0], arms=["lora"])
+    second = _with_config({"runs": runs[1:]}, seeds=[1, 0], arms=["lora", "bayes_kl"])
+    merged = frontier.merge_results([first, second])
+    assert merged["runs"] == runs and merged["config"]["seeds"] == [0, 1]
+    assert merged["config"]["arms"] == ["lora", "bayes_kl"] and merged["config"]["lr"] == 3e-3
+    assert frontier.matched_fidelity(merged) == frontier.matched_fidelity(_result())
+    with pytest.raises(ValueError, match="result 1 differs from the first in lr, not only seeds or arms"):
+        frontier.merge_results([first, _with_config({"runs": runs[1:]}, lr=1e-2)])
+    with pytest.raises(ValueError, match=r"run \('lora', 1, 0\) appears in more than one result"):
+        frontier.merge_results([first, _with_config({"runs": runs[:1]})])
+    paths = []
+    for name, result in (("a.json", first), ("b.json", second)):
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_text(json.dumps(result))
+    command = [sys.executable, "-m", "examples.corruption_stage.frontier", *paths]
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 2 and "several results files need --out" in refused.stderr
+    out = tmp_path / "merged" / "frontier.png"
+    out.parent.mkdir()
+    drawn = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True)
+    assert drawn.returncode == 0, drawn.stderr
+    assert "Bayesian B + KL (ours)" in drawn.stdout and out.stat().st_size > 10_000
+
+
 def test_full_fine_tuning_trains_every_unet_weight_of_a_copy():
     base = models.new_model(models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS))
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}

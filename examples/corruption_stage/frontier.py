@@ -188,22 +188,59 @@ def make_frontier_figure(result: dict, path: str, fidelity_key: str = "fidelity"
     plt.close(fig)
 
 
+def merge_results(results: list[dict]) -> dict:
+    """One result from lab runs that differ only in their seeds or arms (a study split across sessions): their runs
+    together, each (arm, training-set size, seed) once, under the first run's config with every seed and arm."""
+    if not results:
+        raise ValueError("no results to merge")
+    if len(results) == 1:
+        return results[0]
+    first = results[0]["config"]
+    ignore = ("seeds", "arms", "grid_seed")
+    seen = set()
+    runs = []
+    for number, result in enumerate(results):
+        differing = sorted(k for k in first if k not in ignore and result["config"].get(k) != first[k])
+        if differing:
+            raise ValueError(
+                f"result {number} differs from the first in {', '.join(differing)}, not only seeds or arms"
+            )
+        for run in result["runs"]:
+            key = (run["arm"], run["n_images"], run["seed"])
+            if key in seen:
+                raise ValueError(f"run {key} appears in more than one result")
+            seen.add(key)
+            runs.append(run)
+    seeds = sorted({run["seed"] for run in runs})
+    arms = list(dict.fromkeys(run["arm"] for run in runs))
+    return {**results[0], "config": {**first, "seeds": seeds, "arms": arms}, "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Draws ``frontier.png`` beside a lab ``results.json`` and prints the matched-fidelity table."""
+    """Draws the frontier figure of one lab ``results.json`` (beside it) or of several merged (``--out``), and prints
+    the matched-fidelity table."""
     parser = argparse.ArgumentParser(description="The frontier figure and matched-fidelity table of a lab run.")
-    parser.add_argument("results", help="a results.json written by the lab")
+    parser.add_argument("results", nargs="+", help="results.json files written by the lab (several: merged)")
     parser.add_argument("--fidelity", choices=tuple(MEASURES), help="default: ssim_fidelity if the runs have it")
+    parser.add_argument("--out", help="the figure's path (default: frontier.png beside a single results file)")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.results):
-        parser.error(f"results {args.results!r} is not a file")
-    with open(args.results) as f:
-        result = json.load(f)
-    if not result.get("runs"):
-        parser.error(f"results {args.results!r} holds no runs")
+    if len(args.results) > 1 and args.out is None:
+        parser.error("several results files need --out for the merged figure")
+    loaded = []
+    for path in args.results:
+        if not os.path.isfile(path):
+            parser.error(f"results {path!r} is not a file")
+        with open(path) as f:
+            loaded.append(json.load(f))
+        if not loaded[-1].get("runs"):
+            parser.error(f"results {path!r} holds no runs")
+    try:
+        result = merge_results(loaded)
+    except ValueError as error:
+        parser.error(str(error))
     fidelity_key = args.fidelity or default_fidelity_key(result)
-    make_frontier_figure(
-        result, os.path.join(os.path.dirname(os.path.abspath(args.results)), "frontier.png"), fidelity_key
-    )
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.results[0])), "frontier.png")
+    make_frontier_figure(result, out, fidelity_key)
     print(matched_fidelity_markdown(result, fidelity_key))
 
 
