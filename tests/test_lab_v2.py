@@ -495,7 +495,7 @@ def test_render_probe_scores_every_kind_of_every_model(tmp_path):
 
 
 def _quoted_commands(text: str) -> set[str]:
-    found = re.finditer(r"`(python -m examples\.corruption_stage\.[a-z0-9_]+\s[^`]*)`", text, re.S)
+    found = re.finditer(r"`(python\s+-m\s+examples\.corruption_stage\.[a-z0-9_]+\s[^`]*)`", text, re.S)
     return {" ".join(m.group(1).split()) for m in found}
 
 

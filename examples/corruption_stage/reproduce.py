@@ -1,7 +1,7 @@
 """Every lab v2 number in RESULTS.md, recomputed: the commands that produced them, in the order they ran.
 
     python -m examples.corruption_stage.reproduce --list      # the steps, their outputs and rough times
-    python -m examples.corruption_stage.reproduce             # all of them (~7 h on 2 cores)
+    python -m examples.corruption_stage.reproduce             # all of them (~9 h on 2 cores)
     python -m examples.corruption_stage.reproduce --from 9    # resume at step 9
     python -m examples.corruption_stage --v2 --full           # the same as the second line
 
@@ -84,6 +84,19 @@ V2_STEPS = (
         f"gate --model-dir {LAB}/base_model_v2c --steps 600 --eval-every 25 --classifier-steps 0 --workers 2 "
         f"--out {RESULTS}/v2c_early_probe.json",
         10,
+    ),
+    Step(
+        f"pretrain --v2 --unet-steps 3000 --denoiser-from {LAB}/base_model_v2c --pooled-condition --out "
+        f"{LAB}/base_model_v2d --preview {RESULTS}/v2d_base_model_preview.png",
+        47,
+    ),
+    Step(f"gate --model-dir {LAB}/base_model_v2d --seeds {T2} --out {RESULTS}/v2d_gate1.json", 20),
+    Step(
+        f"gate --model-dir {LAB}/base_model_v2d --classifier-steps 0 --workers 2 --out {RESULTS}/v2d_gate23.json", 25
+    ),
+    Step(
+        f"render_probe --model-dirs {LAB}/base_model_v2c {LAB}/base_model_v2d --out {RESULTS}/v2d_render_probe.json",
+        15,
     ),
 )
 
