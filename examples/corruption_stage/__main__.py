@@ -107,10 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-prompt", help="CLIP-T's text (default: a photo of a red and yellow checkered cross)")
     args = p.parse_args(argv)
     if args.v2 and args.full:
+        defaults = vars(p.parse_args([]))
         given = [
-            a.option_strings[0]
-            for a in p._actions
-            if a.dest not in ("help", "v2", "full") and getattr(args, a.dest) != a.default
+            "--" + k.replace("_", "-") for k, v in vars(args).items() if k not in ("v2", "full") and v != defaults[k]
         ]
         if given:
             p.error(f"--v2 --full runs RESULTS.md's commands as they are; it takes no {', '.join(given)}")
