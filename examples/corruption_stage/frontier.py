@@ -195,12 +195,12 @@ def merge_results(results: list[dict]) -> dict:
         raise ValueError("no results to merge")
     if len(results) == 1:
         return results[0]
-    first = results[0]["config"]
+    first = results[0].get("config", {})
     ignore = ("seeds", "arms", "grid_seed")
     seen = set()
     runs = []
     for number, result in enumerate(results):
-        differing = sorted(k for k in first if k not in ignore and result["config"].get(k) != first[k])
+        differing = sorted(k for k in first if k not in ignore and result.get("config", {}).get(k) != first[k])
         if differing:
             raise ValueError(
                 f"result {number} differs from the first in {', '.join(differing)}, not only seeds or arms"
