@@ -98,6 +98,12 @@ V2_STEPS = (
         f"render_probe --model-dirs {LAB}/base_model_v2c {LAB}/base_model_v2d --out {RESULTS}/v2d_render_probe.json",
         15,
     ),
+    Step(
+        f"pretrain --v2 --unet-steps 3000 --denoiser-from {LAB}/base_model_v2d --out {LAB}/base_model_v2e "
+        f"--preview {RESULTS}/v2e_base_model_preview.png",
+        61,
+    ),
+    Step(f"gate --model-dir {LAB}/base_model_v2e --seeds {T2} --out {RESULTS}/v2e_gate1.json", 13),
 )
 
 
