@@ -306,13 +306,17 @@ def test_pretrain_v2_reuses_an_autoencoder_and_records_the_prediction_type(tmp_p
         )
 
 
-def test_pretrain_v2_continues_a_saved_denoiser_with_everything_else_kept(tmp_path):
-    source = str(tmp_path / "a")
+def _saved_v_prediction_model(directory: str) -> tuple[str, models.LabModel]:
+    """A one-step v2 model saved to ``directory``, and it loaded back."""
     pretrain.pretrain_v2(
-        source, n_images=16, unet_steps=1, unet_batch=4, prediction_type="v_prediction",
+        directory, n_images=16, unet_steps=1, unet_batch=4, prediction_type="v_prediction",
         autoencoder={"steps": 1, "n_images": 16},
     )  # fmt: skip
-    before = models.load_model(source)
+    return directory, models.load_model(directory)
+
+
+def test_pretrain_v2_continues_a_saved_denoiser_with_everything_else_kept(tmp_path):
+    source, before = _saved_v_prediction_model(str(tmp_path / "a"))
     pretrain.pretrain_v2(str(tmp_path / "b"), n_images=16, unet_steps=2, unet_batch=4, denoiser_from=source)
     after = models.load_model(str(tmp_path / "b"))
     assert after.cfg == before.cfg and after.latent_scale == before.latent_scale
@@ -383,12 +387,7 @@ def test_lora_fine_tuning_of_a_pooled_model_leaves_the_new_path_to_the_base(tmp_
 
 
 def test_pretrain_v2_adds_the_pooled_condition_to_a_continued_denoiser(tmp_path):
-    source = str(tmp_path / "a")
-    pretrain.pretrain_v2(
-        source, n_images=16, unet_steps=1, unet_batch=4, prediction_type="v_prediction",
-        autoencoder={"steps": 1, "n_images": 16},
-    )  # fmt: skip
-    before = models.load_model(source)
+    source, before = _saved_v_prediction_model(str(tmp_path / "a"))
     pretrain.pretrain_v2(
         str(tmp_path / "b"), n_images=16, unet_steps=2, unet_batch=4, denoiser_from=source, pooled_condition=True
     )

@@ -33,11 +33,8 @@ class Step:
 
     @property
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", f"examples.corruption_stage.{self.command.split()[0]}", *self._args]
-
-    @property
-    def _args(self) -> list[str]:
-        return shlex.split(self.command)[1:]
+        module, *args = shlex.split(self.command)
+        return [sys.executable, "-m", f"examples.corruption_stage.{module}", *args]
 
     @property
     def quoted(self) -> str:
