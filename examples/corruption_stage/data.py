@@ -165,15 +165,30 @@ def make_v2_pretraining_set(n: int, seed: int = 0, size: int = 32) -> tuple[torc
 
 
 SUBJECT_COLOURS = (torch.tensor([0.9, -0.6, -0.7]), torch.tensor([0.95, 0.85, -0.8]))  # red / yellow
+SUBJECT_KINDS = KINDS + (SUBJECT_KIND,)
 
 
-def make_subject_set(n: int, seed: int = 1234, size: int = 32) -> torch.Tensor:
-    """``n`` images of the held-out subject: a red/yellow checkered cross, varying pose and background."""
+def _check_subject_kind(kind: str) -> None:
+    if kind not in SUBJECT_KINDS:
+        raise ValueError(f"subject_kind must be one of {SUBJECT_KINDS}, got {kind!r}")
+
+
+def class_token(kind: str) -> int:
+    """Lab v2's class token for a subject of ``kind``: the cross's ``CLASS_TOKEN``, or a pretraining kind's own
+    token (PLAN_V2.md, sixth session: the subject's class may be a kind the base model already draws)."""
+    _check_subject_kind(kind)
+    return CLASS_TOKEN if kind == SUBJECT_KIND else KINDS.index(kind)
+
+
+def make_subject_set(n: int, seed: int = 1234, size: int = 32, kind: str = SUBJECT_KIND) -> torch.Tensor:
+    """``n`` images of the subject: a red/yellow checkered ``kind`` (the held-out cross by default), varying pose and
+    background."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    _check_subject_kind(kind)
     g = torch.Generator().manual_seed(seed)
     return torch.stack(
-        [render(g, SUBJECT_KIND, size, texture="checker", colours=SUBJECT_COLOURS, period=3.0) for _ in range(n)]
+        [render(g, kind, size, texture="checker", colours=SUBJECT_COLOURS, period=3.0) for _ in range(n)]
     )
 
 

@@ -47,7 +47,7 @@ def render_rates(
     classifier labels as that kind."""
     out = {}
     for index, kind in enumerate(ALL_KINDS):
-        token = data.CLASS_TOKEN if kind == data.SUBJECT_KIND else index
+        token = data.class_token(kind)
         predicted = merge_same_shapes(sample_kinds(model, classifier, token, n, seed, steps, guidance))
         target = merge_same_shapes(torch.tensor([index]))
         out[kind] = float((predicted == target).double().mean())
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--classifier-steps", type=int, default=CLASSIFIER_T2["steps"])
     parser.add_argument("--classifier-images", type=int, default=CLASSIFIER_T2["n_images"])
+    parser.add_argument("--eval-seed", type=int, default=10_000, help="seed of the generator drawing each kind's 12 samples")
     args = parser.parse_args(argv)
     for name in ("classifier_steps", "classifier_images"):
         if getattr(args, name) <= 0:
@@ -81,7 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
         "classifier": settings,
         f"classifier_accuracy_seed_{HELD_OUT_SEED}": classifier_accuracy(classifier, HELD_OUT_SEED, size=size),
         "classes": list(CLASSES),
-        "render_rates": {folder: render_rates(model, classifier) for folder, model in models.items()},
+        "eval_seed": args.eval_seed,
+        "render_rates": {
+            folder: render_rates(model, classifier, seed=args.eval_seed) for folder, model in models.items()
+        },
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
