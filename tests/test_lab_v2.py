@@ -169,13 +169,16 @@ def test_gate_measures_its_parts_alone_and_tunes_the_classifier_on_its_own_seed(
     common = ["--model-dir", model_dir, "--steps", "2", "--eval-every", "2", "--workers", "1"]
     runs_only = gate.main(
         [*common, "--out", str(tmp_path / "full.json"), "--seeds", "0", "--arm", "full"]
-        + ["--lr", "1e-3", "--classifier-steps", "0"]
+        + ["--lr", "1e-3", "--classifier-steps", "0", "--subject-kind", "circle"]
     )
+    assert runs_only["config"]["subject_kind"] == "circle"
+    assert list(runs_only["config"]["prompt"]) == [data.SUBJECT_TOKEN, data.KINDS.index("circle")]
     assert runs_only["gate1_class"] is None and runs_only["passed"] is None
     assert list(runs_only["config"]["arms"]) == ["full"] and runs_only["config"]["lr"] == 1e-3
     assert runs_only["gates_2_and_3_passed"] is False and (tmp_path / "full.png").exists()
     gate1_only = gate.main([*common, "--out", str(tmp_path / "g1.json"), "--seeds", "--classifier-steps", "2"])
     assert gate1_only["runs"] == [] and gate1_only["passed"] is None and gate1_only["gates_2_and_3_passed"] is None
+    assert gate1_only["gate1_class"]["class_kind"] == "cross"
     assert gate1_only["gate1_class"]["classifier"] == {"n_images": 14000, "steps": 2, "width": 64, "cosine": False}
     assert set(gate1_only["gate1_class"]["classifier_accuracy_held_out_per_kind"]) == {
         "circle", "square", "triangle", "ring", "star", "cross", "all_kinds"
@@ -480,7 +483,8 @@ def test_render_probe_scores_every_kind_of_every_model(tmp_path):
     pretrain.pretrain_v2(model_dir, n_images=16, unet_steps=1, unet_batch=4, autoencoder={"steps": 1, "n_images": 16})
     out = tmp_path / "probe.json"
     args = ["--model-dirs", model_dir, "--classifier-steps", "2", "--classifier-images", "70", "--out", str(out)]
-    payload = render_probe.main(args)
+    payload = render_probe.main([*args, "--eval-seed", "5"])
+    assert payload["eval_seed"] == 5
     rates = payload["render_rates"][model_dir]
     assert set(rates) == set(gate.ALL_KINDS) and all(
         0.0 <= r <= 1.0 and r * 12 == round(r * 12) for r in rates.values()

@@ -61,12 +61,13 @@ def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
     if args.seeds:
         over["seeds"] = tuple(args.seeds)
     if args.v2:
-        over.update(prompt=(data.SUBJECT_TOKEN, data.CLASS_TOKEN), v2_measures=True)
+        over.update(prompt=data.v2_prompt(args.subject_kind), v2_measures=True, subject_kind=args.subject_kind)
     for name in ("clip_model", "dino_model", "clip_prompt"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)
     if over:
-        cfg = experiment.ExperimentConfig(**{**cfg.__dict__, **over})
+        # clip_prompt None: derived again from the subject's kind, which `over` may change
+        cfg = experiment.ExperimentConfig(**{**cfg.__dict__, "clip_prompt": None, **over})
     return cfg
 
 
@@ -104,7 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="fine-tuning runs at once, one thread each (default 1)")
     p.add_argument("--clip-model", help="the paper's CLIP-I/CLIP-T at every evaluation: a Hub id or local folder")
     p.add_argument("--dino-model", help="the paper's DINO and DINO diversity: a Hub id or local folder")
-    p.add_argument("--clip-prompt", help="CLIP-T's text (default: a photo of a red and yellow checkered cross)")
+    p.add_argument("--clip-prompt", help="CLIP-T's text (default: a photo of a red and yellow checkered <kind>)")
+    p.add_argument(
+        "--subject-kind",
+        choices=data.SUBJECT_KINDS,
+        default=data.SUBJECT_KIND,
+        help="with --v2: the subject's kind, prompted 'sks <kind>' (default: cross)",
+    )
     args = p.parse_args(argv)
     if args.v2 and args.full:
         defaults = vars(p.parse_args([]))
@@ -113,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ]
         if given:
             p.error(f"--v2 --full runs RESULTS.md's commands as they are; it takes no {', '.join(given)}")
+    if args.subject_kind != data.SUBJECT_KIND and not args.v2:
+        p.error(f"--subject-kind {args.subject_kind} needs --v2 (lab v1's subject is the cross)")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.workers < 1:

@@ -180,6 +180,11 @@ def class_token(kind: str) -> int:
     return CLASS_TOKEN if kind == SUBJECT_KIND else KINDS.index(kind)
 
 
+def v2_prompt(kind: str = SUBJECT_KIND) -> tuple[int, int]:
+    """Lab v2's subject prompt: the rare token, then the class token of ``kind`` ("sks cross")."""
+    return SUBJECT_TOKEN, class_token(kind)
+
+
 def make_subject_set(n: int, seed: int = 1234, size: int = 32, kind: str = SUBJECT_KIND) -> torch.Tensor:
     """``n`` images of the subject: a red/yellow checkered ``kind`` (the held-out cross by default), varying pose and
     background."""

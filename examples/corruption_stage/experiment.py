@@ -73,6 +73,9 @@ class ExperimentConfig:
     # reconstruction of a training image: the best copy a latent model can produce) is below this.
     copy_threshold: float = 0.1
     subject_seed: int = 1234
+    # The subject's kind (lab v2, PLAN_V2.md sixth session): the held-out cross, or a pretraining kind; v2's prompt
+    # is then the rare token and this kind's class token (`data.v2_prompt`).
+    subject_kind: str = data.SUBJECT_KIND
     eval_seed: int = 10_000
     grid_seed: int = 0  # the training seed whose samples are kept for the figure's grids
     grid_n: int = 6
@@ -85,7 +88,7 @@ class ExperimentConfig:
     # local path (`bayes_adapter.metrics`); None leaves them out (the CPU default has no such models).
     clip_model: str | None = None
     dino_model: str | None = None
-    clip_prompt: str = "a photo of a red and yellow checkered cross"
+    clip_prompt: str | None = None  # None: "a photo of a red and yellow checkered <subject_kind>"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,6 +103,14 @@ class ExperimentConfig:
             raise ValueError(f"n_eval must be >= 2 (diversity needs pairs), got {self.n_eval}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.subject_kind not in data.SUBJECT_KINDS:
+            raise ValueError(f"subject_kind must be one of {data.SUBJECT_KINDS}, got {self.subject_kind!r}")
+        if self.clip_prompt is None:
+            self.clip_prompt = f"a photo of a red and yellow checkered {self.subject_kind}"
+
+    def subject_set(self, size: int) -> torch.Tensor:
+        """The subject's images (as many as the largest training set), from ``subject_seed``."""
+        return data.make_subject_set(max(self.n_images), seed=self.subject_seed, size=size, kind=self.subject_kind)
 
 
 def kl_weight_default(model: LabModel) -> float:
@@ -299,7 +310,7 @@ def run_experiment(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     t0 = time.time()
-    subject = data.make_subject_set(max(cfg.n_images), seed=cfg.subject_seed, size=base.cfg.image_size)
+    subject = cfg.subject_set(base.cfg.image_size)
     with torch.no_grad():
         recon = base.decode(base.encode(subject))
     recon_rmse = (recon - subject).pow(2).flatten(1).mean(1).sqrt()

@@ -117,27 +117,30 @@ def sample_kinds(
 @torch.no_grad()
 def class_gate(model: LabModel, cfg: ExperimentConfig, classifier: torch.nn.Module) -> dict:
     """Gate 1: how many of the class prompt's fixed-seed samples the kind ``classifier`` (``train_kind_classifier``)
-    calls a cross; and its accuracy on held-out renders and on the subject, so the measure's own reliability is
-    known."""
+    calls the subject's kind; and its accuracy on held-out renders and on the subject, so the measure's own
+    reliability is known. (Gate results before the class change, v2-v2f, name these keys after the cross.)"""
+    kind = cfg.subject_kind
     predicted = sample_kinds(
-        model, classifier, data.CLASS_TOKEN, cfg.n_eval, cfg.eval_seed, cfg.sample_steps, cfg.guidance
+        model, classifier, data.class_token(kind), cfg.n_eval, cfg.eval_seed, cfg.sample_steps, cfg.guidance
     )
     accuracy = classifier_accuracy(classifier, HELD_OUT_SEED, size=model.cfg.image_size)  # never used in tuning
-    subject = data.make_subject_set(5, seed=cfg.subject_seed, size=model.cfg.image_size)
-    cross = len(ALL_KINDS) - 1
-    crosses = int((predicted == cross).sum())
-    accuracy_crosses, accuracy_all = accuracy[data.SUBJECT_KIND], accuracy["all_kinds"]
-    measurable = min(accuracy_crosses, accuracy_all) >= MIN_CLASSIFIER_ACCURACY
+    subject = data.make_subject_set(5, seed=cfg.subject_seed, size=model.cfg.image_size, kind=kind)
+    target = merge_same_shapes(torch.tensor([ALL_KINDS.index(kind)]))
+    hits = int((merge_same_shapes(predicted) == target).sum())
+    accuracy_class, accuracy_all = accuracy[CLASSES[int(target)]], accuracy["all_kinds"]
+    measurable = min(accuracy_class, accuracy_all) >= MIN_CLASSIFIER_ACCURACY
+    subject_hits = int((merge_same_shapes(classifier(subject).argmax(dim=1)) == target).sum())
     return {
-        "class_samples_classified_cross": crosses,
+        "class_kind": kind,
+        "class_samples_classified_as_class": hits,
         "of": cfg.n_eval,
         "class_sample_kinds": [CLASSES[int(k)] for k in predicted],
-        "classifier_accuracy_held_out_crosses": accuracy_crosses,
+        "classifier_accuracy_held_out_class": accuracy_class,
         "classifier_accuracy_held_out_all_kinds": accuracy_all,  # square and diamond as one
         "classifier_accuracy_held_out_per_kind": accuracy,
-        "classifier_subject_images_called_cross": int((classifier(subject).argmax(dim=1) == cross).sum()),
+        "classifier_subject_images_called_class": subject_hits,
         "measurable": measurable,
-        "passed": measurable and crosses >= CLASS_MIN_OF_12,
+        "passed": measurable and hits >= CLASS_MIN_OF_12,
     }
 
 
@@ -187,8 +190,7 @@ def judge_run(curves: dict) -> dict:
 def _fine_tune(model_dir: str, cfg: ExperimentConfig, seed: int) -> dict:
     torch.set_num_threads(1)
     model = load_model(model_dir)
-    subject = data.make_subject_set(max(cfg.n_images), seed=cfg.subject_seed, size=model.cfg.image_size)
-    train = subject[: cfg.n_images[0]]
+    train = cfg.subject_set(model.cfg.image_size)[: cfg.n_images[0]]
     with torch.no_grad():
         recon = model.decode(model.encode(train))
     start = time.time()
@@ -210,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--n-images", type=int, default=1)
+    parser.add_argument(
+        "--subject-kind", choices=data.SUBJECT_KINDS, default=data.SUBJECT_KIND, help="the subject's kind (its class)"
+    )
     parser.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1))
     parser.add_argument(
         "--classifier-steps", type=int, default=CLASSIFIER["steps"], help="gate 1's kind classifier; 0: gates 2-3 only"
@@ -261,8 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
         eval_every=args.eval_every,
         lr=args.lr,
         rank=args.rank,
-        prompt=(data.SUBJECT_TOKEN, data.CLASS_TOKEN),
+        prompt=data.v2_prompt(args.subject_kind),
         v2_measures=True,
+        subject_kind=args.subject_kind,
     )
     torch.set_num_threads(1)
     context = multiprocessing.get_context("spawn")
@@ -301,8 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
 def _print_summary(gate1: dict | None, runs: list[dict], payload: dict) -> None:
     if gate1 is not None:
         print(
-            f"gate 1 (class): {gate1['class_samples_classified_cross']}/{gate1['of']} samples classified a cross "
-            f"(classifier held-out accuracy: crosses {gate1['classifier_accuracy_held_out_crosses']:.2f}, "
+            f"gate 1 (class): {gate1['class_samples_classified_as_class']}/{gate1['of']} samples classified a "
+            f"{gate1['class_kind']} (classifier held-out accuracy: {gate1['class_kind']} "
+            f"{gate1['classifier_accuracy_held_out_class']:.2f}, "
             f"all kinds {gate1['classifier_accuracy_held_out_all_kinds']:.2f}; measurable: {gate1['measurable']})"
         )
     if runs:

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--classifier-steps", type=int, default=CLASSIFIER_T2["steps"])
     parser.add_argument("--classifier-images", type=int, default=CLASSIFIER_T2["n_images"])
-    parser.add_argument("--eval-seed", type=int, default=10_000, help="seed of the generator drawing each kind's 12 samples")
+    parser.add_argument(
+        "--eval-seed", type=int, default=10_000, help="seed of the generator drawing each kind's 12 samples"
+    )
     args = parser.parse_args(argv)
     for name in ("classifier_steps", "classifier_images"):
         if getattr(args, name) <= 0:
