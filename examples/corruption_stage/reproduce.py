@@ -101,6 +101,12 @@ V2_STEPS = (
         61,
     ),
     Step(f"gate --model-dir {LAB}/base_model_v2e --seeds {T2} --out {RESULTS}/v2e_gate1.json", 13),
+    Step(
+        f"pretrain --v2 --unet-steps 3000 --denoiser-from {LAB}/base_model_v2e --out {LAB}/base_model_v2f "
+        f"--preview {RESULTS}/v2f_base_model_preview.png",
+        45,
+    ),
+    Step(f"gate --model-dir {LAB}/base_model_v2f --seeds {T2} --out {RESULTS}/v2f_gate1.json", 14),
 )
 
 
