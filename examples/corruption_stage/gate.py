@@ -299,7 +299,13 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.out, "w") as f:
         json.dump(payload, f, indent=2)
     if runs:
-        make_gate_figure(runs, samples, f"{os.path.splitext(args.out)[0]}.png", FIDELITY_OF_CEILING)
+        make_gate_figure(
+            runs,
+            samples,
+            f"{os.path.splitext(args.out)[0]}.png",
+            FIDELITY_OF_CEILING,
+            prompt_text=f"sks {cfg.subject_kind}",
+        )
     _print_summary(gate1, runs, payload)
     return payload
 

@@ -27,10 +27,16 @@ def doubling_checkpoints(iterations: list[int], n: int) -> list[int]:
 
 
 def make_gate_figure(
-    runs: list[dict], samples: torch.Tensor | None, path: str, fidelity_of_ceiling: float, n_checkpoints: int = 7
+    runs: list[dict],
+    samples: torch.Tensor | None,
+    path: str,
+    fidelity_of_ceiling: float,
+    n_checkpoints: int = 7,
+    prompt_text: str = "sks cross",
 ) -> None:
     """``runs``: the gate's runs (``seed``, ``curves``, ``judged``); ``samples``: ``(n_evals, k, 3, H, W)`` uint8 of
-    the first run, or None; ``fidelity_of_ceiling``: gate 2's fraction of the ceiling, drawn as a line."""
+    the first run, or None; ``fidelity_of_ceiling``: gate 2's fraction of the ceiling, drawn as a line;
+    ``prompt_text``: the fine-tuning prompt, as the sample panel's title names it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,6 +71,6 @@ def make_gate_figure(
         ax.set_xticks([(i + 0.5) * grid.shape[1] / len(keys) for i in range(len(keys))])
         ax.set_xticklabels([f"it {its[i]}" for i in keys], fontsize=7)
         ax.set_yticks([])
-        ax.set_title(f"seed {runs[0]['seed']}: samples of 'sks cross' (fixed seeds) per checkpoint", fontsize=8)
+        ax.set_title(f"seed {runs[0]['seed']}: samples of '{prompt_text}' (fixed seeds) per checkpoint", fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
