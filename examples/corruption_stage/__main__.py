@@ -50,6 +50,7 @@ def build_config(args: argparse.Namespace) -> experiment.ExperimentConfig:
         cfg = experiment.ExperimentConfig()
     over = {}
     names = ("steps", "eval_every", "lr", "posterior_std_lr", "n_eval", "kl_weight", "sigma", "batch", "guidance")
+    names += ("prior_loss_weight", "num_class_images")
     for name in (*names, "sample_steps"):
         v = getattr(args, name)
         if v is not None:
@@ -101,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale of the evaluation samples")
     p.add_argument("--sample-steps", type=int, help="DDIM steps of the evaluation samples")
+    p.add_argument(
+        "--prior-loss-weight", type=float, help="with --v2: DreamBooth's prior preservation at this weight (default 0)"
+    )
+    p.add_argument("--num-class-images", type=int, help="class images for prior preservation (default 32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--workers", type=int, default=1, help="fine-tuning runs at once, one thread each (default 1)")
     p.add_argument("--clip-model", help="the paper's CLIP-I/CLIP-T at every evaluation: a Hub id or local folder")

@@ -89,6 +89,11 @@ class ExperimentConfig:
     clip_model: str | None = None
     dino_model: str | None = None
     clip_prompt: str | None = None  # None: "a photo of a red and yellow checkered <subject_kind>"
+    # DreamBooth's prior preservation (step 4's sweep): this weight on the loss of `num_class_images` images that the
+    # base model draws for the class prompt (v2's class token) before fine-tuning, from `class_seed`; 0: none.
+    prior_loss_weight: float = 0.0
+    num_class_images: int = 32
+    class_seed: int = 30_000
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,6 +110,13 @@ class ExperimentConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.subject_kind not in data.SUBJECT_KINDS:
             raise ValueError(f"subject_kind must be one of {data.SUBJECT_KINDS}, got {self.subject_kind!r}")
+        if self.prior_loss_weight < 0 or self.num_class_images < 1:
+            raise ValueError(
+                f"prior_loss_weight must be >= 0 and num_class_images >= 1, got {self.prior_loss_weight} and "
+                f"{self.num_class_images}"
+            )
+        if self.prior_loss_weight and len(self.prompt) < 2:
+            raise ValueError(f"prior_loss_weight needs a v2 prompt (subject and class tokens), got {self.prompt}")
         if self.clip_prompt is None:
             self.clip_prompt = f"a photo of a red and yellow checkered {self.subject_kind}"
 
@@ -189,6 +201,20 @@ def run_arm(
     # L2 control: the KL's own pull on the means of B (its mu^2 / 2 prior^2 term), without the noise.
     l2_coef = kl_w / (2 * cfg.sigma**2 * n_img)
 
+    class_latents = None
+    if cfg.prior_loss_weight:  # drawn by the base model, before any fine-tuning, as DreamBooth's class images are
+        class_token = cfg.prompt[-1]
+        _, class_latents = sample(
+            base,
+            class_token,
+            cfg.num_class_images,
+            cfg.class_seed,
+            cfg.sample_steps,
+            cfg.guidance,
+            return_latents=True,
+        )
+        class_tokens = condition_tokens(class_token, cfg.batch)
+
     bayesian = arm.startswith("bayes") or arm == "fixed_noise"
     curve_names = ("iteration", "loss", "posterior_std", "posterior_std_min", "posterior_std_max", "kl", "flicker")
     curves: dict[str, list] = {k: [] for k in (*curve_names, "width")}
@@ -254,6 +280,10 @@ def run_arm(
         idx = torch.randint(n_img, (cfg.batch,), generator=g)
         loss = diffusion_loss(model, latents[idx], token, generator=g)
         total = loss
+        if class_latents is not None:
+            class_idx = torch.randint(len(class_latents), (cfg.batch,), generator=g)
+            prior = diffusion_loss(model, class_latents[class_idx], class_tokens, generator=g)
+            total = total + cfg.prior_loss_weight * prior
         if arm == "bayes_kl":
             total = total + kl_loss(model.unet, n_img)  # the config carries kl_weight=kl_w
         elif arm == "l2":
@@ -363,76 +393,3 @@ def run_experiment(
         "_grids": grids,
         "_subject": _to_uint8(subject),
     }
-
-
-def summarise(result: dict) -> dict:
-    """Per arm and training-set size: mean/std over seeds of each curve, plus the stage statistics used in the
-    report (peak fidelity and when, the deepest later dip, final values, peak corruption)."""
-    out: dict = {}
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in result["runs"]:
-        groups.setdefault((r["arm"], r["n_images"]), []).append(r)
-    for (arm, n_img), rs in groups.items():
-        its = rs[0]["curves"]["iteration"]
-        entry: dict = {"iteration": its, "n_seeds": len(rs)}
-        for key in (
-            "fidelity",
-            "corruption",
-            "diversity",
-            "copy_rate",
-            "nn_distance",
-            "nn_distance_recon",
-            "flicker",
-            "loss",
-            "posterior_std",
-            "posterior_std_min",
-            "posterior_std_max",
-        ):
-            m = torch.tensor([r["curves"][key] for r in rs], dtype=torch.float64)
-            entry[key] = {"mean": m.mean(0).tolist(), "std": m.std(0, unbiased=False).tolist()}
-        w = torch.tensor([r["curves"]["width"] for r in rs], dtype=torch.float64)  # seeds x evals x timesteps
-        entry["width"] = {"mean": w.mean(0).tolist(), "std": w.std(0, unbiased=False).tolist()}
-        stages = []
-        for r in rs:
-            f = r["curves"]["fidelity"]
-            c = r["curves"]["corruption"]
-            ip, jd = fidelity_drawdown(f)
-            stages.append(
-                {
-                    "seed": r["seed"],
-                    "max_fidelity": max(f),
-                    "max_fidelity_iteration": its[max(range(len(f)), key=lambda i: f[i])],
-                    "peak_fidelity": f[ip],
-                    "peak_iteration": its[ip],
-                    "dip_fidelity": f[jd],
-                    "dip_iteration": its[jd],
-                    "dip_depth": f[ip] - f[jd],
-                    "final_fidelity": f[-1],
-                    "final_corruption": c[-1],
-                    "max_corruption": max(c),
-                    "max_corruption_iteration": its[max(range(len(c)), key=lambda i: c[i])],
-                    "final_copy_rate": r["curves"]["copy_rate"][-1],
-                    "final_diversity": r["curves"]["diversity"][-1],
-                    "mean_flicker": _nanmean(r["curves"]["flicker"]),
-                }
-            )
-        entry["per_seed"] = stages
-        out[f"{arm}/{n_img}"] = entry
-    return out
-
-
-def fidelity_drawdown(f: list[float]) -> tuple[int, int]:
-    """The deepest fall of a curve below its running maximum: (index of the peak before it, index of the dip).
-    Catches a dip even when the curve later recovers above the earlier peak (the paper's shape)."""
-    best, ip, jd, run = 0.0, 0, 0, 0
-    for j in range(len(f)):
-        if f[j] > f[run]:
-            run = j
-        if f[run] - f[j] > best:
-            best, ip, jd = f[run] - f[j], run, j
-    return ip, jd
-
-
-def _nanmean(xs: list[float]) -> float:
-    v = [x for x in xs if not math.isnan(x)]
-    return sum(v) / len(v) if v else float("nan")

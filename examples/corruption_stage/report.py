@@ -10,8 +10,9 @@ import os
 import torch
 
 from .experiment import ARM_COLOURS as COLOURS
-from .experiment import ARM_LABELS, fidelity_drawdown, summarise
+from .experiment import ARM_LABELS
 from .frontier import default_fidelity_key, make_frontier_figure, matched_fidelity, matched_fidelity_markdown
+from .summary import fidelity_drawdown, summarise
 
 
 # A pre-declared reading of the curves (fixed before the first real run): a seed "shows a corruption stage" when
