@@ -498,7 +498,7 @@ def test_render_probe_scores_every_kind_of_every_model(tmp_path):
 
 
 def _quoted_commands(text: str) -> set[str]:
-    found = re.finditer(r"`(python\s+-m\s+examples\.corruption_stage\.[a-z0-9_]+\s[^`]*)`", text, re.S)
+    found = re.finditer(r"`(python\s+-m\s+examples\.corruption_stage(?:\.[a-z0-9_]+)?\s[^`]*)`", text, re.S)
     return {" ".join(m.group(1).split()) for m in found}
 
 
@@ -509,9 +509,11 @@ def test_reproduce_lists_exactly_the_v2_commands_results_md_quotes():
     steps = {step.quoted for step in reproduce.V2_STEPS}
     assert len(steps) == len(reproduce.V2_STEPS)
     assert _quoted_commands(v2_part) == steps
-    for step in reproduce.V2_STEPS:  # each step's module exists and its outputs go where the report reads them
-        assert os.path.isfile(os.path.join(ROOT, "examples", "corruption_stage", step.command.split()[0] + ".py"))
-        assert step.argv[:3] == [sys.executable, "-m", "examples.corruption_stage." + step.command.split()[0]]
+    for step in reproduce.V2_STEPS:  # each step's module exists and runs the command the report quotes
+        path = os.path.join(ROOT, *step.module.split("."))
+        assert os.path.isfile(path + ".py") or os.path.isfile(os.path.join(path, "__main__.py"))
+        assert step.argv[:3] == [sys.executable, "-m", step.module]
+        assert " ".join(["python", "-m", step.module, *step.argv[3:]]) == step.quoted
 
 
 def test_reproduce_runs_its_steps_in_order_and_stops_at_a_failure(capsys):

@@ -23,23 +23,33 @@ from dataclasses import dataclass
 
 LAB = "examples/corruption_stage"
 RESULTS = f"{LAB}/results"
+CIRCLE = f"{RESULTS}/v2f_circle"  # lab v2's subject after the class change: the checker on a circle
 T2 = "--classifier-steps 12000 --classifier-images 28000 --classifier-cosine"
 
 
 @dataclass(frozen=True)
 class Step:
-    command: str  # after "python -m examples.corruption_stage."
+    command: (
+        str  # after "python -m examples.corruption_stage." (a submodule), or options of the lab itself ("--v2 ...")
+    )
     minutes: int  # on the 2-core machine the results came from, rounded
 
     @property
+    def module(self) -> str:
+        """The module the step runs, ``examples.corruption_stage`` itself or one of its submodules."""
+        first = self.command.split()[0]
+        return "examples.corruption_stage" if first.startswith("-") else f"examples.corruption_stage.{first}"
+
+    @property
     def argv(self) -> list[str]:
-        module, *args = shlex.split(self.command)
-        return [sys.executable, "-m", f"examples.corruption_stage.{module}", *args]
+        args = shlex.split(self.command)
+        return [sys.executable, "-m", self.module, *(args if args[0].startswith("-") else args[1:])]
 
     @property
     def quoted(self) -> str:
         """The step as RESULTS.md quotes it."""
-        return f"python -m examples.corruption_stage.{self.command}"
+        separator = " " if self.command.startswith("-") else "."
+        return f"python -m examples.corruption_stage{separator}{self.command}"
 
 
 V2_STEPS = (
@@ -107,6 +117,22 @@ V2_STEPS = (
         45,
     ),
     Step(f"gate --model-dir {LAB}/base_model_v2f --seeds {T2} --out {RESULTS}/v2f_gate1.json", 14),
+    Step(
+        f"render_probe --model-dirs {LAB}/base_model_v2f --eval-seed 20000 "
+        f"--out {RESULTS}/v2f_render_probe_seed20000.json",
+        15,
+    ),
+    Step(f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --seeds {T2} --out {CIRCLE}_gate1.json", 14),
+    Step(
+        f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --classifier-steps 0 --workers 2 "
+        f"--out {CIRCLE}_gate23.json",
+        24,
+    ),
+    Step(
+        f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --lr 1e-2 --classifier-steps 0 --workers 2 "
+        f"--out {CIRCLE}_gate23_lr1e-2.json",
+        16,
+    ),
 )
 
 
