@@ -59,7 +59,7 @@ def _groups(result: dict) -> dict[tuple[str, int], list[dict]]:
     return groups
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
+def mean_std(values: list[float]) -> dict[str, float]:
     vals = torch.tensor(values, dtype=torch.float64)
     return {"mean": float(vals.mean()), "std": float(vals.std(unbiased=False))}
 
@@ -78,7 +78,7 @@ def early_stopping(runs: list[dict], fidelity_key: str = "fidelity") -> dict | N
         return None
     best = [best_checkpoint(r, fidelity_key) for r in runs]
     keys = ("iteration", fidelity_key, *MEASURES[fidelity_key])
-    return {"seeds": len(runs), **{k: _mean_std([r["curves"][k][i] for r, i in zip(runs, best)]) for k in keys}}
+    return {"seeds": len(runs), **{k: mean_std([r["curves"][k][i] for r, i in zip(runs, best)]) for k in keys}}
 
 
 def matched_fidelity(result: dict, fidelity_key: str = "fidelity") -> dict[int, dict]:
@@ -96,7 +96,7 @@ def matched_fidelity(result: dict, fidelity_key: str = "fidelity") -> dict[int, 
                 continue
             entry = {"seeds": len(rs)}
             for measure, better in MEASURES[fidelity_key].items():
-                entry[measure] = _mean_std(
+                entry[measure] = mean_std(
                     [frontier_curve(r["curves"][fidelity_key], r["curves"][measure], [level], better)[0] for r in rs]
                 )
             arms[arm] = entry

@@ -1,0 +1,123 @@
+"""The arms study's declared reading (PLAN_V2.md, seventh session), as code: per arm, the frontier at gate 2's
+fidelity level, the comparison with plain LoRA, early stopping, and the v2 stage rule on every seed.
+
+    python -m examples.corruption_stage.reading results/a/results.json results/b/results.json --out reading.json
+
+An arm "copies less" (or "is more diverse") at matched fidelity when its mean frontier is better than plain LoRA's by
+more than the larger of the two seed stds; a stage "appears" for an arm when the rule flags at least
+``STAGE_MIN_SEEDS`` of its seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+from .experiment import ARM_LABELS
+from .frontier import MEASURES, best_checkpoint, frontier_curve, mean_std, merge_results
+from .gate import FIDELITY_OF_CEILING, stage_rule
+
+
+FIDELITY_KEY = "ssim_fidelity"
+STAGE_MIN_SEEDS = 2
+
+
+def compare(arm: dict[str, float], plain: dict[str, float], better: str) -> bool:
+    """Whether ``arm`` (mean, std) beats ``plain`` by more than the larger of the two stds; False when either is nan."""
+    margin = max(arm["std"], plain["std"])
+    gain = arm["mean"] - plain["mean"] if better == "higher" else plain["mean"] - arm["mean"]
+    return not math.isnan(gain) and gain > margin
+
+
+def read_arms(result: dict) -> dict:
+    """The declared reading of a v2 lab result with ``lora`` among its arms and one training-set size."""
+    runs = result["runs"]
+    if not runs or FIDELITY_KEY not in runs[0]["curves"]:
+        raise ValueError("the reading needs a lab v2 result (runs with ssim_fidelity curves)")
+    if len({r["n_images"] for r in runs}) != 1 or not any(r["arm"] == "lora" for r in runs):
+        raise ValueError("the reading needs plain LoRA runs and one training-set size")
+    level = FIDELITY_OF_CEILING * runs[0]["curves"]["ssim_ceiling"][0]
+    arms: dict[str, dict] = {}
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        rs = [r for r in runs if r["arm"] == arm]
+        entry: dict = {"seeds": sorted(r["seed"] for r in rs)}
+        entry["reaches_level"] = all(max(r["curves"][FIDELITY_KEY]) >= level for r in rs)
+        for measure, better in MEASURES[FIDELITY_KEY].items():
+            per_seed = [
+                frontier_curve(r["curves"][FIDELITY_KEY], r["curves"][measure], [level], better)[0] for r in rs
+            ]
+            entry[measure] = {**mean_std(per_seed), "per_seed": per_seed}
+        stages = [stage_rule(r["curves"]) for r in rs]
+        entry["stage_seeds"] = sum(s["stage"] for s in stages)
+        entry["stage_appears"] = entry["stage_seeds"] >= STAGE_MIN_SEEDS
+        entry["first_copy_iterations"] = [s["first_copy_iteration"] for s in stages]
+        entry["max_fidelity"] = mean_std([max(r["curves"][FIDELITY_KEY]) for r in rs])
+        entry["final_copy_rate"] = mean_std([r["curves"]["latent_copy_rate"][-1] for r in rs])
+        arms[arm] = entry
+    plain = [r for r in runs if r["arm"] == "lora"]
+    best = [best_checkpoint(r, FIDELITY_KEY) for r in plain]
+    arms["early_stopping"] = {
+        "seeds": sorted(r["seed"] for r in plain),
+        "reaches_level": all(r["curves"][FIDELITY_KEY][i] >= level for r, i in zip(plain, best)),
+        **{
+            k: mean_std([r["curves"][k][i] for r, i in zip(plain, best)])
+            for k in ("iteration", FIDELITY_KEY, *MEASURES[FIDELITY_KEY])
+        },
+    }
+    for arm, entry in arms.items():
+        if arm == "lora":
+            continue
+        for measure, better in MEASURES[FIDELITY_KEY].items():
+            beats = entry["reaches_level"] and compare(entry[measure], arms["lora"][measure], better)
+            entry[f"{'copies_less' if better == 'lower' else 'more_diverse'}_than_plain_lora"] = beats
+    return {"fidelity_level": level, "arms": arms}
+
+
+def reading_markdown(reading: dict) -> str:
+    """The reading as a markdown table, one row per arm."""
+    label = {**ARM_LABELS, "early_stopping": "early stopping (plain LoRA's best checkpoint)"}
+    lines = [
+        f"At structural fidelity >= {reading['fidelity_level']:.3f} (0.9 x the SSIM ceiling); mean ± std over seeds.",
+        "",
+        "| arm | seeds | reaches the level | copy rate (frontier) | diversity (frontier) | copies less | more diverse "
+        "| stage (seeds) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, a in reading["arms"].items():
+        copy, div = a["latent_copy_rate"], a["diversity"]
+        stage = f"{a['stage_seeds']} of {len(a['seeds'])}" if "stage_seeds" in a else "-"
+        less = a.get("copies_less_than_plain_lora", "-")
+        more = a.get("more_diverse_than_plain_lora", "-")
+        lines.append(
+            f"| {label[arm]} | {len(a['seeds'])} | {a['reaches_level']} | {copy['mean']:.3f} ± {copy['std']:.3f} | "
+            f"{div['mean']:.3f} ± {div['std']:.3f} | {less} | {more} | {stage} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Reads one or several (merged) lab ``results.json``; prints the table, writes the reading to ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="results.json files written by the lab (several: merged)")
+    parser.add_argument("--out", required=True, help="the reading's JSON")
+    args = parser.parse_args(argv)
+    loaded = []
+    for path in args.results:
+        if not os.path.isfile(path):
+            parser.error(f"results {path!r} is not a file")
+        with open(path) as f:
+            loaded.append(json.load(f))
+    try:
+        reading = read_arms(merge_results(loaded))
+    except ValueError as error:
+        parser.error(str(error))
+    with open(args.out, "w") as f:
+        json.dump({"results": args.results, **reading}, f, indent=2)
+    print(reading_markdown(reading))
+    return reading
+
+
+if __name__ == "__main__":
+    main()
