@@ -13,27 +13,28 @@ def _run(monkeypatch, prior_loss_weight: float) -> tuple[dict, list]:
     calls = []
 
     def recording_sample(model, token, n, *args, **kwargs):
-        calls.append((token, n, args[:1]))
+        calls.append((token, n, args[:1], model is base))
         return REAL_SAMPLE(model, token, n, *args, **kwargs)
 
     monkeypatch.setattr(experiment, "sample", recording_sample)
-    model = models.new_model(models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS))
+    base = models.new_model(models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS))
     cfg = experiment.ExperimentConfig(
         arms=("lora",), steps=2, eval_every=1, n_eval=2, sample_steps=2, width_timesteps=(20,),
         prompt=data.v2_prompt("circle"), subject_kind="circle", v2_measures=True,
         prior_loss_weight=prior_loss_weight, num_class_images=3,
     )  # fmt: skip
-    train = cfg.subject_set(model.cfg.image_size)
-    recon = model.decode(model.encode(train)).detach()
-    return experiment.run_arm(model, "lora", train, 0, cfg, recon)["curves"], calls
+    train = cfg.subject_set(base.cfg.image_size)
+    recon = base.decode(base.encode(train)).detach()
+    return experiment.run_arm(base, "lora", train, 0, cfg, recon)["curves"], calls
 
 
 def test_prior_preservation_trains_on_the_base_models_class_samples(monkeypatch):
     plain, plain_calls = _run(monkeypatch, 0.0)
     prior, prior_calls = _run(monkeypatch, 1.0)
     class_token = data.KINDS.index("circle")
-    assert prior_calls[0] == (class_token, 3, (30_000,))  # class images first, from the class seed
-    assert all(token != class_token for token, _, _ in plain_calls)
+    assert prior_calls[0] == (class_token, 3, (30_000,), True)  # first, from the class seed, by the base model
+    assert not any(is_base for *_, is_base in prior_calls[1:])  # the evaluations sample the fine-tuned model
+    assert all(token != class_token for token, *_ in plain_calls)
     assert prior["loss"][1] == plain["loss"][1]  # the subject's loss of the first step: same batch, same weights
     assert prior["loss"][2] != plain["loss"][2]  # the class loss changed the update
 

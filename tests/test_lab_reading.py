@@ -26,8 +26,8 @@ def _run(arm: str, seed: int, fidelity: list[float], copies: list[float], divers
     }
 
 
-def _result(runs: list[dict]) -> dict:
-    return {"config": {"seeds": sorted({r["seed"] for r in runs})}, "runs": runs}
+def _result(runs: list[dict], **config) -> dict:
+    return {"config": {"seeds": sorted({r["seed"] for r in runs}), **config}, "runs": runs}
 
 
 def test_an_arm_copies_less_only_by_more_than_the_seed_spread():
@@ -44,6 +44,37 @@ def test_an_arm_copies_less_only_by_more_than_the_seed_spread():
     assert arms["l2"]["copies_less_than_plain_lora"] and not arms["l2"]["more_diverse_than_plain_lora"]
     assert arms["early_stopping"]["iteration"]["mean"] == 100.0  # the first of the tied best checkpoints
     assert "copies_less_than_plain_lora" not in arms["lora"]
+    assert "copies_less_than_plain_lora" not in arms["early_stopping"]  # never better by construction
+
+
+@pytest.mark.parametrize(
+    ("arm_copies", "plain_copies", "copies_less"),
+    [
+        ([0.1, 0.1, 0.9], [1.0, 1.0, 1.0], True),  # gain 0.633 > the arm's std 0.377
+        ([0.5, 0.5, 0.5], [1.0, 1.0, 0.0], False),  # gain -0.167: plain LoRA copies less
+        ([0.2, 0.2, 0.2], [1.0, 1.0, 0.0], False),  # gain 0.467 < plain LoRA's std 0.471: the larger std decides
+        ([0.2, 0.2, 0.2], [1.0, 1.0, 0.1], True),  # gain 0.5 > plain LoRA's std 0.424
+    ],
+)
+def test_the_margin_is_the_larger_seed_std(arm_copies, plain_copies, copies_less):
+    runs = [_run("lora", s, [0.0, 0.95], [0.0, c]) for s, c in enumerate(plain_copies)]
+    runs += [_run("bayes_kl", s, [0.0, 0.95], [0.0, c]) for s, c in enumerate(arm_copies)]
+    assert reading.read_arms(_result(runs))["arms"]["bayes_kl"]["copies_less_than_plain_lora"] is copies_less
+
+
+def test_per_seed_values_follow_the_seeds_in_any_order():
+    runs = [_run("lora", s, [0.0, 0.95], [0.0, float(s == 2)]) for s in (2, 0, 1)]
+    lora = reading.read_arms(_result(runs))["arms"]["lora"]
+    assert (lora["seeds"], lora["latent_copy_rate"]["per_seed"]) == ([0, 1, 2], [0.0, 0.0, 1.0])
+
+
+def test_what_the_reading_refuses():
+    plain = [_run("lora", s, [0.0, 0.95], [0.0, 1.0]) for s in range(3)]
+    with pytest.raises(ValueError, match=r"arm l2 has seeds \[0, 1\], plain LoRA \[0, 1, 2\]"):
+        reading.read_arms(_result(plain + [_run("l2", s, [0.0, 0.95], [0.0, 1.0]) for s in range(2)]))
+    with pytest.raises(ValueError, match="without prior preservation, got prior_loss_weight 1.0"):
+        reading.read_arms(_result(plain, prior_loss_weight=1.0))
+    assert reading.read_arms(_result(plain[:2]))["arms"]["lora"]["stage_appears"] is None  # 2 seeds decide nothing
 
 
 def test_an_arm_below_the_level_on_one_seed_is_not_matched():

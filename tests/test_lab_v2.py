@@ -516,6 +516,18 @@ def test_reproduce_lists_exactly_the_v2_commands_results_md_quotes():
         assert " ".join(["python", "-m", step.module, *step.argv[3:]]) == step.quoted
 
 
+def test_a_reproduce_step_runs_a_submodule_or_the_lab_itself():
+    lab = reproduce.Step("--v2 --seeds 0 --out x", 1)
+    assert (lab.module, lab.quoted) == (
+        "examples.corruption_stage",
+        "python -m examples.corruption_stage --v2 --seeds 0 --out x",
+    )
+    assert lab.argv == [sys.executable, "-m", "examples.corruption_stage", "--v2", "--seeds", "0", "--out", "x"]
+    gate_step = reproduce.Step("gate --seeds", 1)
+    assert gate_step.argv == [sys.executable, "-m", "examples.corruption_stage.gate", "--seeds"]
+    assert gate_step.quoted == "python -m examples.corruption_stage.gate --seeds"
+
+
 def test_reproduce_runs_its_steps_in_order_and_stops_at_a_failure(capsys):
     listing = reproduce.Step("reproduce --list", 0)
     failing = reproduce.Step("reproduce --from 0", 0)

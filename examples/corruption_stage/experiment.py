@@ -110,7 +110,7 @@ class ExperimentConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.subject_kind not in data.SUBJECT_KINDS:
             raise ValueError(f"subject_kind must be one of {data.SUBJECT_KINDS}, got {self.subject_kind!r}")
-        if self.prior_loss_weight < 0 or self.num_class_images < 1:
+        if not self.prior_loss_weight >= 0 or self.num_class_images < 1:  # "not >=": a nan weight is refused too
             raise ValueError(
                 f"prior_loss_weight must be >= 0 and num_class_images >= 1, got {self.prior_loss_weight} and "
                 f"{self.num_class_images}"
@@ -203,7 +203,7 @@ def run_arm(
 
     class_latents = None
     if cfg.prior_loss_weight:  # drawn by the base model, before any fine-tuning, as DreamBooth's class images are
-        class_token = cfg.prompt[-1]
+        class_token = data.class_token(cfg.subject_kind)
         _, class_latents = sample(
             base,
             class_token,

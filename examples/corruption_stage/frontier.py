@@ -200,7 +200,9 @@ def merge_results(results: list[dict]) -> dict:
     seen = set()
     runs = []
     for number, result in enumerate(results):
-        differing = sorted(k for k in first if k not in ignore and result.get("config", {}).get(k) != first[k])
+        config = result.get("config", {})
+        keys = set(first) | set(config)  # a key only one of them has differs too (results of older code)
+        differing = sorted(k for k in keys if k not in ignore and config.get(k) != first.get(k))
         if differing:
             raise ValueError(
                 f"result {number} differs from the first in {', '.join(differing)}, not only seeds or arms"
