@@ -1,7 +1,7 @@
 """Every lab v2 number in RESULTS.md, recomputed: the commands that produced them, in the order they ran.
 
     python -m examples.corruption_stage.reproduce --list      # the steps, their outputs and rough times
-    python -m examples.corruption_stage.reproduce             # all of them (~9 h on 2 cores)
+    python -m examples.corruption_stage.reproduce             # all of them (~14 h on 2 cores)
     python -m examples.corruption_stage.reproduce --from 9    # resume at step 9
     python -m examples.corruption_stage --v2 --full           # the same as the second line
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 LAB = "examples/corruption_stage"
 RESULTS = f"{LAB}/results"
 CIRCLE = f"{RESULTS}/v2f_circle"  # lab v2's subject after the class change: the checker on a circle
+CIRCLE_ARMS = " ".join(f"{CIRCLE}_lr1e-2_arms_seed{seed}/results.json" for seed in (0, 1, 2))
 T2 = "--classifier-steps 12000 --classifier-images 28000 --classifier-cosine"
 
 
@@ -132,6 +133,22 @@ V2_STEPS = (
         f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --lr 1e-2 --classifier-steps 0 --workers 2 "
         f"--out {CIRCLE}_gate23_lr1e-2.json",
         16,
+    ),
+    *(
+        Step(
+            f"--v2 --model-dir {LAB}/base_model_v2f --subject-kind circle --lr 1e-2 --arms lora bayes_paper bayes_kl "
+            f"fixed_noise lora_dropout l2 --seeds {seed} --steps 3000 --eval-every 100 --workers 2 "
+            f"--out {CIRCLE}_lr1e-2_arms_seed{seed}",
+            24,
+        )
+        for seed in (0, 1, 2)
+    ),
+    Step(f"frontier {CIRCLE_ARMS} --out {CIRCLE}_lr1e-2_arms_frontier.png", 1),
+    Step(f"reading {CIRCLE_ARMS} --out {CIRCLE}_lr1e-2_arms_reading.json", 1),
+    Step(
+        f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --arm full --lr 1e-3 --steps 600 --eval-every 25 "
+        f"--classifier-steps 0 --workers 2 --out {CIRCLE}_gate23_full.json",
+        6,
     ),
 )
 
