@@ -213,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--n-images", type=int, default=1)
     parser.add_argument(
+        "--guidance", type=float, default=3.0, help="classifier-free guidance of every sample the gate measures"
+    )
+    parser.add_argument(
+        "--prior-loss-weight", type=float, default=0.0, help="DreamBooth's prior preservation at this weight (0: none)"
+    )
+    parser.add_argument(
         "--subject-kind", choices=data.SUBJECT_KINDS, default=data.SUBJECT_KIND, help="the subject's kind (its class)"
     )
     parser.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1))
@@ -238,6 +244,25 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.classifier_steps < 0 or (args.classifier_steps == 0 and (args.tune_classifier or not args.seeds)):
         parser.error(f"--classifier-steps must be positive here, got {args.classifier_steps}")
+    if not args.guidance >= 1:
+        parser.error(f"--guidance must be >= 1, got {args.guidance}")
+    try:
+        cfg = ExperimentConfig(
+            arms=(args.arm,),
+            n_images=(args.n_images,),
+            seeds=tuple(args.seeds),
+            steps=args.steps,
+            eval_every=args.eval_every,
+            lr=args.lr,
+            rank=args.rank,
+            guidance=args.guidance,
+            prior_loss_weight=args.prior_loss_weight,
+            prompt=data.v2_prompt(args.subject_kind),
+            v2_measures=True,
+            subject_kind=args.subject_kind,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model = load_model(args.model_dir)
     if not model.cfg.extra_tokens:
@@ -258,18 +283,6 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(payload, f, indent=2)
         print(json.dumps(accuracy))
         return payload
-    cfg = ExperimentConfig(
-        arms=(args.arm,),
-        n_images=(args.n_images,),
-        seeds=tuple(args.seeds),
-        steps=args.steps,
-        eval_every=args.eval_every,
-        lr=args.lr,
-        rank=args.rank,
-        prompt=data.v2_prompt(args.subject_kind),
-        v2_measures=True,
-        subject_kind=args.subject_kind,
-    )
     torch.set_num_threads(1)
     context = multiprocessing.get_context("spawn")
     gate1 = None
