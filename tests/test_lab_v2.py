@@ -197,6 +197,8 @@ def test_gate_measures_its_parts_alone_and_tunes_the_classifier_on_its_own_seed(
         (["--lr", "0"], "--lr must be positive, got 0.0"),
         (["--classifier-steps", "0", "--seeds"], "--classifier-steps must be positive here, got 0"),
         (["--arm", "bayes_kl"], "invalid choice: 'bayes_kl'"),
+        (["--guidance", "0.5"], "--guidance must be >= 1, got 0.5"),
+        (["--prior-loss-weight", "-1"], "prior_loss_weight must be >= 0 and num_class_images >= 1, got -1.0"),
     ],
 )
 def test_gate_refuses_bad_arguments_before_any_work(tmp_path, extra, message):
