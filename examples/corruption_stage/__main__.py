@@ -8,7 +8,7 @@ markdown summary.
     python -m examples.corruption_stage                 # default configuration (a few minutes, one thread)
     python -m examples.corruption_stage --full          # all arms, 1 and 3 images, 3 seeds
     python -m examples.corruption_stage --full --workers 2  # the same, two runs at once
-    python -m examples.corruption_stage --v2 --full     # every lab v2 number in RESULTS.md (reproduce.py, ~14 h)
+    python -m examples.corruption_stage --v2 --full     # every lab v2 number in RESULTS.md (reproduce.py, ~15 h)
     python -m examples.corruption_stage --pretrain      # retrain the base model (~25 min on one core)
     python -m examples.corruption_stage --v2 --pretrain-only --threads 2  # lab v2's base model (PLAN_V2.md, ~2 h)
 """

@@ -1,7 +1,7 @@
 """Every lab v2 number in RESULTS.md, recomputed: the commands that produced them, in the order they ran.
 
     python -m examples.corruption_stage.reproduce --list      # the steps, their outputs and rough times
-    python -m examples.corruption_stage.reproduce             # all of them (~14 h on 2 cores)
+    python -m examples.corruption_stage.reproduce             # all of them (~15 h on 2 cores)
     python -m examples.corruption_stage.reproduce --from 9    # resume at step 9
     python -m examples.corruption_stage --v2 --full           # the same as the second line
 
@@ -149,6 +149,31 @@ V2_STEPS = (
         f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --arm full --lr 1e-3 --steps 600 --eval-every 25 "
         f"--classifier-steps 0 --workers 2 --out {CIRCLE}_gate23_full.json",
         6,
+    ),
+    Step(
+        f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --seeds 0 --classifier-steps 0 --workers 1 "
+        f"--lr 3e-2 --out {CIRCLE}_pilot_lr3e-2.json",
+        8,
+    ),
+    Step(
+        f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --seeds 0 --classifier-steps 0 --workers 1 "
+        f"--lr 1e-2 --rank 16 --out {CIRCLE}_pilot_rank16.json",
+        8,
+    ),
+    Step(
+        f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --seeds 0 --classifier-steps 0 --workers 1 "
+        f"--lr 1e-2 --guidance 1 --out {CIRCLE}_pilot_guidance1.json",
+        7,
+    ),
+    Step(
+        f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --seeds 0 --classifier-steps 0 --workers 1 "
+        f"--lr 1e-2 --guidance 7.5 --out {CIRCLE}_pilot_guidance7.5.json",
+        7,
+    ),
+    Step(
+        f"gate --model-dir {LAB}/base_model_v2f --subject-kind circle --seeds 0 --classifier-steps 0 --workers 1 "
+        f"--lr 1e-2 --prior-loss-weight 1 --out {CIRCLE}_pilot_prior1.json",
+        11,
     ),
 )
 
