@@ -66,8 +66,8 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 def best_checkpoint(run: dict, fidelity_key: str = "fidelity") -> int:
     """The index of a run's checkpoint of highest fidelity (the first, on ties): where early stopping stops."""
-    fidelity = run["curves"][fidelity_key]
-    return max(range(len(fidelity)), key=fidelity.__getitem__)
+    fidelity = run["curves"][fidelity_key]  # a nan checkpoint (no measure) is never the best
+    return max(range(len(fidelity)), key=lambda i: -math.inf if math.isnan(fidelity[i]) else fidelity[i])
 
 
 def early_stopping(runs: list[dict], fidelity_key: str = "fidelity") -> dict | None:
@@ -218,6 +218,23 @@ def merge_results(results: list[dict]) -> dict:
     return {**results[0], "config": {**first, "seeds": seeds, "arms": arms}, "runs": runs}
 
 
+def load_results(parser: argparse.ArgumentParser, paths: list[str]) -> dict:
+    """The lab ``results.json`` files at ``paths``, merged by `merge_results`; a path that is no file, holds no runs
+    or does not merge ends in ``parser.error`` (exit 2) before any work."""
+    loaded = []
+    for path in paths:
+        if not os.path.isfile(path):
+            parser.error(f"results {path!r} is not a file")
+        with open(path) as f:
+            loaded.append(json.load(f))
+        if not loaded[-1].get("runs"):
+            parser.error(f"results {path!r} holds no runs")
+    try:
+        return merge_results(loaded)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Draws the frontier figure of one lab ``results.json`` (beside it) or of several merged (``--out``), and prints
     the matched-fidelity table."""
@@ -228,18 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if len(args.results) > 1 and args.out is None:
         parser.error("several results files need --out for the merged figure")
-    loaded = []
-    for path in args.results:
-        if not os.path.isfile(path):
-            parser.error(f"results {path!r} is not a file")
-        with open(path) as f:
-            loaded.append(json.load(f))
-        if not loaded[-1].get("runs"):
-            parser.error(f"results {path!r} holds no runs")
-    try:
-        result = merge_results(loaded)
-    except ValueError as error:
-        parser.error(str(error))
+    result = load_results(parser, args.results)
     fidelity_key = args.fidelity or default_fidelity_key(result)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.results[0])), "frontier.png")
     make_frontier_figure(result, out, fidelity_key)

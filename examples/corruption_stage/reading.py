@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 
 from .experiment import ARM_LABELS
-from .frontier import MEASURES, best_checkpoint, frontier_curve, mean_std, merge_results
+from .frontier import MEASURES, best_checkpoint, frontier_curve, load_results, mean_std
 from .gate import FIDELITY_OF_CEILING, stage_rule
 
 
@@ -36,11 +35,6 @@ def compare(arm: dict[str, float], plain: dict[str, float], better: str) -> bool
 def _highest(values: list[float]) -> float:
     """The largest of ``values`` that is a number (a nan checkpoint never decides)."""
     return max((v for v in values if not math.isnan(v)), default=math.nan)
-
-
-def _best_checkpoint(run: dict) -> int:
-    fidelity = [-math.inf if math.isnan(f) else f for f in run["curves"][FIDELITY_KEY]]
-    return best_checkpoint({"curves": {FIDELITY_KEY: fidelity}}, FIDELITY_KEY)
 
 
 def _check_readable(result: dict) -> dict[str, list[dict]]:
@@ -99,7 +93,7 @@ def read_arms(result: dict) -> dict:
     # Early stopping's checkpoint is one its frontier chooses from, so it never beats plain LoRA there by
     # construction; it is reported beside the arms, not compared.
     plain = by_arm["lora"]
-    best = [_best_checkpoint(r) for r in plain]
+    best = [best_checkpoint(r, FIDELITY_KEY) for r in plain]
     arms["early_stopping"] = {
         "seeds": [r["seed"] for r in plain],
         "reaches_level": all(r["curves"][FIDELITY_KEY][i] >= level for r, i in zip(plain, best)),
@@ -139,14 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("results", nargs="+", help="results.json files written by the lab (several: merged)")
     parser.add_argument("--out", required=True, help="the reading's JSON")
     args = parser.parse_args(argv)
-    loaded = []
-    for path in args.results:
-        if not os.path.isfile(path):
-            parser.error(f"results {path!r} is not a file")
-        with open(path) as f:
-            loaded.append(json.load(f))
+    result = load_results(parser, args.results)
     try:
-        reading = read_arms(merge_results(loaded))
+        reading = read_arms(result)
     except ValueError as error:
         parser.error(str(error))
     with open(args.out, "w") as f:
