@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", default=None, help="Commit message.")
     push.add_argument("--local-dir", default=None, help="Where to keep the uploaded files (default: a temp folder).")
 
-    from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+    from .evaluation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -144,20 +144,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from . import metrics
+    from . import evaluation
 
-    generated = metrics.load_images(args.generated, "--generated")
-    reference = metrics.load_images(args.reference, "--reference")
+    generated = evaluation.load_images(args.generated, "--generated")
+    reference = evaluation.load_images(args.reference, "--reference")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} is invalid; expected an integer >= 1")
     if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise ValueError(f"--json={args.json!r}: its folder does not exist")
-    result = metrics.evaluate(
+    result = evaluation.evaluate(
         generated,
         reference,
         args.prompt,
-        clip=metrics.load_clip(args.clip_model, args.device),
-        dino_model=metrics.load_dino(args.dino_model, args.device),
+        clip=evaluation.load_clip(args.clip_model, args.device),
+        dino_model=evaluation.load_dino(args.dino_model, args.device),
         batch_size=args.batch_size,
     )
     result = {**result, "clip_model": args.clip_model, "dino_model": args.dino_model, "prompt": args.prompt}

@@ -378,7 +378,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="CLIP model (Hub id or local folder, e.g. openai/clip-vit-large-patch14) for CLIP-I / CLIP-T at each "
-        "validation (bayes_adapter.metrics); off by default.",
+        "validation (bayes_adapter.evaluation); off by default.",
     )
     out.add_argument(
         "--eval_dino_model",
@@ -575,11 +575,11 @@ def validate_args(args: argparse.Namespace) -> None:
                 "--push_to_hub and upload the output folder later."
             )
     # The metric models are loaded here (on CPU), so that a wrong path is reported before any training model loads.
-    from bayes_adapter import metrics
+    from bayes_adapter import evaluation
 
     args.evaluators = (
-        metrics.load_clip(args.eval_clip_model) if args.eval_clip_model else None,
-        metrics.load_dino(args.eval_dino_model) if args.eval_dino_model else None,
+        evaluation.load_clip(args.eval_clip_model) if args.eval_clip_model else None,
+        evaluation.load_dino(args.eval_dino_model) if args.eval_dino_model else None,
     )
     # The Bayesian settings are checked by BayesLoraConfig itself (no model needed); name the flags in the error.
     try:
@@ -926,18 +926,18 @@ def log_validation(args, accelerator, pipeline, trained: list, reference, step: 
     """Generates `--num_validation_images` per validation prompt with the adapters' mean (eval mode) and logs them.
 
     Images go to every tracker that takes them (`<tag>` for one prompt, `<tag>/<i>` for prompt i of several). Also
-    logs `bayes_adapter.monitor.corruption_report` of all the images against the instance images (`reference`, in
+    logs `bayes_adapter.training_monitor.corruption_report` of all the images against the instance images (`reference`, in
     [-1, 1]): `<tag>/monitor_corruption` (high-frequency energy of the samples over the references'; > 0 means
     noisier samples, the corruption stage), `fidelity`, `diversity`, `copy_rate`, `nn_distance`; with
     `--eval_clip_model` / `--eval_dino_model`, the paper's `<tag>/clip_i`, `clip_t`, `dino` and `dino_diversity`
-    (`bayes_adapter.metrics`; averaged over the prompts).
+    (`bayes_adapter.evaluation`; averaged over the prompts).
 
     Returns:
         `np.ndarray`: every image, prompt after prompt.
     """
     for model in trained:
         model.eval()
-    from bayes_adapter.monitor import corruption_report
+    from bayes_adapter.training_monitor import corruption_report
 
     prompts = args.validation_prompt
     clip, dino = getattr(args, "evaluators", (None, None))
@@ -950,7 +950,7 @@ def log_validation(args, accelerator, pipeline, trained: list, reference, step: 
         per_prompt.append(images)
         log_images(accelerator, tag if len(prompts) == 1 else f"{tag}/{i}", images, step, prompt)
         if clip is not None or dino is not None:
-            from bayes_adapter.metrics import evaluate
+            from bayes_adapter.evaluation import evaluate
 
             scores.append(evaluate(_to_pil(images), real, prompt, clip, dino))
     images = np.concatenate(per_prompt)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from diffusers import DDIMScheduler
 
-from bayes_adapter.monitor import implied_width
+from bayes_adapter.training_monitor import implied_width
 
 from . import data
 from .models import LabModel, build_scheduler
@@ -100,7 +100,7 @@ def learned_width(
     seed: int = 0,
 ) -> list[float]:
     """For each timestep, the std (in latent units) of the Gaussian around the training latents that the
-    denoiser implies (see ``bayes_adapter.monitor.implied_width``); fixed noise from ``seed``."""
+    denoiser implies (see ``bayes_adapter.training_monitor.implied_width``); fixed noise from ``seed``."""
     sched = _train_schedule(model)
     g = torch.Generator().manual_seed(seed)
     x0 = latents.repeat_interleave(n_noise, 0)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 import bayes_adapter
 from bayes_adapter import BayesLoraConfig, kl_divergence, kl_loss
-from bayes_adapter.monitor import copy_rate, corruption_report, nearest_reference_distance
+from bayes_adapter.training_monitor import copy_rate, corruption_report, nearest_reference_distance
 
 from . import data
 from .diffusion import condition_tokens, diffusion_loss, learned_width, sample
@@ -85,7 +85,7 @@ class ExperimentConfig:
     v2_measures: bool = False
     latent_copy_energy: float = 0.1  # v2 copy: residual energy below this fraction of the training latents' variance
     # The paper's metrics (CLIP-I, CLIP-T, DINO, DINO diversity) at every evaluation, with real models by name or
-    # local path (`bayes_adapter.metrics`); None leaves them out (the CPU default has no such models).
+    # local path (`bayes_adapter.evaluation`); None leaves them out (the CPU default has no such models).
     clip_model: str | None = None
     dino_model: str | None = None
     clip_prompt: str | None = None  # None: "a photo of a red and yellow checkered <subject_kind>"

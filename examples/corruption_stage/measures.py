@@ -54,11 +54,11 @@ def latent_residuals(latents: torch.Tensor, train_latents: torch.Tensor) -> dict
 
 @functools.lru_cache(maxsize=2)
 def load_paper_models(clip_model: str | None, dino_model: str | None) -> tuple:
-    """The paper's feature models, each loaded once per process (``bayes_adapter.metrics``; None skips one)."""
-    from bayes_adapter import metrics
+    """The paper's feature models, each loaded once per process (``bayes_adapter.evaluation``; None skips one)."""
+    from bayes_adapter import evaluation
 
-    clip = metrics.load_clip(clip_model) if clip_model else None
-    dino = metrics.load_dino(dino_model) if dino_model else None
+    clip = evaluation.load_clip(clip_model) if clip_model else None
+    dino = evaluation.load_dino(dino_model) if dino_model else None
     return clip, dino
 
 
@@ -67,12 +67,12 @@ def paper_metrics(
 ) -> dict[str, float]:
     """CLIP-I, CLIP-T, DINO and DINO diversity of images in [-1, 1] against the training images, with the real
     models given by name or path (issue 16, item 7); the metrics whose model is not given are left out."""
-    from bayes_adapter import metrics
+    from bayes_adapter import evaluation
 
     def pil(images: torch.Tensor) -> list[Image.Image]:
         pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
     clip, dino = load_paper_models(clip_model, dino_model)
-    scores = metrics.evaluate(pil(samples), pil(references), prompt, clip=clip, dino_model=dino)
+    scores = evaluation.evaluate(pil(samples), pil(references), prompt, clip=clip, dino_model=dino)
     return {k: float(v) for k, v in scores.items() if not k.startswith("num_")}

@@ -1,0 +1,242 @@
+"""The paper's evaluation metrics with real models: CLIP-I, CLIP-T, DINO, and DINO diversity.
+
+Subject fidelity is the mean cosine similarity over all (reference, generated) pairs of image embeddings: CLIP-I with
+CLIP's image embedding (the paper and DreamBooth use `openai/clip-vit-large-patch14`), DINO with the CLS token of
+`facebook/dino-vits16`. Prompt fidelity, CLIP-T, is the mean cosine between the prompt's CLIP text embedding and each
+generated image's. Diversity is the mean `1 - cosine` over pairs of generated images in DINO space (0 for copies of
+one image); the paper's LPIPS diversity is not computed here (see the README: the `lpips` package needs torchvision
+and downloads its backbone, which this project does not install).
+
+Models are loaded with `from_pretrained(name_or_path)`: a Hub id, or a local folder for machines without the Hub.
+Everything runs on the given device, in eval mode, under `torch.no_grad`, in batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+__all__ = [
+    "DEFAULT_CLIP_MODEL",
+    "DEFAULT_DINO_MODEL",
+    "IMAGE_SUFFIXES",
+    "FeatureModel",
+    "clip_i",
+    "clip_t",
+    "dino",
+    "dino_diversity",
+    "evaluate",
+    "load_clip",
+    "load_dino",
+    "load_images",
+    "mean_pairwise_cosine",
+]
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class FeatureModel:
+    """A loaded model with its processor and the device it runs on."""
+
+    model: Any
+    processor: Any
+    device: torch.device
+    name: str
+
+
+def _load(kind: str, name_or_path: str, device: str | torch.device, load_model, load_processor) -> FeatureModel:
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"{kind} model must be a Hub id or a local folder, got {name_or_path!r}")
+    try:
+        model = load_model(str(name_or_path))
+        processor = load_processor(str(name_or_path))
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"cannot load the {kind} model {str(name_or_path)!r} ({type(error).__name__}: {error}). Offline or "
+            f"without the Hub, pass a local folder: download it once on a machine that has the Hub with "
+            f"`hf download {name_or_path}` (or `save_pretrained`), then give its path."
+        ) from None
+    device = torch.device(device)
+    return FeatureModel(model.to(device).eval(), processor, device, str(name_or_path))
+
+
+def load_clip(name_or_path: str = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu") -> FeatureModel:
+    """Loads a CLIP model (`CLIPModel`) and its processor (`CLIPProcessor`) for CLIP-I and CLIP-T.
+
+    Args:
+        name_or_path: A Hub id or a local folder written by `save_pretrained`.
+        device: Where the model runs.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    return _load("CLIP", name_or_path, device, CLIPModel.from_pretrained, CLIPProcessor.from_pretrained)
+
+
+def load_dino(name_or_path: str = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu") -> FeatureModel:
+    """Loads a DINO ViT (`ViTModel`, CLS token) and its image processor for the DINO score.
+
+    Args:
+        name_or_path: A Hub id or a local folder written by `save_pretrained`.
+        device: Where the model runs.
+    """
+    from transformers import AutoImageProcessor, ViTModel
+
+    def load_model(path: str):
+        return ViTModel.from_pretrained(path, add_pooling_layer=False)
+
+    return _load("DINO", name_or_path, device, load_model, AutoImageProcessor.from_pretrained)
+
+
+def load_images(folder: str | os.PathLike, argument: str = "folder") -> list[Image.Image]:
+    """The images of a folder (sorted by name, RGB), with a clear error for a missing, empty or unreadable one."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{argument}={str(folder)!r} is not an existing folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{argument}={str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"{argument}: {str(file)!r} is not a readable image ({error})") from None
+    return images
+
+
+def _check_images(name: str, images: Sequence[Image.Image]) -> list[Image.Image]:
+    if isinstance(images, Image.Image) or not isinstance(images, Sequence) or not images:
+        raise ValueError(f"{name} must be a non-empty list of PIL images, got {type(images).__name__}")
+    if not all(isinstance(image, Image.Image) for image in images):
+        raise ValueError(f"{name} must hold PIL images only")
+    return [image.convert("RGB") for image in images]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+@torch.no_grad()
+def _embed_images(features: FeatureModel, images: Sequence[Image.Image], batch_size: int, clip: bool) -> torch.Tensor:
+    _check_batch_size(batch_size)
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = features.processor(images=list(images[start : start + batch_size]), return_tensors="pt")
+        pixel_values = pixels["pixel_values"].to(features.device, features.model.dtype)
+        if clip:
+            embedding = features.model.get_image_features(pixel_values=pixel_values)
+            embedding = getattr(embedding, "pooler_output", embedding)  # transformers 5 may return a model output
+        else:
+            embedding = features.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+        out.append(embedding.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _embed_text(features: FeatureModel, prompts: Sequence[str]) -> torch.Tensor:
+    tokens = features.processor(text=list(prompts), return_tensors="pt", padding=True, truncation=True)
+    tokens = {k: v.to(features.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+    embedding = features.model.get_text_features(**tokens)
+    return getattr(embedding, "pooler_output", embedding).float().cpu()
+
+
+def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The mean cosine similarity over all pairs (row of `a`, row of `b`), in float64.
+
+    Args:
+        a: `(n, d)` embeddings.
+        b: `(m, d)` embeddings.
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
+        raise ValueError(f"expected (n, d) and (m, d) embeddings, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a = torch.nn.functional.normalize(a.double(), dim=1)
+    b = torch.nn.functional.normalize(b.double(), dim=1)
+    return float((a @ b.T).mean())
+
+
+def clip_i(
+    generated: Sequence[Image.Image], reference: Sequence[Image.Image], clip: FeatureModel, batch_size: int = 8
+) -> float:
+    """CLIP-I: mean CLIP image-embedding cosine over all (reference, generated) pairs (1 for copies)."""
+    generated, reference = _check_images("generated", generated), _check_images("reference", reference)
+    return mean_pairwise_cosine(
+        _embed_images(clip, reference, batch_size, clip=True), _embed_images(clip, generated, batch_size, clip=True)
+    )
+
+
+def clip_t(generated: Sequence[Image.Image], prompt: str, clip: FeatureModel, batch_size: int = 8) -> float:
+    """CLIP-T: mean cosine between the prompt's CLIP text embedding and each generated image's, in [-1, 1]."""
+    generated = _check_images("generated", generated)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    return mean_pairwise_cosine(_embed_text(clip, [prompt]), _embed_images(clip, generated, batch_size, clip=True))
+
+
+def dino(
+    generated: Sequence[Image.Image], reference: Sequence[Image.Image], dino_model: FeatureModel, batch_size: int = 8
+) -> float:
+    """DINO: mean cosine of the ViT CLS tokens over all (reference, generated) pairs (1 for copies)."""
+    generated, reference = _check_images("generated", generated), _check_images("reference", reference)
+    return mean_pairwise_cosine(
+        _embed_images(dino_model, reference, batch_size, clip=False),
+        _embed_images(dino_model, generated, batch_size, clip=False),
+    )
+
+
+def dino_diversity(generated: Sequence[Image.Image], dino_model: FeatureModel, batch_size: int = 8) -> float:
+    """Mean `1 - cosine` of the DINO CLS tokens over the pairs of distinct generated images (0 for copies)."""
+    generated = _check_images("generated", generated)
+    if len(generated) < 2:
+        raise ValueError(f"dino_diversity needs at least 2 generated images, got {len(generated)}")
+    embeddings = torch.nn.functional.normalize(_embed_images(dino_model, generated, batch_size, clip=False).double())
+    similarity = embeddings @ embeddings.T
+    n = len(generated)
+    off_diagonal = (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))
+    return float(1 - off_diagonal)
+
+
+def evaluate(
+    generated: Sequence[Image.Image],
+    reference: Sequence[Image.Image],
+    prompt: str,
+    clip: FeatureModel | None = None,
+    dino_model: FeatureModel | None = None,
+    batch_size: int = 8,
+) -> dict[str, float | int]:
+    """Every metric whose model is given, plus the image counts: `clip_i`, `clip_t`, `dino`, `dino_diversity`.
+
+    Args:
+        generated: The generated images.
+        reference: The subject's real images.
+        prompt: The prompt the images were generated from (for CLIP-T).
+        clip: From `load_clip`; skips CLIP-I and CLIP-T when None.
+        dino_model: From `load_dino`; skips DINO and the diversity when None.
+        batch_size: Images per forward pass.
+    """
+    generated, reference = _check_images("generated", generated), _check_images("reference", reference)
+    if clip is None and dino_model is None:
+        raise ValueError("evaluate needs a CLIP model, a DINO model, or both")
+    result: dict[str, float | int] = {"num_generated": len(generated), "num_reference": len(reference)}
+    if clip is not None:
+        result["clip_i"] = clip_i(generated, reference, clip, batch_size)
+        result["clip_t"] = clip_t(generated, prompt, clip, batch_size)
+    if dino_model is not None:
+        result["dino"] = dino(generated, reference, dino_model, batch_size)
+        if len(generated) >= 2:
+            result["dino_diversity"] = dino_diversity(generated, dino_model, batch_size)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in result.values()):
+        raise RuntimeError(f"a metric is not finite: {result}")
+    return result
