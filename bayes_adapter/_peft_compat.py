@@ -11,6 +11,9 @@ What is private and used:
   `PluginLoraModel`, which turns them into public hooks.
 - `peft.utils.other.get_pattern_key`: how PEFT matches a module to a `rank_pattern` / `alpha_pattern` key.
 - The `is_lora_variant` / `lora_variants` metadata on `LoraConfig` fields, to refuse variants we cannot combine with.
+- `peft.tuners.lora.bnb.Linear8bitLt` / `Linear4bit` and `peft.tuners.lora.torchao.TorchaoLoraLinear`, PEFT's LoRA
+  layers over quantised bases, which the Bayesian quantised layers subclass (imported only when a quantised base is
+  met, so that importing bayes_adapter never imports bitsandbytes or torchao).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "LoraVariant",
     "PluginLoraModel",
     "PEFT_TESTED_RANGE",
+    "bnb_lora_layers",
     "check_peft_version",
     "embed",
     "embed_scale",
@@ -53,6 +57,7 @@ __all__ = [
     "get_pattern_key",
     "peft_type_member",
     "register",
+    "torchao_lora_layer",
 ]
 
 PEFT_MIN_VERSION = "0.21.2"
@@ -132,6 +137,20 @@ def enabled_lora_variants(config: LoraConfig) -> dict[str, Any]:
 def registered_custom_modules(config: LoraConfig) -> dict:
     """The custom LoRA layers registered with the private `config._register_custom_module` (empty if none)."""
     return dict(getattr(config, "_custom_modules", None) or {})
+
+
+def bnb_lora_layers() -> tuple[type[LoraLayer], type[LoraLayer]]:
+    """PEFT's LoRA layers over bitsandbytes' `Linear8bitLt` and `Linear4bit` (imports bitsandbytes)."""
+    from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+
+    return Linear8bitLt, Linear4bit
+
+
+def torchao_lora_layer() -> type[LoraLayer]:
+    """PEFT's LoRA layer over a `Linear` whose weight is a torchao tensor subclass (imports torchao)."""
+    from peft.tuners.lora.torchao import TorchaoLoraLinear
+
+    return TorchaoLoraLinear
 
 
 def embed(layer: Embedding, indices: torch.Tensor, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:

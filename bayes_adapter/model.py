@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -18,7 +19,22 @@ from .config import BayesLoraConfig
 from .layer import BayesLoraLayer, bayes_layer_class
 
 
-_QUANTISATION_KWARGS = ("loaded_in_8bit", "loaded_in_4bit")
+def quantised_layer_class(base_layer: nn.Module, module_name: str = "") -> type[BayesLoraLayer] | None:
+    """The Bayesian LoRA layer for a quantised base layer (bitsandbytes or torchao), None for any other layer.
+
+    bitsandbytes and torchao are imported only if already loaded: a model holding their layers has loaded them.
+    """
+    if "bitsandbytes" in sys.modules:
+        from .bnb import bnb_layer_class
+
+        layer_cls = bnb_layer_class(base_layer)
+        if layer_cls is not None:
+            return layer_cls
+    if "torchao" in sys.modules:
+        from .torchao import torchao_layer_class
+
+        return torchao_layer_class(base_layer, module_name)
+    return None
 
 
 class BayesLoraModel(PluginLoraModel):
@@ -40,18 +56,19 @@ class BayesLoraModel(PluginLoraModel):
     def create_layer(self, lora_config: BayesLoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         target_name = kwargs.get("target_name", "")
-        if any(kwargs.get(key) for key in _QUANTISATION_KWARGS) or any(
-            key.endswith("_quantization_config") and value is not None for key, value in kwargs.items()
-        ):
+        quantisation = [key for key, value in kwargs.items() if key.endswith("_quantization_config") and value]
+        if quantisation:
             raise ValueError(
-                f"Module {target_name!r}: quantised base models are not supported by Bayesian LoRA; load the base "
-                "model unquantised."
+                f"Module {target_name!r}: {quantisation[0].removesuffix('_quantization_config')} quantised base "
+                "models are not supported by Bayesian LoRA; supported quantisations: bitsandbytes (Linear4bit, "
+                "Linear8bitLt) and torchao weight tensors. Or load the base model unquantised."
             )
+        layer_cls = quantised_layer_class(base_layer, target_name)
         weight = getattr(base_layer, "weight", None)
-        if isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
+        if layer_cls is None and isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
             raise ValueError(
                 f"Module {target_name!r} has a {weight.dtype} weight (quantised?); Bayesian LoRA needs a floating "
-                "point base layer."
+                "point base layer, a bitsandbytes Linear4bit / Linear8bitLt or a torchao-quantised Linear."
             )
         custom = _peft_compat.registered_custom_modules(lora_config)
         if custom:
@@ -60,7 +77,7 @@ class BayesLoraModel(PluginLoraModel):
                 "are not supported by BayesLoraConfig: a Bayesian layer exists only for the built-in module types. "
                 "Register them on a plain LoraConfig, or drop the registration."
             )
-        layer_cls = bayes_layer_class(base_layer)
+        layer_cls = layer_cls or bayes_layer_class(base_layer)
         if layer_cls is None:
             raise ValueError(
                 f"Module {target_name!r} is a {type(base_layer).__name__}, which has no Bayesian LoRA layer. "

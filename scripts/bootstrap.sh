@@ -8,4 +8,4 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,train,lab]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,train,lab,quant]"

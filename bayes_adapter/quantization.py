@@ -1,0 +1,83 @@
+"""Quantising a base model's Linear layers in place, for QLoRA-style training on a small memory budget.
+
+diffusers' `BitsAndBytesConfig` needs a GPU; on any device (CPU included) `quantize_linears` swaps the chosen
+`nn.Linear` layers for bitsandbytes' `Linear4bit` (NF4 / FP4) or `Linear8bitLt`, or quantises their weights with
+torchao's int8 weight-only scheme. A Bayesian (or plain PEFT) LoRA added afterwards dispatches to the quantised
+layer classes (`bayes_adapter.bnb`, `bayes_adapter.torchao`). The library (bitsandbytes or torchao) is imported only
+when its method is asked for: `pip install "bayes-adapter[quant]"`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+
+__all__ = ["QUANTISATION_METHODS", "quantize_linears"]
+
+QUANTISATION_METHODS = ("bnb_nf4", "bnb_fp4", "bnb_int8", "torchao_int8")
+
+
+def _bnb_layer(linear: nn.Linear, method: str) -> nn.Module:
+    import bitsandbytes as bnb
+
+    device, dtype = linear.weight.device, linear.weight.dtype
+    has_bias = linear.bias is not None
+    if method == "bnb_int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=dtype, quant_type=method[4:]
+        )
+        # On CPUs with AVX512-BF16 an eval forward without gradients would repack the weight for a kernel with no
+        # backward (and one that rejects small layers): keep the kernel that trains.
+        layer.support_avx512bf16_for_cpu = False
+    layer.load_state_dict(linear.state_dict())
+    # bitsandbytes quantises when the layer is moved to its device.
+    return layer.to(device)
+
+
+def quantize_linears(
+    model: nn.Module, method: str, module_filter: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None
+) -> list[str]:
+    """Quantises the weights of `model`'s `nn.Linear` layers in place.
+
+    Args:
+        model: Any module (a diffusers transformer or UNet, a text encoder).
+        method: One of `QUANTISATION_METHODS`: "bnb_nf4" / "bnb_fp4" (bitsandbytes `Linear4bit`, compute dtype the
+            layer's dtype), "bnb_int8" (bitsandbytes `Linear8bitLt`, int8 weights) or "torchao_int8" (torchao's
+            `Int8WeightOnlyConfig`).
+        module_filter: Which Linears to quantise: a function `(module name, module) -> bool`, or names whose last
+            components match (`"to_q"` matches `"...attn.to_q"`, `"to_out.0"` matches `"...attn.to_out.0"`); every
+            Linear when None.
+
+    Returns:
+        The names of the quantised layers. bitsandbytes methods also set `model.is_loaded_in_4bit` /
+        `is_loaded_in_8bit`, the flags PEFT's own LoRA reads to pick its quantised layers.
+
+    Raises:
+        ValueError: for an unknown method, or when no Linear matches (before anything is changed).
+    """
+    if method not in QUANTISATION_METHODS:
+        raise ValueError(f"method must be one of {QUANTISATION_METHODS}, got {method!r}")
+    if module_filter is None or callable(module_filter):
+        accept = module_filter or (lambda name, module: True)
+    else:
+        suffixes = tuple(module_filter)
+        accept = lambda name, module: any(name == s or name.endswith("." + s) for s in suffixes)  # noqa: E731
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear and accept(name, module)]
+    if not names:
+        raise ValueError(f"No torch.nn.Linear layer of {type(model).__name__} matches module_filter={module_filter!r}")
+    if method == "torchao_int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        selected = set(names)
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: name in selected)
+        return names
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, _bnb_layer(getattr(parent, child_name), method))
+    setattr(model, "is_loaded_in_8bit" if method == "bnb_int8" else "is_loaded_in_4bit", True)
+    return names
