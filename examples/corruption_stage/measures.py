@@ -10,46 +10,17 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 from PIL import Image
-from skimage.metrics import structural_similarity
 
-
-def ssim_matrix(samples: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """``(n_samples, n_references)`` SSIM of images in [-1, 1] (scikit-image, 7x7 window, per channel averaged)."""
-    a = samples.detach().float().permute(0, 2, 3, 1).numpy()
-    b = references.detach().float().permute(0, 2, 3, 1).numpy()
-    out = np.array(
-        [[structural_similarity(x, y, data_range=2.0, channel_axis=-1) for y in b] for x in a], dtype=np.float64
-    )
-    return torch.from_numpy(out)
-
-
-def structural_fidelity(samples: torch.Tensor, references: torch.Tensor) -> float:
-    """Mean over samples of the SSIM to the nearest (most similar) reference image."""
-    return float(ssim_matrix(samples, references).max(dim=1).values.mean())
-
-
-def spectral_flatness(fields: torch.Tensor) -> torch.Tensor:
-    """Per field ``(N, C, H, W)``: the geometric over the arithmetic mean of each channel's 2-D power spectrum, DC term
-    left out, averaged over channels. About 0.56 for white Gaussian noise, near 0 for smooth fields."""
-    power = torch.fft.fft2(fields.double()).abs().pow(2).flatten(2)[:, :, 1:]  # index 0 is the DC term
-    power = power.clamp_min(torch.finfo(torch.float64).tiny)
-    flatness = power.log().mean(-1).exp() / power.mean(-1)
-    return flatness.mean(1).float()
-
-
-def latent_residuals(latents: torch.Tensor, train_latents: torch.Tensor) -> dict[str, torch.Tensor]:
-    """For each sample latent, the residual to its nearest training latent (Euclidean): ``energy`` = mean squared
-    residual / variance of the training latents' numbers, and ``whiteness`` = its spectral flatness."""
-    dist = torch.cdist(latents.flatten(1).double(), train_latents.flatten(1).double())
-    residual = latents - train_latents[dist.argmin(dim=1)]
-    variance = train_latents.double().var(unbiased=False)
-    return {
-        "energy": (residual.double().pow(2).flatten(1).mean(1) / variance).float(),
-        "whiteness": spectral_flatness(residual),
-    }
+# One implementation for the lab and the DreamBooth script's monitor: the package's (pure torch; its SSIM is
+# scikit-image's structural_similarity with the defaults the lab used, to float32 rounding).
+from bayes_adapter.sample_measures import (  # noqa: F401  (re-exported: the lab's modules import them from here)
+    latent_residuals,
+    spectral_flatness,
+    ssim_matrix,
+    structural_fidelity,
+)
 
 
 @functools.lru_cache(maxsize=2)
