@@ -45,3 +45,44 @@ def hub(monkeypatch):
         yield fake
     finally:
         fake.uninstall()
+
+
+# --- the DreamBooth script's tiny pipelines and instance images (tests/test_train_dreambooth_*.py) ------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline saved to a folder (read only: the tests never write into it)."""
+    from tiny_models import save_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    save_tiny_pipeline(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny Flux.1 pipeline saved to a folder (read only)."""
+    from tiny_models import tiny_flux_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-flux")
+    tiny_flux_pipeline().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny SD3 pipeline saved to a folder (read only)."""
+    from tiny_models import tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_sd3_pipeline().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def instance_dir(tmp_path):
+    """Two random 40x48 instance images."""
+    from tiny_models import write_images
+
+    return write_images(tmp_path / "instance", 2)

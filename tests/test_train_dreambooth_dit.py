@@ -13,42 +13,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import (
+    DREAMBOOTH_SCRIPT,
     assert_same_numerics,
     dreambooth_args,
-    load_example,
     reset_accelerate_state,
     save_tiny_pipeline,
-    tiny_flux_pipeline,
-    tiny_sd3_pipeline,
-    write_images,
 )
 
 import bayes_adapter
+from examples.dreambooth import training
+from examples.dreambooth.settings import parse_args
 
 
-train = load_example("train_dreambooth_bayes_lora")
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 T5_TOKENS = ["--max_sequence_length", "32"]  # the tiny T5 tokenizer's length (Flux's default is 512)
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-flux")
-    tiny_flux_pipeline().save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-sd3")
-    tiny_sd3_pipeline().save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture
-def instance_dir(tmp_path) -> Path:
-    return write_images(tmp_path / "instance", 2)
 
 
 def transformer_inputs(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -131,7 +110,7 @@ def test_dit_train_resume_and_export(request, tmp_path, instance_dir, family, ex
     out = tmp_path / "full"
     validation = ["--validation_prompt", "a photo of sks dog", "--validation_prompt", "a sks dog in snow"]
     validation += ["--validation_steps", "4", "--num_validation_images", "1", "--validation_inference_steps", "2"]
-    result = train.main(train.parse_args(dreambooth_args(model, instance_dir, out, *common, *validation)))
+    result = training.main(parse_args(dreambooth_args(model, instance_dir, out, *common, *validation)))
     assert result["global_step"] == 4 and result["family"] == family
     transformer = result["transformer"]
     final = {k: v.clone() for k, v in get_peft_model_state_dict(transformer).items()}
@@ -174,10 +153,8 @@ def test_dit_train_resume_and_export(request, tmp_path, instance_dir, family, ex
     resumed_out.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed_out / "checkpoint-2")
     reset_accelerate_state()
-    resumed = train.main(
-        train.parse_args(
-            dreambooth_args(model, instance_dir, resumed_out, *common, "--resume_from_checkpoint", "latest")
-        )
+    resumed = training.main(
+        parse_args(dreambooth_args(model, instance_dir, resumed_out, *common, "--resume_from_checkpoint", "latest"))
     )
     assert resumed["global_step"] == 4
     state = get_peft_model_state_dict(resumed["transformer"])
@@ -207,7 +184,7 @@ def test_the_command_line_on_a_saved_dit_pipeline(request, tmp_path, instance_di
     model, out = request.getfixturevalue(f"tiny_{family}"), tmp_path / "out"
     argv = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance_dir)]
     argv += ["--instance_prompt", "a photo of sks dog", "--resolution", "32", "--max_train_steps", "3"]
-    script = str(train.__file__)
+    script = str(DREAMBOOTH_SCRIPT)
     subprocess.run([sys.executable, script, *argv, "--output_dir", str(out)], check=True, timeout=300)
     save_file(transformer_inputs(family), str(tmp_path / "inputs.safetensors"))
     child = [sys.executable, "-c", VANILLA, str(model), str(tmp_path / "inputs.safetensors"), str(tmp_path / "o.st")]
@@ -237,7 +214,7 @@ def test_flux_trains_its_clip_text_encoder_only(tmp_path, tiny_flux, instance_di
         str(tmp_path / "cls"),
     ]
     extra += ["--num_class_images", "2", "--sample_batch_size", "2"]
-    result = train.main(train.parse_args(dreambooth_args(tiny_flux, instance_dir, out, *extra)))
+    result = training.main(parse_args(dreambooth_args(tiny_flux, instance_dir, out, *extra)))
     assert result["transformer"].is_gradient_checkpointing
     assert len(list((tmp_path / "cls").glob("*.jpg"))) == 2
     assert len(result["text_encoders"]) == 1
@@ -263,7 +240,7 @@ def test_cache_latents_encodes_each_image_once(request, tmp_path, instance_dir, 
         AutoencoderKL, "encode", lambda self, x, *a, **k: calls.append(len(x)) or real_encode(self, x, *a, **k)
     )
     extra = ["--max_train_steps", "3", "--cache_latents", *(T5_TOKENS if family == "flux" else [])]
-    result = train.main(train.parse_args(dreambooth_args(model, instance_dir, tmp_path / "out", *extra)))
+    result = training.main(parse_args(dreambooth_args(model, instance_dir, tmp_path / "out", *extra)))
     assert result["global_step"] == 3
     assert calls == [1, 1], "each of the two instance images is encoded once, before training"
 
@@ -272,7 +249,7 @@ def _error_of(capsys, argv) -> str:
     """The error the command line prints for `argv`: exit status 2, no traceback, nothing written."""
     capsys.readouterr()
     try:
-        status = train.run_command(argv)
+        status = training.run_command(argv)
     except SystemExit as exit:  # argparse's parser.error, for what parse_args checks
         status = exit.code
     assert status == 2
@@ -318,13 +295,13 @@ def test_sd3_preconditions_its_output_by_default_as_diffusers(tmp_path, tiny_sd3
     latents); 0 is the plain flow-matching target. Same seed, one step: the two give different adapters."""
     from peft import get_peft_model_state_dict
 
-    args = train.parse_args(dreambooth_args(tiny_sd3, instance_dir, tmp_path / "a", *T5_TOKENS))
+    args = parse_args(dreambooth_args(tiny_sd3, instance_dir, tmp_path / "a", *T5_TOKENS))
     assert args.precondition_outputs == 1
     states = []
     for flag, out in (("1", "a"), ("0", "b")):
         extra = ["--max_train_steps", "1", "--precondition_outputs", flag, *T5_TOKENS]
         reset_accelerate_state()
-        result = train.main(train.parse_args(dreambooth_args(tiny_sd3, instance_dir, tmp_path / out, *extra)))
+        result = training.main(parse_args(dreambooth_args(tiny_sd3, instance_dir, tmp_path / out, *extra)))
         states.append(get_peft_model_state_dict(result["transformer"]))
     moved = [key for key in states[0] if ".lora_B." in key and not torch.equal(states[0][key], states[1][key])]
     assert moved, "the preconditioning does not change the training"

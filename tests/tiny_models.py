@@ -447,16 +447,8 @@ def natural_image(name: str = "grace_hopper.jpg"):
 # --- the example scripts, run in-process --------------------------------------------------------------------------
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name: str):
-    """An example script loaded as a module (it is not a package): `load_example("train_dreambooth_bayes_lora")`."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The DreamBooth script users run; in-process tests import its package, `examples.dreambooth`.
+DREAMBOOTH_SCRIPT = EXAMPLES / "train_dreambooth_bayes_lora.py"
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> Path:
@@ -488,6 +480,32 @@ def dreambooth_args(model, instance, output, *extra) -> list[str]:
         "0",
         *extra,
     ]
+
+
+def tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """The TensorBoard scalars `tag` written under `log_dir`, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        if tag in accumulator.Tags().get("scalars", []):
+            values.update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return values
+
+
+def tensorboard_histogram_steps(log_dir: Path, tag: str) -> list[int]:
+    """The steps at which the TensorBoard histogram `tag` was written under `log_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"histograms": 0})  # 0: keep every step
+        accumulator.Reload()
+        if tag in accumulator.Tags().get("histograms", []):
+            steps += [event.step for event in accumulator.Histograms(tag)]
+    return sorted(steps)
 
 
 def reset_accelerate_state() -> None:

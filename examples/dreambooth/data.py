@@ -1,0 +1,192 @@
+"""The DreamBooth data: instance (and class) images with their prompts, loaded, cropped and batched."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+def caption_suffix(settings) -> str | None:
+    """`--caption_extension`, or None when caption files are ignored."""
+    extension = settings.caption_extension
+    return None if not extension or extension.lower() == "none" else extension
+
+
+def list_images(folder: Path, argument: str, caption_suffix: str | None = None) -> list[Path]:
+    """Every non-hidden file of `folder` but caption files (`caption_suffix`, .txt, .caption), each checked to open."""
+    suffixes = tuple(filter(None, (caption_suffix, ".txt", ".caption")))
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not p.name.endswith(suffixes)
+    )
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # PIL raises several types for unreadable files
+            raise ValueError(
+                f"{argument}: {str(path)!r} is not a readable image ({type(error).__name__}: {error}); expected only "
+                "image files (PNG, JPEG, ...) in the folder."
+            ) from None
+    return files
+
+
+def instance_captions(images: list[Path], settings) -> list[str]:
+    """Each instance image's prompt: its caption file's text, or `--instance_prompt` where it has none."""
+    suffix = caption_suffix(settings)
+    prompts = []
+    for image in images:
+        caption = image.with_name(image.stem + suffix) if suffix else None
+        if caption is not None and caption.is_file():
+            try:
+                text = caption.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"--caption_extension: {str(caption)!r} is not UTF-8 text") from None
+            if not text:
+                raise ValueError(f"--caption_extension: {str(caption)!r} is empty; write the caption or delete it")
+            prompts.append(text)
+        else:
+            prompts.append(settings.instance_prompt)
+    return prompts
+
+
+def load_image(path: Path, size: int, center_crop: bool = True, flip: bool = False):
+    """Opens, resizes (shorter side to `size`) and crops an image.
+
+    Returns:
+        `(pixels, time_ids)`: a `(3, size, size)` float tensor in [-1, 1], and SDXL's micro-conditioning (original
+        height and width, crop top and left, target height and width).
+    """
+    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    original = (image.height, image.width)
+    scale = size / min(image.size)
+    image = image.resize(
+        (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BILINEAR
+    )
+    if center_crop:
+        top, left = (image.height - size) // 2, (image.width - size) // 2
+    else:
+        top, left = random.randint(0, image.height - size), random.randint(0, image.width - size)
+    image = image.crop((left, top, left + size, top + size))
+    if flip and random.random() < 0.5:
+        image = ImageOps.mirror(image)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, torch.tensor([*original, top, left, size, size], dtype=torch.float32)
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance images with their prompt, and (with prior preservation) class images with theirs."""
+
+    def __init__(
+        self,
+        instance_images,
+        instance_prompt,
+        size,
+        class_images=(),
+        class_prompt=None,
+        center_crop=False,
+        random_flip=False,
+        repeats=1,
+        caption_dropout=0.0,
+        latent_cache=None,
+    ):
+        self.instance_images, self.class_images = list(instance_images) * repeats, list(class_images)
+        self.latent_cache = latent_cache  # {(image, mirrored): (mean, std, time_ids)} from `cache_latents`
+        # One prompt for every instance image, or one per image (captions).
+        prompts = [instance_prompt] * len(instance_images) if isinstance(instance_prompt, str) else instance_prompt
+        self.instance_prompts, self.class_prompt = list(prompts) * repeats, class_prompt
+        self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
+        self.caption_dropout = caption_dropout
+
+    def __len__(self) -> int:
+        return max(len(self.instance_images), len(self.class_images))
+
+    def __getitem__(self, index: int) -> dict:
+        example = {}
+        i = index % len(self.instance_images)
+        prompt = "" if self.caption_dropout and random.random() < self.caption_dropout else self.instance_prompts[i]
+        sources = [("instance", self.instance_images[i], prompt)]
+        if self.class_images:
+            sources.append(("class", self.class_images[index % len(self.class_images)], self.class_prompt))
+        for kind, image, prompt in sources:
+            if self.latent_cache is not None:
+                mean, std, time_ids = self.latent_cache[(image, self.random_flip and random.random() < 0.5)]
+                example[f"{kind}_latents"] = mean + std * torch.randn_like(mean)  # a sample of the VAE posterior
+            else:
+                pixels, time_ids = load_image(image, self.size, self.center_crop, self.random_flip)
+                example[f"{kind}_pixels"] = pixels
+            example.update({f"{kind}_time_ids": time_ids, f"{kind}_prompt": prompt})
+        return example
+
+
+def collate(examples: list[dict], with_prior_preservation: bool) -> dict:
+    """Stacks a batch; with prior preservation the class half follows the instance half."""
+    kinds = ["instance", "class"] if with_prior_preservation else ["instance"]
+    images = "latents" if "instance_latents" in examples[0] else "pixels"
+    return {
+        images: torch.stack([e[f"{k}_{images}"] for k in kinds for e in examples]),
+        "time_ids": torch.stack([e[f"{k}_time_ids"] for k in kinds for e in examples]),
+        "prompts": [e[f"{k}_prompt"] for k in kinds for e in examples],
+    }
+
+
+def cache_latents(vae, images: list[Path], size: int, random_flip: bool, device, dtype) -> dict:
+    """`--cache_latents`: each image's VAE posterior (mean and std) at the centre crop, and mirrored with `--random_flip`.
+
+    Returns:
+        `dict`: `{(image, mirrored): (mean, std, time_ids)}`, on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    cache = {}
+    with torch.no_grad():
+        for image in tqdm(dict.fromkeys(images), desc="Caching latents"):
+            pixels, time_ids = load_image(image, size, center_crop=True)
+            for mirrored in (False, True) if random_flip else (False,):
+                view = pixels.flip(-1) if mirrored else pixels
+                posterior = vae.encode(view[None].to(device, dtype)).latent_dist
+                cache[(image, mirrored)] = (posterior.mean[0].cpu(), posterior.std[0].cpu(), time_ids)
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and loading the Bayesian adapters
+
+
+def generate_class_images(settings, accelerator, pipeline_cls) -> None:
+    """Fills `--class_data_dir` up to `--num_class_images` images with the base pipeline (main process only)."""
+    class_dir = Path(settings.class_data_dir)
+    if accelerator.is_main_process:
+        class_dir.mkdir(parents=True, exist_ok=True)
+        existing = len([p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith(".")])
+        missing = settings.num_class_images - existing
+        if missing > 0:
+            precision = settings.prior_generation_precision or (
+                "fp16" if accelerator.device.type == "cuda" else "fp32"
+            )
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+            pipeline = pipeline_cls.from_pretrained(
+                settings.pretrained_model_name_or_path,
+                dtype=dtype,
+                revision=settings.revision,
+                variant=settings.variant,
+            )
+            pipeline.set_progress_bar_config(disable=True)
+            pipeline.to(accelerator.device)
+            for start in range(0, missing, settings.sample_batch_size):
+                count = min(settings.sample_batch_size, missing - start)
+                images = pipeline(
+                    [settings.class_prompt] * count,
+                    num_inference_steps=settings.num_class_inference_steps,
+                    height=settings.resolution,
+                    width=settings.resolution,
+                ).images
+                for offset, image in enumerate(images):
+                    digest = hashlib.sha1(image.tobytes()).hexdigest()
+                    image.save(class_dir / f"{existing + start + offset}-{digest}.jpg")
+            del pipeline
+    accelerator.wait_for_everyone()

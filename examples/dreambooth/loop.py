@@ -1,0 +1,184 @@
+"""The DreamBooth training loop and what ends a run: the saved Bayesian adapters, the exported mean LoRA, the push."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+
+from . import families
+from .adapters import BAYES_ADAPTER_DIR, export_mean_lora, save_bayes_adapters, save_checkpoint, unwrap
+from .losses import denoising_loss
+from .validation import log_std_histograms, log_validation, to_pil
+
+
+if TYPE_CHECKING:
+    from .settings import Settings
+    from .training import Models, TrainingData, TrainingState
+
+logger = get_logger(__name__)
+
+
+def train(settings: Settings, accelerator, models: Models, data: TrainingData, state: TrainingState) -> None:
+    """The loop: `max_train_steps` optimizer steps, with checkpoints, validation and logs on their schedules."""
+    from tqdm.auto import tqdm
+
+    progress_bar = tqdm(
+        range(settings.max_train_steps),
+        initial=state.global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    num_epochs = math.ceil(settings.max_train_steps / state.steps_per_epoch)
+    for _epoch in range(state.first_epoch, num_epochs):
+        for model in state.wrapped.values():
+            model.train()
+        for batch in data.dataloader:
+            with accelerator.accumulate(*state.wrapped.values()):
+                loss, kl_term = training_step(settings, accelerator, models, data, state, batch)
+            if accelerator.sync_gradients:
+                progress_bar.update(1)
+                state.global_step += 1
+                logs = after_step(settings, accelerator, models, data, state, loss, kl_term)
+                progress_bar.set_postfix(loss=logs["loss"], sigma=logs["sigma_mean"])
+            if state.global_step >= settings.max_train_steps:
+                break
+        if state.global_step >= settings.max_train_steps:
+            break
+
+
+def training_step(settings: Settings, accelerator, models: Models, data: TrainingData, state: TrainingState, batch):
+    """One forward and backward of a batch (an optimizer step when the gradients synchronise).
+
+    Returns:
+        `(loss, kl_term)`: the denoising loss and the weighted KL that was added to it.
+    """
+    import bayes_adapter
+
+    family, vae = settings.family, models.vae
+    if "latents" in batch:
+        sample = batch["latents"].to(accelerator.device, dtype=models.vae_dtype)
+    else:
+        sample = vae.encode(batch["pixels"].to(accelerator.device, dtype=models.vae_dtype)).latent_dist.sample()
+    latents = families.to_latents(vae, sample).to(models.weight_dtype)
+    noise = torch.randn_like(latents)
+    if data.prompt_cache is not None:
+        cond = data.prompt_cache(batch["prompts"])
+    else:
+        encoders = [state.wrapped.get(n, e) for n, e in zip(family.text_encoders, models.text_encoders)]
+        cond = family.encode_prompts(
+            encoders, models.tokenizers, batch["prompts"], accelerator.device, settings.max_sequence_length
+        )
+    noised = family.noised_latents(settings, models.noise_scheduler, latents, noise)
+    denoiser = state.wrapped[family.denoiser]
+    prediction = family.predict(
+        denoiser, noised.noisy, noised.timesteps, cond, batch["time_ids"], state.guidance_scale
+    )
+    prediction, target = family.loss_inputs(settings, prediction, noised, latents)
+    loss = denoising_loss(settings, models.noise_scheduler, prediction, target, noised.timesteps, noised.weighting)
+    kl_term = sum(bayes_adapter.kl_loss(unwrap(accelerator, m), data.kl_examples) for m in state.wrapped.values())
+    accelerator.backward(loss + kl_term)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(state.parameters, settings.max_grad_norm)
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    state.optimizer.zero_grad()
+    return loss, kl_term
+
+
+def after_step(settings: Settings, accelerator, models: Models, data, state: TrainingState, loss, kl_term) -> dict:
+    """What follows an optimizer step: checkpoint, validation, scalars and histograms on their schedules.
+
+    Returns:
+        `dict`: the scalars logged at this step.
+    """
+    import bayes_adapter
+
+    step = state.global_step
+    if accelerator.is_main_process and step % settings.checkpointing_steps == 0:
+        save_checkpoint(settings, accelerator, step)
+    if accelerator.is_main_process and settings.validation_prompt and step % settings.validation_steps == 0:
+        # Validation leaves the training's random stream as it was (a resumed run then matches).
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+            pipeline = models.pipeline_cls.from_pretrained(
+                settings.pretrained_model_name_or_path,
+                revision=settings.revision,
+                variant=settings.variant,
+                **state.components,
+            )
+            trained = list(state.wrapped.values())
+            log_validation(settings, accelerator, pipeline, trained, data.reference, step, "validation")
+    with torch.no_grad():
+        kl = sum(bayes_adapter.kl_divergence(unwrap(accelerator, m)) for m in state.wrapped.values())
+        logs = {
+            "loss": loss.detach().item(),
+            "kl": float(kl),
+            "kl_loss": float(kl_term),
+            "lr": state.lr_scheduler.get_last_lr()[0],
+        }
+        for name, model in state.wrapped.items():
+            stats = bayes_adapter.posterior_std_stats(unwrap(accelerator, model))
+            prefix = "sigma_" if name == settings.family.denoiser else f"sigma_{name}_"
+            logs.update({f"{prefix}{key}": value for key, value in stats.items() if key != "count"})
+    accelerator.log(logs, step=step)
+    if step == 1 or step % settings.validation_steps == 0:
+        log_std_histograms(accelerator, state.wrapped, step)
+    return logs
+
+
+def save_and_export(settings: Settings, accelerator, models: Models, data: TrainingData, state: TrainingState) -> dict:
+    """Saves the Bayesian adapters, exports the mean LoRA, validates the export as users load it, pushes."""
+    accelerator.wait_for_everyone()
+    output_dir, family = Path(settings.output_dir), settings.family
+    final = {name: unwrap(accelerator, model) for name, model in state.wrapped.items()}
+    if accelerator.is_main_process:
+        for model in final.values():
+            model.eval()
+        save_bayes_adapters(output_dir / BAYES_ADAPTER_DIR, final)
+        export_mean_lora(output_dir, final, models.pipeline_cls, kohya=settings.output_kohya_format)
+        logger.info(f"Exported the mean LoRA to {output_dir} and the Bayesian adapters to {BAYES_ADAPTER_DIR}/")
+        images = None
+        if settings.validation_prompt:  # the exported file, loaded the way users will load it
+            pipeline = models.pipeline_cls.from_pretrained(
+                settings.pretrained_model_name_or_path,
+                revision=settings.revision,
+                variant=settings.variant,
+                dtype=models.weight_dtype,
+            )
+            pipeline.load_lora_weights(str(output_dir))
+            images = log_validation(settings, accelerator, pipeline, [], data.reference, state.global_step, "test")
+        if settings.push_to_hub:
+            push_to_hub(settings, final, images, models.pipeline_cls)
+    accelerator.end_training()
+    return {
+        "global_step": state.global_step,
+        "family": family.name,
+        family.denoiser: final[family.denoiser],
+        "text_encoders": [final[name] for name in family.text_encoders if name in final],
+    }
+
+
+def push_to_hub(settings: Settings, final: dict, images: np.ndarray | None, pipeline_cls=None) -> None:
+    """Uploads the mean LoRA (never the checkpoints) to `--hub_model_id` with `bayes_adapter.push_to_hub`.
+
+    A denoiser-only adapter is pushed as one component; with text-encoder adapters, the mapping of every trained
+    component (all in one diffusers file, `pipeline_cls.save_lora_weights`). The card holds the Bayesian settings and
+    the last validation images.
+    """
+    import bayes_adapter
+
+    common = dict(
+        token=settings.hub_token,
+        base_model=settings.pretrained_model_name_or_path,
+        instance_prompt=settings.instance_prompt,
+        validation_images=to_pil(images) if images is not None and len(images) else None,
+    )
+    if len(final) == 1:  # the denoiser alone
+        ((component, model),) = final.items()
+        bayes_adapter.push_to_hub(model, settings.hub_model_id, component=component, **common)
+    else:
+        bayes_adapter.push_to_hub(final, settings.hub_model_id, pipeline_cls=pipeline_cls, **common)
