@@ -14,7 +14,7 @@ LoRA and the median of the per-round ratios.
 Memory: a fresh subprocess per arm (as bench_train_step.py): lifetime peak RSS and the peak RSS sampled during
 `--memory-steps` steps. The model is built directly in `--dtype`, so the lifetime peak is not a float32 transient.
 
-Example: python benchmarks/bench_dit_train_step.py --size small --rounds 3 --warmup 1
+Example (from the repository root): python -m benchmarks.bench_dit_train_step --size small --rounds 3 --warmup 1
 """
 
 from __future__ import annotations
@@ -24,14 +24,10 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import torch  # noqa: E402
+from benchmarks import common
+from benchmarks.common import torch
 
 
 # SD3 medium's transformer: the config.json of stabilityai/stable-diffusion-3-medium-diffusers, folder "transformer"
@@ -264,7 +260,8 @@ def run_memory(args: argparse.Namespace, arms: list[str]) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for arm in arms:
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child-memory", arm, *passthrough],
+            [sys.executable, "-m", __spec__.name, "--child-memory", arm, *passthrough],
+            cwd=common.REPO_ROOT,
             capture_output=True,
             text=True,
             check=False,

@@ -5,22 +5,18 @@ non-zero means). Arms, interleaved: the default export (PEFT + diffusers files) 
 into a fresh folder, from the in-memory model. Reported: median seconds per export, file sizes, and a check that
 the diffusers file holds exactly the adapter's means.
 
-Example: python benchmarks/bench_export.py --size sd15 --rounds 5
+Example (from the repository root): python -m benchmarks.bench_export --size sd15 --rounds 5
 """
 
 from __future__ import annotations
 
 import itertools
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import torch  # noqa: E402
+from benchmarks import common
+from benchmarks.common import torch
 
 
 FORMAT_ARMS = {"peft+diffusers": None, "diffusers": "diffusers", "peft": "peft", "kohya": "kohya"}

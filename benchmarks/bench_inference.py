@@ -14,21 +14,17 @@ weights, in its own pipeline sharing the other components:
 Arms are interleaved (one pipeline call each per round, order rotated). Reported: median latency, ratios to
 `plain_lora`, and the max abs difference of the output images (float, before any uint8 rounding) to `bayes_eval`.
 
-Example: python benchmarks/bench_inference.py --size small --steps 4 --rounds 10
+Example (from the repository root): python -m benchmarks.bench_inference --size small --steps 4 --rounds 10
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 import tempfile
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import torch  # noqa: E402
+from benchmarks import common
+from benchmarks.common import torch
 
 
 PROMPT = "a photo of sks dog"

@@ -6,20 +6,15 @@ means and rhos, the modules walked on every call), (3) an experiment, not librar
 the same closed form over tensor lists gathered once before timing (`CachedKLExperiment`; a library cache would need
 invalidating when adapters are added, deleted or switched). Reported: medians, and KL / (step without KL + KL).
 
-Example: python benchmarks/bench_kl.py --size small --rounds 20
+Example (from the repository root): python -m benchmarks.bench_kl --size small --rounds 20
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
-from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import torch  # noqa: E402
+from benchmarks import common
+from benchmarks.common import torch
 
 
 class CachedKLExperiment:

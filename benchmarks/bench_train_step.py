@@ -9,7 +9,7 @@ Memory (`--memory`): a fresh subprocess per arm (arms interleaved, `--memory-rep
 adding the adapter and running `--memory-steps` steps. Reported: lifetime peak RSS (`ru_maxrss`) and the peak RSS
 sampled every 2 ms during the training steps, minus the RSS before the first step (the training increment).
 
-Example: python benchmarks/bench_train_step.py --size small --rounds 20 --memory
+Example (from the repository root): python -m benchmarks.bench_train_step --size small --rounds 20 --memory
 """
 
 from __future__ import annotations
@@ -18,13 +18,9 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import torch  # noqa: E402
+from benchmarks import common
+from benchmarks.common import torch
 
 
 DEFAULT_BATCH = {"tiny": 2, "small": 2, "sd15": 1}
@@ -133,7 +129,6 @@ def memory_child(args) -> None:
 
 
 def run_memory(args, arms: list[str]) -> dict:
-    script = Path(__file__).resolve()
     passthrough = (
         [
             f"--size={args.size}",
@@ -155,7 +150,8 @@ def run_memory(args, arms: list[str]) -> dict:
         order = arms if repeat % 2 == 0 else arms[::-1]
         for arm in order:
             proc = subprocess.run(
-                [sys.executable, str(script), "--child-memory", arm, *passthrough],
+                [sys.executable, "-m", __spec__.name, "--child-memory", arm, *passthrough],
+                cwd=common.REPO_ROOT,
                 capture_output=True,
                 text=True,
                 check=False,

@@ -1,7 +1,7 @@
 """What the benchmark scripts share: models built from configs, adapters, timing, memory sampling, reports.
 
 Nothing here touches the Hub: every model is built from a config with random weights. The scripts are meant to be
-run from the repository root (`python benchmarks/bench_train_step.py ...`); each prints a table and writes JSON.
+run from the repository root as modules of the `benchmarks` package (`python -m benchmarks.bench_train_step ...`); each prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ from typing import Any
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import torch  # noqa: E402
+import torch  # noqa: E402 (after the Hub environment above)
 
 from tests.tiny_models import TINY_UNET_CONFIG  # noqa: E402
 

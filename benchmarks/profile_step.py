@@ -5,21 +5,16 @@ the forward (incl. loss), backward, optimizer step and KL (forward + backward), 
 one profiled step per phase, counting aten ops and autograd nodes. Op counts do not depend on the machine's load,
 so they are the robust evidence on a shared machine; the extra ops per layer tell what a change must remove.
 
-Example: python benchmarks/profile_step.py --size small --arms weight_B,local_B,flipout_B
+Example (from the repository root): python -m benchmarks.profile_step --size small --arms weight_B,local_B,flipout_B
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import torch  # noqa: E402
+from benchmarks import common
+from benchmarks.common import torch
 
 
 PHASES = ("forward", "backward", "optimizer", "kl")

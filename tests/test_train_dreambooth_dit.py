@@ -17,7 +17,6 @@ from tiny_models import (
     assert_same_numerics,
     dreambooth_args,
     reset_accelerate_state,
-    save_tiny_pipeline,
 )
 
 import bayes_adapter
@@ -231,9 +230,7 @@ def test_flux_trains_its_clip_text_encoder_only(tmp_path, tiny_flux, instance_di
 def test_cache_latents_encodes_each_image_once(request, tmp_path, instance_dir, monkeypatch, family):
     from diffusers import AutoencoderKL
 
-    model = tmp_path / "tiny-sd" if family == "sd" else request.getfixturevalue("tiny_flux")
-    if family == "sd":
-        save_tiny_pipeline(model)
+    model = request.getfixturevalue(f"tiny_{family}")
     calls = []
     real_encode = AutoencoderKL.encode
     monkeypatch.setattr(
@@ -271,11 +268,7 @@ def _error_of(capsys, argv) -> str:
     ],
 )
 def test_family_specific_flags_are_refused_clearly(request, tmp_path, instance_dir, capsys, family, extra, message):
-    if family == "sd":
-        model = tmp_path / "tiny-sd"
-        save_tiny_pipeline(model)
-    else:
-        model = request.getfixturevalue(f"tiny_{family}")
+    model = request.getfixturevalue(f"tiny_{family}")
     err = _error_of(capsys, dreambooth_args(model, instance_dir, tmp_path / "out", *extra))
     assert f"error: {message}" in err, err
 

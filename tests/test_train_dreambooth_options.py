@@ -53,7 +53,9 @@ def test_scale_lr_scales_both_learning_rates(tmp_path, tiny_sd, instance_dir, mo
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     extra = ["--scale_lr", "--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--max_train_steps", "1"]
     extra += ["--learning_rate", "1e-4", "--posterior_std_learning_rate", "0.01", "--report_to", "none"]
-    training.main(parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", *extra)))
+    settings = parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", *extra))
+    training.main(settings)
+    assert settings.learning_rate == 1e-4, "main() changed the caller's settings"
     # One process: factor 3 x 2 x 1 = 6. The means' group, then the posterior stds' group.
     assert len(groups) == 2 and all(g["size"] > 0 for g in groups)
     assert groups[0]["lr"] == pytest.approx(6e-4) and groups[1]["lr"] == pytest.approx(0.06)

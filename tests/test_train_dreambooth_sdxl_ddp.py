@@ -98,7 +98,7 @@ spec = importlib.util.spec_from_file_location("train_script", os.environ["TRAIN_
 
 train = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train)
-result = training.main(parse_args())
+result = train.main(train.parse_args())
 rank = int(os.environ["RANK"])
 watching = written[:]
 from peft import get_peft_model_state_dict

@@ -1,0 +1,75 @@
+"""The DreamBooth trainer's structure: model families as classes, read-only settings, no sys.path edits."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from tiny_models import dreambooth_args
+
+from examples.dreambooth import families
+from examples.dreambooth.settings import Settings, parse_args
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "class_name, family",
+    [
+        ("StableDiffusionPipeline", "sd"),
+        ("StableDiffusionImg2ImgPipeline", "sd"),
+        ("StableDiffusionXLPipeline", "sdxl"),
+        ("StableDiffusionXLImg2ImgPipeline", "sdxl"),
+        ("StableDiffusion3Pipeline", "sd3"),
+        ("FluxPipeline", "flux"),
+        ("FluxImg2ImgPipeline", "flux"),
+        ("Flux2Pipeline", None),
+        ("KandinskyV22Pipeline", None),
+    ],
+)
+def test_the_family_of_a_pipeline_class(class_name, family):
+    found = families.family_of_class_name(class_name)
+    assert (found.name if found else None) == family
+
+
+def test_a_new_family_is_one_class():
+    class Kandinsky(families.DDPMFamily):
+        name = "kandinsky-test"
+        label = "Kandinsky"
+        pipeline_class = "KandinskyV22Pipeline"
+        class_name_prefixes = ("KandinskyV22",)
+        text_encoders = ()
+        trainable_text_encoders = ()
+
+    try:
+        assert families.family_of_class_name("KandinskyV22Pipeline") is families.FAMILIES["kandinsky-test"]
+        assert families.family_of_class_name("StableDiffusionPipeline").name == "sd"
+    finally:
+        del families.FAMILIES["kandinsky-test"]
+
+
+def test_no_family_switches_and_no_sys_path_edits():
+    trainer = [ROOT / "examples" / "train_dreambooth_bayes_lora.py", *(ROOT / "examples" / "dreambooth").glob("*.py")]
+    for path in trainer:
+        assert not re.search(r"family\.name\s*(==|!=|in\b)", path.read_text()), path
+    for path in [
+        *trainer,
+        *(ROOT / "benchmarks").glob("*.py"),
+        *(ROOT / "examples" / "corruption_stage").glob("*.py"),
+    ]:
+        assert "sys.path.insert" not in path.read_text() and "sys.path.append" not in path.read_text(), path
+
+
+def test_settings_are_read_only(tmp_path, instance_dir):
+    settings = parse_args(dreambooth_args("no/such/model", instance_dir, tmp_path / "out", "--rank", "8"))
+    with pytest.raises(AttributeError, match="read-only"):
+        settings.rank = 2
+    changed = settings.replace(rank=2)
+    assert (settings.rank, changed.rank) == (8, 2)
+    with pytest.raises(AttributeError, match="no setting 'rnak'"):
+        settings.replace(rnak=2)
+    assert settings.family is None  # a Hub id's family is resolved by main(), which reads its model_index.json
+    assert "rank" in settings.tracker_config() and "evaluators" not in settings.tracker_config()
+    assert Settings({"rank": 1}).rank == 1
