@@ -11,6 +11,8 @@ What is private and used:
   `PluginLoraModel`, which turns them into public hooks.
 - `peft.utils.other.get_pattern_key`: how PEFT matches a module to a `rank_pattern` / `alpha_pattern` key.
 - The `is_lora_variant` / `lora_variants` metadata on `LoraConfig` fields, to refuse variants we cannot combine with.
+- `peft.tuners.lora.variants.DoraLinearVariant`, PEFT's DoRA hook for Linear layers, which Bayesian DoRA subclasses
+  (its `lora_magnitude_vector[adapter]` layer is called with stand-ins for the factors holding sampled weights).
 - `peft.tuners.lora.bnb.Linear8bitLt` / `Linear4bit` and `peft.tuners.lora.torchao.TorchaoLoraLinear`, PEFT's LoRA
   layers over quantised bases, which the Bayesian quantised layers subclass (imported only when a quantised base is
   met, so that importing bayes_adapter never imports bitsandbytes or torchao).
@@ -33,6 +35,7 @@ from peft.mapping import (
 )
 from peft.tuners.lora import LoraConfig, LoraModel
 from peft.tuners.lora.layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, LoraVariant
+from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
 from peft.utils.other import get_pattern_key
@@ -43,6 +46,7 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "DoraLinearVariant",
     "Embedding",
     "Linear",
     "LoraLayer",

@@ -50,7 +50,14 @@ _LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
 BAYESIAN_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(BayesLoraConfig) if f.name not in _LORA_FIELDS)
 PEFT_PREFIX = "base_model.model."
 _POSTERIOR_MARKER = ".lora_posterior_rho_"
-_MEAN_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B")
+_MEAN_SUFFIXES = (
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora_B.bias",
+    ".lora_embedding_A",
+    ".lora_embedding_B",
+    ".lora_magnitude_vector",  # DoRA's magnitude (deterministic), as PEFT saves it
+)
 
 
 @dataclasses.dataclass

@@ -16,18 +16,21 @@ import bitsandbytes as bnb
 from torch import nn
 
 from . import _peft_compat
-from .layer import BayesLoraLayer
+from .layer import BayesDoraLinearVariant, BayesLoraLayer
 
 
 _PeftLinear8bitLt, _PeftLinear4bit = _peft_compat.bnb_lora_layers()
 
 
 class BayesLinear8bitLt(BayesLoraLayer, _PeftLinear8bitLt):
-    """Bayesian LoRA for bitsandbytes' `Linear8bitLt` (LLM.int8() weights)."""
+    """Bayesian LoRA for bitsandbytes' `Linear8bitLt` (LLM.int8() weights). No DoRA: PEFT's own DoRA fails on it
+    from the second training step on (bitsandbytes 0.50.2 on CPU: the layer's int8 scales are gone)."""
 
 
 class BayesLinear4bit(BayesLoraLayer, _PeftLinear4bit):
-    """Bayesian LoRA for bitsandbytes' `Linear4bit` (NF4 or FP4 weights)."""
+    """Bayesian LoRA (and DoRA) for bitsandbytes' `Linear4bit` (NF4 or FP4 weights)."""
+
+    dora_variant = BayesDoraLinearVariant
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name, **kwargs)

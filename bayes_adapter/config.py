@@ -50,6 +50,9 @@ class BayesLoraConfig(LoraConfig):
     Weighting the KL: the loss to minimise is `diffusion_loss + kl_weight * kl_divergence(model) / num_examples`,
     with `num_examples` the number of training images (the KL is spread over the data set, as in Bayes by Backprop).
     The paper's released scripts use `kl_weight=0`: learned weight noise without a pull towards the prior.
+
+    With `use_dora=True` (Linear layers, estimator "weight") DoRA's low-rank direction is Bayesian and its magnitude
+    vector deterministic; the weight norm is that of the sampled weight while sampling, of the mean otherwise.
     """
 
     bayesian_factors: Literal["A", "B", "AB"] = field(
@@ -164,12 +167,17 @@ class BayesLoraConfig(LoraConfig):
         for name in ("sample_at_inference", "train_posterior_std"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        variants = _peft_compat.enabled_lora_variants(self)
+        variants = {k: v for k, v in _peft_compat.enabled_lora_variants(self).items() if k != "use_dora"}
         if variants:
             name, value = next(iter(variants.items()))
             raise ValueError(
-                f"{name}={value!r} is a LoRA variant that BayesLoraConfig does not support; Bayesian LoRA only "
-                "combines with plain LoRA (leave it at its default)."
+                f"{name}={value!r} is a LoRA variant that BayesLoraConfig does not support; Bayesian LoRA combines "
+                "with plain LoRA and DoRA (use_dora=True) only (leave it at its default)."
+            )
+        if self.use_dora and self.estimator != "weight":
+            raise ValueError(
+                f"use_dora=True needs estimator='weight', got estimator={self.estimator!r}: DoRA divides by the norm "
+                "of the sampled weight, which the 'local' and 'flipout' estimators never form."
             )
         if self.target_parameters:
             raise ValueError(

@@ -222,7 +222,7 @@ def diffusers_metadata(adapter: BayesianAdapter) -> dict[str, Any]:
     """The minimal `lora_adapter_metadata` diffusers turns into `LoraConfig(**metadata)` when loading.
 
     Only keys every PEFT version that diffusers supports accepts: rank and alpha with their patterns and the exact
-    target modules; `use_rslora` / `lora_bias` only when set.
+    target modules; `use_rslora` / `lora_bias` / `use_dora` only when set.
     """
     config = adapter.config
     metadata: dict[str, Any] = {
@@ -236,6 +236,8 @@ def diffusers_metadata(adapter: BayesianAdapter) -> dict[str, Any]:
         metadata["use_rslora"] = True
     if config.get("lora_bias"):
         metadata["lora_bias"] = True
+    if config.get("use_dora"):
+        metadata["use_dora"] = True
     return metadata
 
 
@@ -276,6 +278,8 @@ def _check_kohya(adapter: BayesianAdapter) -> None:
             raise ValueError(f"format='kohya' supports Linear and Conv layers only; {module!r} is not one")
         if f"{module}.lora_B.bias" in means:
             raise ValueError("format='kohya' cannot carry a LoRA bias (lora_bias=True)")
+        if f"{module}.lora_magnitude_vector" in means:
+            raise ValueError("format='kohya' cannot carry a DoRA adapter (use_dora=True); use the 'diffusers' format")
 
 
 def _kohya_state_dict(adapter: BayesianAdapter, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

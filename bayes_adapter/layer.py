@@ -70,6 +70,60 @@ class BayesLoraVariant(LoraVariant):
         return module.bayes_forward(active_adapter, x, result)
 
 
+class _SampledFactor:
+    """Stands in for a LoRA factor's `nn.Linear` with a sampled weight: PEFT's DoRA layer calls the factor on its
+    input and reads its `weight`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs, self.weight, self.bias)
+
+
+class BayesDoraLinearVariant(_peft_compat.DoraLinearVariant):
+    """Bayesian DoRA on a Linear layer: the magnitude vector deterministic, the low-rank direction Bayesian.
+
+    While sampling, PEFT's own DoRA computation runs with the sampled factors, so the weight norm is that of the
+    sampled weight `W0 + scaling * B_s A_s` (detached, as in DoRA); otherwise (eval, merge, export) it is PEFT's DoRA
+    on the means, bit-identical to a plain DoRA adapter with the same A, B and magnitude.
+    """
+
+    @staticmethod
+    def init(module: BayesLoraLayer, adapter_name: str, config: BayesLoraConfig, **kwargs: Any) -> None:
+        _peft_compat.DoraLinearVariant.init(module, adapter_name, config=config, **kwargs)
+        module.init_posterior(adapter_name, config)
+
+    @staticmethod
+    def forward(
+        module: BayesLoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        settings = module.bayes_settings[active_adapter]
+        if not (module.training or settings.sample_at_inference):
+            return _peft_compat.DoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
+        factors = {
+            factor: _SampledFactor(
+                module.sampled_weight(factor, active_adapter, settings), module.factor_bias(factor, active_adapter)
+            )
+            for factor in "AB"
+        }
+        dropout = module.lora_dropout[active_adapter]
+        # As PEFT's DoRA: the base output is reused unless dropout changes the input it must be recomputed on.
+        if isinstance(dropout, nn.Identity) or not module.training:
+            base_result = result
+        else:
+            x, base_result = dropout(x), None
+        return result + module.lora_magnitude_vector[active_adapter](
+            x,
+            lora_A=factors["A"],
+            lora_B=factors["B"],
+            scaling=module.scaling[active_adapter],
+            base_layer=module.get_base_layer(),
+            base_result=base_result,
+            adapter_name=active_adapter,
+        )
+
+
 class BayesLoraLayer(LoraLayer):
     """What every Bayesian LoRA layer adds to PEFT's LoRA layer; combined with a concrete PEFT layer class.
 
@@ -79,6 +133,8 @@ class BayesLoraLayer(LoraLayer):
     """
 
     posterior_param_names = ("lora_posterior_rho_A", "lora_posterior_rho_B")
+    # The DoRA variant of this layer type; None where Bayesian DoRA does not exist (convolutions, embeddings).
+    dora_variant: type[LoraVariant] | None = None
     adapter_layer_names = LoraLayer.adapter_layer_names + posterior_param_names
     other_param_names = LoraLayer.other_param_names + ("bayes_settings",)
 
@@ -98,7 +154,16 @@ class BayesLoraLayer(LoraLayer):
 
     def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> LoraVariant | None:
         if isinstance(config, BayesLoraConfig):
-            return BayesLoraVariant()
+            if not config.use_dora:
+                return BayesLoraVariant()
+            if self.dora_variant is None:
+                raise ValueError(
+                    f"use_dora=True: Bayesian DoRA is not available on {type(self.get_base_layer()).__name__} layers; "
+                    "it exists for torch.nn.Linear (also with bitsandbytes 4-bit or torchao weights), not for "
+                    "convolutions, embeddings or bitsandbytes 8-bit layers. Leave such modules out of "
+                    "target_modules, or set use_dora=False."
+                )
+            return self.dora_variant()
         return super().resolve_lora_variant(config=config, **kwargs)
 
     def init_posterior(self, adapter_name: str, config: BayesLoraConfig) -> None:
@@ -214,6 +279,13 @@ class BayesLoraLayer(LoraLayer):
         )
         return torch.addcmul(output, perturbation, output_signs)
 
+    def sampled_weight(self, factor: str, adapter_name: str, settings: BayesSettings) -> torch.Tensor:
+        """One draw of factor `"A"` or `"B"`'s weight from the posterior; the mean if the factor is not Bayesian."""
+        mean = self.factor_mean(factor, adapter_name)
+        if factor not in settings.factors:
+            return mean
+        return sample_weight(mean, self.posterior_std(adapter_name, factor))
+
     def flipout_perturbation(
         self, factor: str, adapter_name: str, inputs: torch.Tensor, weight_noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +331,9 @@ class BayesLoraLayer(LoraLayer):
 
 
 class BayesLinear(BayesLoraLayer, _peft_compat.Linear):
-    """Bayesian LoRA for `nn.Linear` and transformers' `Conv1D`."""
+    """Bayesian LoRA (and DoRA) for `nn.Linear` and transformers' `Conv1D`."""
+
+    dora_variant = BayesDoraLinearVariant
 
 
 class _BayesConvNd(BayesLoraLayer):

@@ -18,14 +18,16 @@ from torch import nn
 from torchao.utils import TorchAOBaseTensor
 
 from . import _peft_compat
-from .layer import BayesLoraLayer
+from .layer import BayesDoraLinearVariant, BayesLoraLayer
 
 
 _PeftTorchaoLinear = _peft_compat.torchao_lora_layer()
 
 
 class BayesTorchaoLinear(BayesLoraLayer, _PeftTorchaoLinear):
-    """Bayesian LoRA for a `Linear` whose weight is a torchao tensor (int8 weight-only and the like)."""
+    """Bayesian LoRA (and DoRA) for a `Linear` whose weight is a torchao tensor (int8 weight-only and the like)."""
+
+    dora_variant = BayesDoraLinearVariant
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         if self.get_apply_tensor_subclass is None:

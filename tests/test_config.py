@@ -58,7 +58,7 @@ def test_every_new_field_has_help():
         ({"kl_weight": float("inf")}, "kl_weight must be a finite number >= 0, got inf"),
         ({"sample_at_inference": "yes"}, "sample_at_inference must be True or False, got 'yes'"),
         ({"train_posterior_std": 1}, "train_posterior_std must be True or False, got 1"),
-        ({"use_dora": True}, "use_dora=True is a LoRA variant that BayesLoraConfig does not support"),
+        ({"use_dora": True, "estimator": "flipout"}, "use_dora=True needs estimator='weight', got .*'flipout'"),
         ({"init_lora_weights": "mica"}, "init_lora_weights='mica' is a LoRA variant"),
         ({"target_parameters": ["weight"]}, "target_parameters=.* is not supported by BayesLoraConfig"),
     ],

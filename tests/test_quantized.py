@@ -227,3 +227,28 @@ def test_quantize_linears_refuses_bad_input_before_changing_anything():
     with pytest.raises(ValueError, match="No torch.nn.Linear layer of SD3Transformer2DModel matches"):
         quantize_linears(transformer, "bnb_nf4", ["no_such_layer"])
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in transformer.modules())
+
+
+@pytest.mark.parametrize("method", ["bnb_nf4", "torchao_int8"])
+def test_bayesian_dora_trains_on_a_quantised_base(method):
+    transformer = quantised_transformer(method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchao: merging needs get_apply_tensor_subclass
+        transformer.add_adapter(BayesLoraConfig(r=4, target_modules=TARGETS, use_dora=True))
+    layer = transformer.transformer_blocks[0].attn.to_q
+    magnitude = layer.lora_magnitude_vector["default"].weight.detach().clone()
+    optimizer = torch.optim.AdamW(bayes_adapter.param_groups(transformer), lr=1e-2)
+    transformer.train()
+    for _ in range(2):
+        loss = transformer(**transformer_batch(0)).sample.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(layer.lora_magnitude_vector["default"].weight, magnitude)
+    assert torch.isfinite(eval_output(transformer)).all()
+
+
+def test_dora_on_bnb_int8_is_refused():
+    transformer = quantised_transformer("bnb_int8")
+    with pytest.raises(ValueError, match="Bayesian DoRA is not available on Linear8bitLt layers"):
+        transformer.add_adapter(BayesLoraConfig(r=4, target_modules=TARGETS, use_dora=True))
