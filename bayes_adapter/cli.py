@@ -1,5 +1,5 @@
 """The `bayes-adapter` console command: `export` a Bayesian adapter to its mean LoRA, `push` it to the Hub,
-`evaluate` generated images with the paper's metrics."""
+`evaluate` generated images with the paper's metrics, judge a run's `monitor.jsonl` for the corruption `stage`."""
 
 from __future__ import annotations
 
@@ -12,16 +12,23 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
+MONITOR_HELP = (
+    "The run's monitor.jsonl: its corruption-stage verdict (stage, best step) goes into the export summary and the "
+    "model card."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     from .adapter import COMPONENTS
     from .export import DEFAULT_FORMATS, FORMATS
+    from .stage import THRESHOLDS
 
     parser = argparse.ArgumentParser(
         prog="bayes-adapter",
         description="Bayesian LoRA for PEFT: export a trained Bayesian adapter to a plain (mean) LoRA, push it to the "
         "Hugging Face Hub.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,evaluate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,push,evaluate,stage}")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--adapter-name", default="default", help="Adapter to export (default: %(default)s).")
@@ -50,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Formats to write (default: %(default)s). kohya: lora_unet_*/lora_te_* keys for ComfyUI and A1111.",
     )
     export.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
+    export.add_argument("--monitor", default=None, metavar="PATH", help=MONITOR_HELP)
 
     push = commands.add_parser(
         "push",
@@ -82,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--commit-message", default=None, help="Commit message.")
     push.add_argument("--local-dir", default=None, help="Where to keep the uploaded files (default: a temp folder).")
+    push.add_argument("--monitor", default=None, metavar="PATH", help=MONITOR_HELP)
 
     from .evaluation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 
@@ -101,6 +110,25 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="Where the models run (default: %(default)s).")
     evaluate.add_argument("--batch-size", type=int, default=8, help="Images per forward pass (default: 8).")
     evaluate.add_argument("--json", default=None, help="Also write the numbers to this JSON file.")
+
+    stage = commands.add_parser(
+        "stage",
+        help="Did a fine-tuning run go through the corruption stage, and when were its samples best?",
+        description="Judge a run's monitor.jsonl (one JSON record per monitored step, as the DreamBooth script "
+        "writes; see the README) and print one verdict sentence, then the episodes. Exit 0 whatever the verdict; 2 "
+        "for a bad file or threshold.",
+    )
+    stage.add_argument("path", help="The monitor.jsonl file.")
+    stage.add_argument("--json", action="store_true", help="Print the verdict as JSON instead.")
+    stage.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Change one of the judge's thresholds (repeatable): "
+        + "; ".join(f"{name} (default {default})" for name, (default, _, _) in THRESHOLDS.items())
+        + ".",
+    )
     return parser
 
 
@@ -114,6 +142,7 @@ def _export(args: argparse.Namespace) -> int:
         component=args.component,
         format=args.format,
         overwrite=args.overwrite,
+        monitor=args.monitor,
     )
     print(f"Exported the mean LoRA of {args.src!r} (adapter {args.adapter_name!r}) to {str(out)!r}")
     return 0
@@ -135,6 +164,7 @@ def _push(args: argparse.Namespace) -> int:
         adapter_name=args.adapter_name,
         component=args.component,
         local_dir=args.local_dir,
+        monitor=args.monitor,
     )
     print(f"Pushed to {args.repo_id}: {url}")
     return 0
@@ -171,6 +201,53 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_thresholds(items: Sequence[str]) -> dict[str, float | int]:
+    from .stage import THRESHOLDS, check_thresholds
+
+    thresholds: dict[str, float | int] = {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        name = name.strip()
+        if not equals or name not in THRESHOLDS:
+            raise ValueError(f"--threshold {item!r}: expected NAME=VALUE with NAME one of {', '.join(THRESHOLDS)}")
+        kind = THRESHOLDS[name][1]
+        try:
+            thresholds[name] = kind(text.strip())
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise ValueError(f"--threshold {item!r}: {text.strip()!r} is not {expected}") from None
+    try:
+        return check_thresholds(**thresholds)
+    except ValueError as error:
+        raise ValueError(f"--threshold: {error}") from None
+
+
+def _stage(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import warnings
+
+    from .stage import judge, read_monitor, saved_checkpoint_steps, verdict_sentence
+
+    thresholds = _parse_thresholds(args.threshold)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = read_monitor(args.path)
+    for warning in caught:
+        print(f"bayes-adapter stage: warning: {warning.message}", file=sys.stderr)
+    verdict = judge(records, **thresholds)
+    if args.json:
+        print(json.dumps(verdict.to_dict(), indent=2))
+        return 0
+    checkpoints = saved_checkpoint_steps(os.path.dirname(os.path.abspath(args.path))) or None  # a run's output folder?
+    print(verdict_sentence(verdict, checkpoints))
+    for i, episode in enumerate(verdict.episodes, 1):
+        outcome = f"recovered at {episode.recovery_step:,}" if episode.recovered else "not recovered"
+        cause = " (the loss spiked with it)" if episode.kind == "instability" else ""
+        print(f"  episode {i}: {episode.kind}{cause}, steps {episode.start_step:,} to {episode.end_step:,}, {outcome}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the `bayes-adapter` command.
 
@@ -181,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 on success, 2 for bad input (nothing written), 1 for a failure while working.
     """
     args = _parser().parse_args(argv)
-    handler = {"export": _export, "push": _push, "evaluate": _evaluate}[args.command]
+    handler = {"export": _export, "push": _push, "evaluate": _evaluate, "stage": _stage}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as error:

@@ -44,6 +44,8 @@ __all__ = [
     "EXPORT_SUMMARY_NAME",
     "FORMATS",
     "KOHYA_WEIGHTS_NAME",
+    "add_stage_to_summary",
+    "read_stage_verdict",
     "diffusers_metadata",
     "export_components",
     "export_lora",
@@ -80,6 +82,7 @@ def export_lora(
     format: str | Sequence[str] = DEFAULT_FORMATS,
     overwrite: bool = False,
     pipeline_cls: Any = None,
+    monitor: str | os.PathLike | None = None,
 ) -> Path:
     """Exports the mean of a Bayesian LoRA adapter as a plain LoRA that loads without bayes-adapter.
 
@@ -101,20 +104,26 @@ def export_lora(
             + `adapter_model.safetensors`) and "diffusers" (`pytorch_lora_weights.safetensors`).
         overwrite: Replace `out_dir` if it exists.
         pipeline_cls: For a mapping: the diffusers pipeline class whose `save_lora_weights` writes the components.
+        monitor: The training run's `monitor.jsonl`: its corruption-stage verdict (`bayes_adapter.stage.stage_summary`)
+            is written into `bayes_lora_export.json` under ``"stage"``, where `push_to_hub` puts it in the model card.
 
     Returns:
         The path of the written folder.
 
     Raises:
         ValueError: for a source without a Bayesian adapter, an unknown adapter name, a merged adapter, an unknown
-            format or component; FileExistsError for an existing `out_dir`. All before anything is written.
+            format or component, an unreadable `monitor`; FileExistsError for an existing `out_dir`. All before
+            anything is written.
     """
     out = Path(out_dir)
+    stage = read_stage_verdict(monitor)
     if isinstance(source, Mapping):
         check_output_folder(out, overwrite)
         adapters = read_components(source, adapter_name, pipeline_cls)
         with atomic_folder(out, overwrite) as tmp:
             export_components(adapters, tmp, pipeline_cls)
+            for name in adapters:
+                add_stage_to_summary(tmp / "export" / name, stage)
         return out
     formats = _check_formats(format)
     check_output_folder(out, overwrite)
@@ -125,8 +134,31 @@ def export_lora(
         _check_kohya(adapter)
     with atomic_folder(out, overwrite) as tmp:
         write_export(adapter, tmp, formats)
+        add_stage_to_summary(tmp, stage)
     logger.info("Exported the mean of adapter %r (%s) to %s", adapter.adapter_name, adapter.source, out)
     return out
+
+
+def read_stage_verdict(monitor: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The corruption-stage verdict of a run's `monitor.jsonl` for an export summary (None for None); raises
+    ValueError (`MonitorFileError`) on a file that cannot be read."""
+    if monitor is None:
+        return None
+    if not isinstance(monitor, (str, os.PathLike)):
+        raise ValueError(f"monitor must be the path of a monitor.jsonl file or None, got {monitor!r}")
+    from .stage import stage_summary
+
+    return stage_summary(monitor)
+
+
+def add_stage_to_summary(folder: Path, stage: dict[str, Any] | None) -> None:
+    """Adds a run's corruption-stage verdict (`bayes_adapter.stage.stage_summary`) to `folder`'s
+    `bayes_lora_export.json` under ``"stage"``; nothing to do for None."""
+    if stage is None:
+        return
+    path = folder / EXPORT_SUMMARY_NAME
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**summary, "stage": stage}, indent=2, sort_keys=True) + "\n")
 
 
 def read_components(models: object, adapter_name: str, pipeline_cls: Any) -> dict[str, BayesianAdapter]:

@@ -30,10 +30,13 @@ from .export import (
     DEFAULT_FORMATS,
     DIFFUSERS_WEIGHTS_NAME,
     EXPORT_SUMMARY_NAME,
+    add_stage_to_summary,
     export_components,
     read_components,
+    read_stage_verdict,
     write_export,
 )
+from .stage import stage_card_section
 
 
 logger = logging.getLogger(__name__)
@@ -184,6 +187,9 @@ def build_model_card(
         "eval mode.",
         "",
     ]
+    stage = summary.get("stage")
+    if isinstance(stage, dict) and "stage" in stage:
+        lines += stage_card_section(stage)
     # Several components (a {component: model} push) are stored one subfolder each.
     components = summary.get("components")
     bayesian_subfolder = f"{BAYESIAN_SUBFOLDER}/{component}" if components else BAYESIAN_SUBFOLDER
@@ -240,6 +246,7 @@ def push_to_hub(
     component: str | None = None,
     local_dir: str | os.PathLike | None = None,
     pipeline_cls: Any = None,
+    monitor: str | os.PathLike | None = None,
 ) -> str:
     """Pushes the mean LoRA of a Bayesian adapter to a Hub model repo, with a model card.
 
@@ -267,6 +274,9 @@ def push_to_hub(
         local_dir: Where to write what is uploaded (must not exist); a new temporary folder by default. Kept either
             way: after a failed upload, push it again with `push_to_hub(local_dir, repo_id)`.
         pipeline_cls: For a mapping: the diffusers pipeline class whose `save_lora_weights` writes the components.
+        monitor: The training run's `monitor.jsonl`: its corruption-stage verdict (stage, best step; see
+            `bayes_adapter.stage`) goes into the card and `bayes_lora_export.json`. An export folder whose summary
+            already holds a verdict (`export_lora(..., monitor=...)`) shows it without this.
 
     Returns:
         The URL of the commit.
@@ -288,6 +298,7 @@ def push_to_hub(
     if not isinstance(include_bayesian, bool):
         raise ValueError(f"include_bayesian must be True or False, got {include_bayesian!r}")
     images = _check_images(validation_images)
+    stage = read_stage_verdict(monitor)
     if local_dir is not None and Path(local_dir).exists():
         raise FileExistsError(f"local_dir={str(local_dir)!r} already exists; pass a new folder (or None)")
 
@@ -346,6 +357,10 @@ def push_to_hub(
             for path in export_dir.iterdir():
                 if path.is_file() and path.name != "README.md":
                     shutil.copy2(path, tmp / path.name)
+        if stage is not None:
+            summary = {**summary, "stage": stage}
+            if (tmp / EXPORT_SUMMARY_NAME).is_file():
+                add_stage_to_summary(tmp, stage)
         widget_paths = []
         if images:
             (tmp / IMAGES_SUBFOLDER).mkdir()

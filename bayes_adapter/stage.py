@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from .monitor_file import (
     MONITOR_SCHEMA,
@@ -53,6 +55,9 @@ __all__ = [
     "drop_records_after",
     "judge",
     "read_monitor",
+    "saved_checkpoint_steps",
+    "stage_card_section",
+    "stage_summary",
     "verdict_sentence",
 ]
 
@@ -322,7 +327,62 @@ def verdict_sentence(verdict: StageVerdict, checkpoint_steps: Iterable[int] | No
         fraction = verdict.thresholds.get("fit_fraction", THRESHOLDS["fit_fraction"][0])
         head += f" (the samples never fit: fidelity stayed below {fraction:g} x the ceiling)"
     instability = [e for e in verdict.episodes if e.kind == "instability"]
-    if instability:
+    if len(instability) == 1:
+        head += (
+            f" (only a loss-spike instability, from step {instability[0].start_step:,} to {instability[0].end_step:,})"
+        )
+    elif instability:
         spans = ", ".join(f"{e.start_step:,}-{e.end_step:,}" for e in instability)
-        head += f" (only a loss-spike instability at step{'s' if len(instability) > 1 else ''} {spans})"
+        head += f" (only loss-spike instabilities, at steps {spans})"
     return f"{head}; {best('')}"
+
+
+def saved_checkpoint_steps(folder: str | os.PathLike) -> list[int]:
+    """The steps of the ``checkpoint-<step>`` folders in `folder` (a training run's output folder), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    steps = []
+    for child in folder.iterdir():
+        prefix, _, number = child.name.partition("-")
+        if prefix == "checkpoint" and number.isdigit() and child.is_dir():
+            steps.append(int(number))
+    return sorted(steps)
+
+
+def stage_summary(path: str | os.PathLike) -> dict:
+    """The default verdict on a ``monitor.jsonl``, JSON-ready, for an export summary and a model card: ``stage``,
+    ``best_step``, ``fit_step``, ``first_copy_step``, ``episodes``, ``num_records``, ``last_step`` and the ``sentence``.
+
+    Raises:
+        MonitorFileError: if the file cannot be read (see `read_monitor`).
+    """
+    verdict = judge(read_monitor(path))
+    data = verdict.to_dict()
+    del data["thresholds"]  # the defaults; the sentence and the numbers are what a card reader needs
+    return {**data, "sentence": verdict_sentence(verdict)}
+
+
+def stage_card_section(stage: dict[str, Any]) -> list[str]:
+    """The lines of a model card's section on the training run's verdict (a `stage_summary`), in Markdown."""
+
+    def step(value: Any) -> str:
+        return f"{value:,}" if isinstance(value, int) else "none"
+
+    episodes = "; ".join(
+        f"{e.get('kind')} {step(e.get('start_step'))}-{step(e.get('end_step'))}"
+        + (f", recovered at {step(e.get('recovery_step'))}" if e.get("recovered") else ", not recovered")
+        for e in stage.get("episodes") or []
+    )
+    return [
+        "## Corruption stage",
+        "",
+        "Judged by `bayes-adapter stage` on the training run's monitor.jsonl (samples of the instance prompt measured "
+        f"during training, {stage.get('num_records')} records): {stage.get('sentence', '')}.",
+        "",
+        "| corruption stage | best step | fit step | first clean copy | episodes |",
+        "|---|---|---|---|---|",
+        f"| {'yes' if stage.get('stage') else 'no'} | {step(stage.get('best_step'))} | {step(stage.get('fit_step'))} "
+        f"| {step(stage.get('first_copy_step'))} | {episodes or 'none'} |",
+        "",
+    ]

@@ -149,7 +149,7 @@ def test_verdict_sentence_says_what_to_do():
     assert "not recovered by the last record (step 500)" in verdict_sentence(grainy)
     spike = _trajectory(FIT * 3 + [NOISY] * 3)
     spike = [dataclasses.replace(r, loss=1.0 if r.step == 700 else 0.1) for r in spike]
-    assert "only a loss-spike instability at step 700-900" in verdict_sentence(judge(spike))
+    assert "only a loss-spike instability, from step 700 to 900)" in verdict_sentence(judge(spike))
 
 
 # ---- one trajectory from real samples: the lab model's training latent plus white latent noise -------------------
