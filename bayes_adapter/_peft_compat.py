@@ -64,6 +64,8 @@ __all__ = [
     "torchao_lora_layer",
 ]
 
+# One policy with setup.cfg's `peft` requirement (the same range; README, "Install"): pip keeps a PEFT outside it
+# out, and this check covers one that gets in anyway (`--no-deps`, a later upgrade): older refused, newer warned.
 PEFT_MIN_VERSION = "0.21.2"
 PEFT_MAX_VERSION_EXCLUSIVE = "0.22"
 PEFT_TESTED_RANGE = f">={PEFT_MIN_VERSION},<{PEFT_MAX_VERSION_EXCLUSIVE}"
@@ -84,7 +86,7 @@ def check_peft_version(version: str | None = None) -> None:
     if Version(version) >= Version(PEFT_MAX_VERSION_EXCLUSIVE):
         warnings.warn(
             f"bayes_adapter is tested with peft{PEFT_TESTED_RANGE}, found peft=={version}; it touches PEFT internals "
-            "that may have changed.",
+            "that may have changed. Its requirement admits a newer PEFT only once the test suite has passed on it.",
             UserWarning,
             stacklevel=2,
         )

@@ -1,8 +1,12 @@
+import configparser
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from peft import get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
@@ -26,6 +30,8 @@ import bayes_adapter
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from torch import nn
 
 reloaded = importlib.reload(importlib.reload(bayes_adapter))
@@ -61,6 +67,15 @@ def test_too_old_peft_is_refused_naming_the_range():
 def test_newer_peft_warns_naming_the_range():
     with pytest.warns(UserWarning, match=r"tested with peft>=0\.21\.2,<0\.22, found peft==0\.23\.0"):
         _peft_compat.check_peft_version("0.23.0")
+
+
+def test_setup_cfg_requires_the_tested_peft_range():
+    # One policy: the range pip enforces is the one the import-time check names.
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(Path(__file__).parents[1] / "setup.cfg")
+    requirements = [Requirement(line) for line in setup_cfg["options"]["install_requires"].splitlines() if line]
+    peft_requirement = next(r for r in requirements if r.name == "peft")
+    assert peft_requirement.specifier == SpecifierSet(_peft_compat.PEFT_TESTED_RANGE)
 
 
 def test_installed_peft_is_in_range(recwarn):
