@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="Score generated images against the subject: CLIP-I, CLIP-T, DINO, DINO diversity.",
+        help="Score generated images against the subject: CLIP-I, CLIP-T, DINO, DINO diversity (and LPIPS).",
         description="The paper's metrics with real models: CLIP-I and DINO (subject fidelity: mean cosine over all "
         "reference x generated pairs), CLIP-T (prompt fidelity) and DINO diversity (mean 1 - cosine between "
         "generated images). Models are Hub ids or local folders; offline, download them once elsewhere "
@@ -107,6 +107,25 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompt", required=True, help="The prompt the images were generated from (CLIP-T).")
     evaluate.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP model (default: %(default)s).")
     evaluate.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINO ViT (default: %(default)s).")
+    evaluate.add_argument(
+        "--lpips",
+        action="store_true",
+        help="Also compute LPIPS (AlexNet, v0.1): mean pairwise LPIPS between the generated images (diversity) and "
+        "the mean LPIPS from each to its nearest reference. Reads local files only: --lpips-backbone and the "
+        "linear weights of the installed lpips package (`pip install --no-deps lpips`).",
+    )
+    evaluate.add_argument(
+        "--lpips-backbone",
+        default=None,
+        metavar="PATH",
+        help="AlexNet's ImageNet weights (torchvision's alexnet-owt-7be5be79.pth); default: torch's hub cache copy.",
+    )
+    evaluate.add_argument(
+        "--lpips-linear-weights",
+        default=None,
+        metavar="PATH",
+        help="LPIPS v0.1 linear weights (lpips/weights/v0.1/alex.pth); default: the installed lpips package's file.",
+    )
     evaluate.add_argument("--device", default="cpu", help="Where the models run (default: %(default)s).")
     evaluate.add_argument("--batch-size", type=int, default=8, help="Images per forward pass (default: 8).")
     evaluate.add_argument("--json", default=None, help="Also write the numbers to this JSON file.")
@@ -182,6 +201,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size={args.batch_size} is invalid; expected an integer >= 1")
     if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise ValueError(f"--json={args.json!r}: its folder does not exist")
+    lpips_model, lpips_files = None, {}
+    if args.lpips:
+        # LPIPS first: its files are local, so a missing one is reported before the large models load.
+        from .lpips import default_backbone_path, find_linear_weights, load_lpips
+
+        lpips_files = {
+            "lpips_backbone": str(args.lpips_backbone or default_backbone_path()),
+            "lpips_linear_weights": str(args.lpips_linear_weights or find_linear_weights()),
+        }
+        lpips_model = load_lpips(lpips_files["lpips_backbone"], lpips_files["lpips_linear_weights"], args.device)
+    elif args.lpips_backbone is not None or args.lpips_linear_weights is not None:
+        raise ValueError("--lpips-backbone and --lpips-linear-weights are used only with --lpips; add --lpips")
     result = evaluation.evaluate(
         generated,
         reference,
@@ -189,8 +220,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         clip=evaluation.load_clip(args.clip_model, args.device),
         dino_model=evaluation.load_dino(args.dino_model, args.device),
         batch_size=args.batch_size,
+        lpips_model=lpips_model,
     )
-    result = {**result, "clip_model": args.clip_model, "dino_model": args.dino_model, "prompt": args.prompt}
+    result = {**result, "clip_model": args.clip_model, "dino_model": args.dino_model, **lpips_files}
+    result["prompt"] = args.prompt
     print("| metric | value |\n|---|---|")
     for key, value in result.items():
         print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")

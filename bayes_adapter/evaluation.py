@@ -1,11 +1,11 @@
-"""The paper's evaluation metrics with real models: CLIP-I, CLIP-T, DINO, and DINO diversity.
+"""The paper's evaluation metrics with real models: CLIP-I, CLIP-T, DINO, DINO diversity and LPIPS.
 
 Subject fidelity is the mean cosine similarity over all (reference, generated) pairs of image embeddings: CLIP-I with
 CLIP's image embedding (the paper and DreamBooth use `openai/clip-vit-large-patch14`), DINO with the CLS token of
 `facebook/dino-vits16`. Prompt fidelity, CLIP-T, is the mean cosine between the prompt's CLIP text embedding and each
 generated image's. Diversity is the mean `1 - cosine` over pairs of generated images in DINO space (0 for copies of
-one image); the paper's LPIPS diversity is not computed here (see the README: the `lpips` package needs torchvision
-and downloads its backbone, which this project does not install).
+one image), and the paper's figure, the mean pairwise LPIPS between generated images (`bayes_adapter.lpips`, AlexNet,
+v0.1), with the mean LPIPS from each generated image to its nearest reference beside it (0 for copies).
 
 Models are loaded with `from_pretrained(name_or_path)`: a Hub id, or a local folder for machines without the Hub.
 Everything runs on the given device, in eval mode, under `torch.no_grad`, in batches.
@@ -20,14 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from .lpips import AlexNetLPIPS, lpips_diversity, lpips_to_reference
 
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
     "DEFAULT_DINO_MODEL",
     "IMAGE_SUFFIXES",
+    "LPIPS_IMAGE_SIZE",
     "FeatureModel",
     "clip_i",
     "clip_t",
@@ -37,12 +41,15 @@ __all__ = [
     "load_clip",
     "load_dino",
     "load_images",
+    "lpips_pixels",
     "mean_pairwise_cosine",
 ]
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# LPIPS compares images of one size: all are resized to this, so any sizes mix and the cost does not grow with them.
+LPIPS_IMAGE_SIZE = 256
 
 
 @dataclass
@@ -208,6 +215,19 @@ def dino_diversity(generated: Sequence[Image.Image], dino_model: FeatureModel, b
     return float(1 - off_diagonal)
 
 
+def lpips_pixels(images: Sequence[Image.Image], size: int = LPIPS_IMAGE_SIZE) -> torch.Tensor:
+    """Images as LPIPS takes them: the shorter side resized to `size` (bicubic), centre-cropped to `size` x `size`,
+    `(N, 3, size, size)` in `[-1, 1]`."""
+    pixels = []
+    for image in _check_images("images", images):
+        scale = size / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        left, top = (width - size) // 2, (height - size) // 2
+        resized = image.resize((width, height), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
+        pixels.append(torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1))
+    return torch.stack(pixels) / 127.5 - 1
+
+
 def evaluate(
     generated: Sequence[Image.Image],
     reference: Sequence[Image.Image],
@@ -215,8 +235,10 @@ def evaluate(
     clip: FeatureModel | None = None,
     dino_model: FeatureModel | None = None,
     batch_size: int = 8,
+    lpips_model: AlexNetLPIPS | None = None,
 ) -> dict[str, float | int]:
-    """Every metric whose model is given, plus the image counts: `clip_i`, `clip_t`, `dino`, `dino_diversity`.
+    """Every metric whose model is given, plus the image counts: `clip_i`, `clip_t`, `dino`, `dino_diversity`,
+    `lpips_diversity`, `lpips_to_reference`.
 
     Args:
         generated: The generated images.
@@ -225,10 +247,12 @@ def evaluate(
         clip: From `load_clip`; skips CLIP-I and CLIP-T when None.
         dino_model: From `load_dino`; skips DINO and the diversity when None.
         batch_size: Images per forward pass.
+        lpips_model: From `bayes_adapter.lpips.load_lpips`; skips the LPIPS metrics when None. The images are first
+            resized and centre-cropped to `LPIPS_IMAGE_SIZE` (`lpips_pixels`).
     """
     generated, reference = _check_images("generated", generated), _check_images("reference", reference)
-    if clip is None and dino_model is None:
-        raise ValueError("evaluate needs a CLIP model, a DINO model, or both")
+    if clip is None and dino_model is None and lpips_model is None:
+        raise ValueError("evaluate needs at least one model: CLIP, DINO or LPIPS")
     result: dict[str, float | int] = {"num_generated": len(generated), "num_reference": len(reference)}
     if clip is not None:
         result["clip_i"] = clip_i(generated, reference, clip, batch_size)
@@ -237,6 +261,13 @@ def evaluate(
         result["dino"] = dino(generated, reference, dino_model, batch_size)
         if len(generated) >= 2:
             result["dino_diversity"] = dino_diversity(generated, dino_model, batch_size)
+    if lpips_model is not None:
+        generated_pixels = lpips_pixels(generated)
+        if len(generated) >= 2:
+            result["lpips_diversity"] = lpips_diversity(generated_pixels, lpips_model, batch_size)
+        result["lpips_to_reference"] = lpips_to_reference(
+            generated_pixels, lpips_pixels(reference), lpips_model, batch_size
+        )
     if any(isinstance(v, float) and not math.isfinite(v) for v in result.values()):
         raise RuntimeError(f"a metric is not finite: {result}")
     return result

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import natural_image, save_tiny_clip, save_tiny_dino
+from tiny_models import natural_image, save_random_lpips, save_tiny_clip, save_tiny_dino
 
 from bayes_adapter import evaluation
 from bayes_adapter.cli import main
+from bayes_adapter.lpips import load_lpips
 
 
 PROMPT = "a photo of sks dog"
@@ -95,6 +96,62 @@ def test_evaluate_command_writes_the_table_and_json(model_dirs, tmp_path, capsys
     assert result["clip_i"] >= 0.9999 and result["dino"] >= 0.9999 and -1 <= result["clip_t"] <= 1
     assert result["num_generated"] == 4 and result["num_reference"] == 1
     assert "| clip_i |" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def lpips_files(tmp_path_factory):
+    return save_random_lpips(tmp_path_factory.mktemp("lpips"))
+
+
+def test_lpips_alone_with_images_of_any_size(lpips_files):
+    subject = natural_image().crop((0, 0, 400, 400))
+    other = subject.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    lpips_model = load_lpips(*lpips_files)
+    copies = evaluation.evaluate([subject.resize((96, 96))] * 3, [subject], PROMPT, lpips_model=lpips_model)
+    assert copies.keys() == {"num_generated", "num_reference", "lpips_diversity", "lpips_to_reference"}
+    assert copies["lpips_diversity"] == 0.0
+    to_other = evaluation.evaluate([other], [subject], PROMPT, lpips_model=lpips_model)["lpips_to_reference"]
+    mixed = evaluation.evaluate([subject, other], [subject], PROMPT, lpips_model=lpips_model)
+    assert mixed["lpips_diversity"] == pytest.approx(to_other, rel=1e-5)
+    assert mixed["lpips_to_reference"] == pytest.approx(to_other / 2, rel=1e-5)
+    # Both sides are resized to LPIPS_IMAGE_SIZE; a smaller copy comes out near the reference, not at it.
+    assert 0 < copies["lpips_to_reference"] < 0.5 * to_other
+    assert evaluation.lpips_pixels([subject.resize((300, 200))]).shape == (1, 3, 256, 256)
+
+
+def test_evaluate_command_adds_lpips_with_local_files(model_dirs, lpips_files, tmp_path, capsys):
+    subject = natural_image().resize((64, 64))
+    other = subject.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    generated = _write(tmp_path / "generated", [subject, subject, other])
+    reference = _write(tmp_path / "reference", [subject])
+    out = tmp_path / "out.json"
+    argv = ["evaluate", "--generated", str(generated), "--reference", str(reference), "--prompt", PROMPT]
+    argv += ["--clip-model", model_dirs[0], "--dino-model", model_dirs[1], "--json", str(out), "--lpips"]
+    argv += ["--lpips-backbone", lpips_files[0], "--lpips-linear-weights", lpips_files[1]]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    # Pairs: (s, s) 0, (s, o) d, (s, o) d -> diversity 2d/3; nearest references: 0, 0, d -> d/3.
+    assert result["lpips_diversity"] > 0
+    assert result["lpips_to_reference"] == pytest.approx(result["lpips_diversity"] / 2, rel=1e-5)
+    assert result["lpips_backbone"] == lpips_files[0] and result["lpips_linear_weights"] == lpips_files[1]
+    table = capsys.readouterr().out
+    assert "| lpips_diversity |" in table and "| lpips_to_reference |" in table
+
+
+def test_evaluate_command_without_the_lpips_backbone_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    images = _write(tmp_path / "images", [natural_image()])
+    argv = ["evaluate", "--generated", str(images), "--reference", str(images), "--prompt", PROMPT, "--lpips"]
+    # A CLIP model that cannot load: the missing LPIPS file is reported first, before any model loads.
+    argv += ["--clip-model", str(tmp_path / "no_clip"), "--lpips-linear-weights", str(tmp_path / "unused")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    expected = tmp_path / "torch_home" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    assert f"found no file '{expected}'" in err and "--lpips-backbone PATH" in err and "Traceback" not in err
+    assert main(argv[:-2] + ["--lpips-backbone", str(tmp_path / "mine.pth")]) == 2
+    assert f"found no file '{tmp_path / 'mine.pth'}'" in capsys.readouterr().err
+    assert main([a for a in argv if a != "--lpips"]) == 2
+    assert "used only with --lpips" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "bad_model"])

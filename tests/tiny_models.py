@@ -434,6 +434,24 @@ def save_tiny_dino(path, seed: int = 0) -> str:
     return str(path)
 
 
+def save_random_lpips(folder, seed: int = 0) -> tuple[str, str]:
+    """LPIPS's two weight files with random values, in the layouts `bayes_adapter.lpips.load_lpips` reads: an AlexNet
+    backbone under torchvision's key names (plus a classifier key, which LPIPS ignores) and non-negative linear
+    weights under the lpips package's names. Returns (backbone path, linear weights path)."""
+    from bayes_adapter.lpips import AlexNetLPIPS
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        features = AlexNetLPIPS().features.state_dict()
+        backbone = {f"features.{k}": v for k, v in features.items()} | {"classifier.6.bias": torch.zeros(1000)}
+        linear = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 192, 384, 256, 256))}
+    torch.save(backbone, folder / "alexnet-owt-7be5be79.pth")
+    torch.save(linear, folder / "alex.pth")
+    return str(folder / "alexnet-owt-7be5be79.pth"), str(folder / "alex.pth")
+
+
 def natural_image(name: str = "grace_hopper.jpg"):
     """A natural photograph that ships inside matplotlib (no download), as an RGB PIL image."""
     import matplotlib
