@@ -9,7 +9,6 @@ import torch
 from accelerate.logging import get_logger
 
 
-BAYES_ADAPTER_DIR = "bayesian_adapter"
 logger = get_logger(__name__)
 
 

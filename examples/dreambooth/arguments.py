@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="bayes-lora-dreambooth", help="Where everything is written.")
+    train.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace a previous run in --output_dir: delete its checkpoints, exported LoRA, Bayesian adapters, "
+        "samples/, monitor.jsonl and logs before training (other files stay). Without it (or "
+        "--resume_from_checkpoint), a folder holding a previous run is refused.",
+    )
     train.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
     train.add_argument(
         "--train_text_encoder", action="store_true", help="Add a Bayesian adapter to the text encoder(s)."

@@ -11,8 +11,9 @@ import torch
 from accelerate.logging import get_logger
 
 from . import families
-from .adapters import BAYES_ADAPTER_DIR, export_mean_lora, save_bayes_adapters, save_checkpoint, unwrap
+from .adapters import export_mean_lora, save_bayes_adapters, save_checkpoint, unwrap
 from .losses import denoising_loss
+from .outputs import BAYES_ADAPTER_DIR, DIFFUSERS_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, SAMPLES_DIR
 from .validation import log_std_histograms, log_validation, to_pil
 
 
@@ -140,7 +141,6 @@ def save_and_export(settings: Settings, accelerator, models: Models, data: Train
             model.eval()
         save_bayes_adapters(output_dir / BAYES_ADAPTER_DIR, final)
         export_mean_lora(output_dir, final, models.pipeline_cls, kohya=settings.output_kohya_format)
-        logger.info(f"Exported the mean LoRA to {output_dir} and the Bayesian adapters to {BAYES_ADAPTER_DIR}/")
         images = None
         if settings.validation_prompt:  # the exported file, loaded the way users will load it
             pipeline = models.pipeline_cls.from_pretrained(
@@ -153,6 +153,7 @@ def save_and_export(settings: Settings, accelerator, models: Models, data: Train
             images = log_validation(settings, accelerator, pipeline, [], data.reference, state.global_step, "test")
         if settings.push_to_hub:
             push_to_hub(settings, final, images, models.pipeline_cls)
+        accelerator.print(run_summary(settings, state.global_step))
     accelerator.end_training()
     return {
         "global_step": state.global_step,
@@ -160,6 +161,26 @@ def save_and_export(settings: Settings, accelerator, models: Models, data: Train
         family.denoiser: final[family.denoiser],
         "text_encoders": [final[name] for name in family.text_encoders if name in final],
     }
+
+
+def run_summary(settings: Settings, global_step: int) -> str:
+    """The end-of-training summary: where each output is and how to load the LoRA."""
+    out = Path(settings.output_dir)
+    lines = [
+        f"Trained {global_step} steps. In {str(out)!r}:",
+        f"  {DIFFUSERS_WEIGHTS_NAME}: the mean LoRA; load it with pipe.load_lora_weights({str(out)!r})",
+        f"  {BAYES_ADAPTER_DIR}/: the whole Bayesian adapters (means and posterior stds)",
+    ]
+    if settings.output_kohya_format:
+        lines.append(f"  {KOHYA_WEIGHTS_NAME}: the same LoRA in the kohya layout (ComfyUI, A1111)")
+    if settings.validation_prompt:
+        lines.append(
+            f"  {SAMPLES_DIR}/: the validation images (step_<step>_<i>.png; export_step_*: the exported LoRA)"
+        )
+    if settings.report_to != "none":
+        lines.append(f"  {settings.logging_dir}/: the {settings.report_to} logs")
+    lines.append("  checkpoint-<step>/: resume with --resume_from_checkpoint latest")
+    return "\n".join(lines)
 
 
 def push_to_hub(settings: Settings, final: dict, images: np.ndarray | None, pipeline_cls=None) -> None:

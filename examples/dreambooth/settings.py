@@ -12,6 +12,7 @@ from . import families
 from .adapters import lora_config
 from .arguments import build_parser
 from .data import caption_suffix, instance_captions, list_images
+from .outputs import check_output_dir
 
 
 class ArgumentsError(ValueError):
@@ -190,6 +191,7 @@ def check_settings(settings: Settings) -> Settings:
                 f"--resume_from_checkpoint={settings.resume_from_checkpoint!r} is not a checkpoint-N folder "
                 f"of --output_dir={settings.output_dir!r}; expected one of those or 'latest'."
             )
+    check_output_dir(settings)
     if settings.push_to_hub:
         from huggingface_hub import constants
         from huggingface_hub.utils import HFValidationError, validate_repo_id

@@ -24,6 +24,7 @@ from .adapters import (
     unwrap,
 )
 from .loop import save_and_export, train
+from .outputs import remove_previous_run
 from .settings import ArgumentsError, Settings, parse_args, resolve_model
 
 
@@ -109,6 +110,13 @@ def setup(settings: Settings):
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    if settings.overwrite_output_dir:
+        if accelerator.is_main_process:
+            removed = remove_previous_run(settings)
+            if removed:
+                names = ", ".join(path.name for path in removed)
+                logger.info(f"--overwrite_output_dir: removed the previous run's {names} from {str(output_dir)!r}")
+        accelerator.wait_for_everyone()
     for evaluator in settings.evaluators:
         if evaluator is not None:  # loaded on CPU by check_settings
             evaluator.model.to(accelerator.device)

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .outputs import save_samples
+
 
 def generate(settings, accelerator, pipeline, prompt: str) -> np.ndarray:
     """`--num_validation_images` images of `prompt`, `(N, H, W, 3)` floats in [0, 1]."""
@@ -57,6 +59,9 @@ def log_validation(settings, accelerator, pipeline, trained: list, reference, st
     `--eval_clip_model` / `--eval_dino_model`, the paper's `<tag>/clip_i`, `clip_t`, `dino` and `dino_diversity`
     (`bayes_adapter.evaluation`; averaged over the prompts).
 
+    The images are also written as `<output_dir>/samples/step_<step:06d>_<i>.png` (`export_step_...` for the "test"
+    of the exported LoRA), `i` counting prompt after prompt.
+
     Returns:
         `np.ndarray`: every image, prompt after prompt.
     """
@@ -79,6 +84,9 @@ def log_validation(settings, accelerator, pipeline, trained: list, reference, st
 
             scores.append(evaluate(to_pil(images), real, prompt, clip, dino))
     images = np.concatenate(per_prompt)
+    if accelerator.is_main_process:
+        prefix = {"validation": "step", "test": "export_step"}.get(tag, f"{tag}_step")
+        save_samples(settings.output_dir, to_pil(images), step, prefix)
     samples = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
     metrics = {f"{tag}/monitor_{k}": v for k, v in corruption_report(samples, reference).items()}
     for key in scores[0] if scores else ():
