@@ -11,6 +11,9 @@ DEFAULT_UNET_TARGETS = DDPMFamily.default_targets
 # Chosen by the lab's pre-registered rule (examples/corruption_stage/RESULTS.md, "0.2.0"); the README says why.
 DEFAULT_KL_WEIGHT: float | str = 0.0
 DEFAULT_TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
+# --quantize_base: its choices and the bayes_adapter.quantization method each one names.
+QUANTISATION_METHODS = {"nf4": "bnb_nf4", "int8": "torchao_int8"}
+QUANTISATION_PACKAGES = {"nf4": "bitsandbytes", "int8": "torchao"}
 DESCRIPTION = (
     "DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5) or Flux.1 with Bayesian LoRA."
 )
@@ -44,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="A separate VAE (e.g. an fp16-safe SDXL VAE); by default the pipeline's own.",
+    )
+
+    model.add_argument(
+        "--quantize_base",
+        type=str,
+        default=None,
+        choices=sorted(QUANTISATION_METHODS),
+        help="Quantise the denoiser's targeted Linear layers before adding the adapter (QLoRA-style; needs "
+        "`pip install bayes-adapter[quant]`): nf4 = bitsandbytes 4-bit NormalFloat, int8 = torchao int8 weight-only. "
+        "The quantised weights stay frozen, the adapter trains in fp32, and the export is the same plain LoRA, "
+        "which loads into the unquantised pipeline. Off by default.",
     )
 
     data = parser.add_argument_group("data")

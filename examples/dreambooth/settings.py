@@ -10,7 +10,7 @@ from typing import Any
 
 from . import families
 from .adapters import lora_config
-from .arguments import build_parser
+from .arguments import QUANTISATION_PACKAGES, build_parser
 from .data import caption_suffix, instance_captions, list_images
 from .outputs import check_output_dir
 
@@ -165,6 +165,13 @@ def check_settings(settings: Settings) -> Settings:
             raise ValueError(
                 f"{flag} needs the {module} package, which is not installed (it is not a dependency of bayes-adapter); "
                 f"pip install it with the constraints file so that it cannot pull another torch, or drop {flag}."
+            )
+    if settings.quantize_base is not None:
+        package = QUANTISATION_PACKAGES[settings.quantize_base]
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(
+                f"--quantize_base {settings.quantize_base} needs the {package} package, which is not installed; "
+                'pip install "bayes-adapter[quant]" with the constraints file, or drop --quantize_base.'
             )
     if settings.optimizer == "prodigy" and settings.use_8bit_adam:
         raise ValueError("--use_8bit_adam applies to AdamW only; drop it with --optimizer prodigy.")

@@ -18,11 +18,13 @@ from . import data as dreambooth_data
 from . import families
 from .adapters import (
     add_adapters,
+    denoiser_targets,
     elbo_kl_weight_for,
     register_checkpoint_hooks,
     resume_checkpoint,
     unwrap,
 )
+from .arguments import QUANTISATION_METHODS
 from .loop import save_and_export, train
 from .outputs import remove_previous_run
 from .settings import ArgumentsError, Settings, parse_args, resolve_model
@@ -165,6 +167,14 @@ def load_models(settings: Settings, accelerator) -> Models:
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
     for model in [denoiser, *text_encoders]:
         model.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    if settings.quantize_base is not None:
+        from bayes_adapter.quantization import quantize_linears
+
+        targets = [name.strip() for name in denoiser_targets(settings, family).split(",") if name.strip()]
+        quantised = quantize_linears(denoiser, QUANTISATION_METHODS[settings.quantize_base], targets)
+        logger.info(
+            f"--quantize_base {settings.quantize_base}: {len(quantised)} Linear layers of the {family.denoiser}"
+        )
     return Models(pipeline_cls, denoiser, text_encoders, tokenizers, vae, noise_scheduler, weight_dtype, vae_dtype)
 
 
