@@ -344,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Prompt of the validation images; repeat the flag for several prompts.",
     )
+    out.add_argument(
+        "--validation_prompts_file",
+        type=str,
+        default=None,
+        help="A UTF-8 text file of validation prompts, one a line (blank lines skipped), as kohya's and ai-toolkit's "
+        "sample-prompt files; added after any --validation_prompt.",
+    )
     out.add_argument("--num_validation_images", type=int, default=4, help="Validation images per prompt.")
     out.add_argument("--validation_steps", type=int, default=100, help="Generate validation images every N steps.")
     out.add_argument(

@@ -214,6 +214,8 @@ def check_settings(settings: Settings) -> Settings:
                 "--push_to_hub cannot upload in offline mode (HF_HUB_OFFLINE=1); unset it, or drop "
                 "--push_to_hub and upload the output folder later."
             )
+    if settings.validation_prompts_file is not None:
+        settings = settings.replace(validation_prompt=[*(settings.validation_prompt or []), *read_prompts(settings)])
     # The metric models are loaded here (on CPU), so that a wrong path is reported before any training model loads.
     from bayes_adapter import evaluation
 
@@ -240,6 +242,26 @@ def check_settings(settings: Settings) -> Settings:
     if Path(settings.pretrained_model_name_or_path).is_dir():
         return resolve_model(settings)
     return settings
+
+
+def read_prompts(settings: Settings) -> list[str]:
+    """The prompts of `--validation_prompts_file`, one a line, blank lines skipped."""
+    path = Path(settings.validation_prompts_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(
+            f"--validation_prompts_file={str(path)!r} does not exist; expected a text file, one prompt a line."
+        ) from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"--validation_prompts_file={str(path)!r} is not a UTF-8 text file ({type(error).__name__}); expected "
+            "one prompt a line."
+        ) from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--validation_prompts_file={str(path)!r} holds no prompt; expected one prompt a line.")
+    return prompts
 
 
 def resolve_model(settings: Settings) -> Settings:
