@@ -195,20 +195,35 @@ def test_prior_preservation_bf16_and_gradient_accumulation(tmp_path, tiny_sd, in
 
 
 def test_validation_logs_the_papers_metrics_with_local_models(tmp_path, tiny_sd, instance_dir):
-    from tiny_models import save_tiny_clip, save_tiny_dino
+    from tiny_models import save_random_lpips, save_tiny_clip, save_tiny_dino
 
     clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")
+    backbone, linear = save_random_lpips(tmp_path / "lpips")
     extra = ["--max_train_steps", "2", "--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
     extra += ["--num_validation_images", "2", "--validation_inference_steps", "2"]
     extra += ["--eval_clip_model", clip, "--eval_dino_model", dino]
+    extra += ["--eval_lpips", "--eval_lpips_backbone", backbone, "--eval_lpips_linear_weights", linear]
     training.main(parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", *extra)))
     for name in ("clip_i", "clip_t", "dino", "dino_diversity"):
         values = tensorboard_scalars(tmp_path / "out" / "logs", f"validation/{name}")
         assert sorted(values) == [2] and -1 <= values[2] <= 2, name
+    for name in ("lpips_diversity", "lpips_to_reference"):
+        values = tensorboard_scalars(tmp_path / "out" / "logs", f"validation/{name}")
+        assert sorted(values) == [2] and values[2] > 0, name
     with pytest.raises(ValueError, match="cannot load the CLIP model"):
         parse_args(
             dreambooth_args(tiny_sd, instance_dir, tmp_path / "o2", "--eval_clip_model", str(tmp_path / "none"))
         )
+
+
+def test_eval_lpips_files_are_checked_before_any_model_loads(tmp_path, tiny_sd, instance_dir):
+    missing = str(tmp_path / "no_alexnet.pth")
+    with pytest.raises(ValueError, match=f"--eval_lpips: LPIPS needs AlexNet's ImageNet weights .*'{missing}'"):
+        parse_args(
+            dreambooth_args(tiny_sd, instance_dir, tmp_path / "o", "--eval_lpips", "--eval_lpips_backbone", missing)
+        )
+    with pytest.raises(ValueError, match="used only with --eval_lpips"):
+        parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "o", "--eval_lpips_backbone", missing))
 
 
 def test_output_kohya_format_writes_every_component(tmp_path, tiny_sd, instance_dir):

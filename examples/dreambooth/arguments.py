@@ -373,6 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="DINO ViT (Hub id or local folder, e.g. facebook/dino-vits16) for DINO and DINO diversity at each "
         "validation; off by default.",
     )
+    out.add_argument(
+        "--eval_lpips",
+        action="store_true",
+        help="Log LPIPS (AlexNet, v0.1; bayes_adapter.lpips) at each validation: the mean pairwise LPIPS between the "
+        "images of a prompt (diversity) and the mean LPIPS from each image to its nearest instance image. Reads local "
+        "files only (see --eval_lpips_backbone, --eval_lpips_linear_weights).",
+    )
+    out.add_argument(
+        "--eval_lpips_backbone",
+        type=str,
+        default=None,
+        help="AlexNet's ImageNet weights for --eval_lpips (torchvision's alexnet-owt-7be5be79.pth); default: torch's "
+        "hub cache copy.",
+    )
+    out.add_argument(
+        "--eval_lpips_linear_weights",
+        type=str,
+        default=None,
+        help="LPIPS v0.1 linear weights for --eval_lpips (lpips/weights/v0.1/alex.pth); default: the installed lpips "
+        "package's file (`pip install --no-deps lpips`).",
+    )
     out.add_argument("--validation_inference_steps", type=int, default=25)
     out.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     out.add_argument("--report_to", type=str, default="tensorboard", help="accelerate tracker(s), or 'none'.")

@@ -24,13 +24,15 @@ class Settings:
 
     Resolved: `family` and `model_index` (from the pipeline's `model_index.json`), the family's defaults (e.g.
     `weighting_scheme`), `evaluators` (the CLIP and DINO models of `--eval_clip_model` / `--eval_dino_model`, or
-    None). `replace(**changes)` returns new settings; nothing changes them in place.
+    None), `lpips_model` (LPIPS with `--eval_lpips`, or None). `replace(**changes)` returns new settings; nothing changes them in place.
     """
 
     __slots__ = ("_values",)
 
     def __init__(self, values: Mapping[str, Any]):
-        object.__setattr__(self, "_values", {"family": None, "model_index": None, "evaluators": (None, None)})
+        object.__setattr__(
+            self, "_values", {"family": None, "model_index": None, "evaluators": (None, None), "lpips_model": None}
+        )
         self._values.update(values)
 
     def __getattr__(self, name: str) -> Any:
@@ -219,6 +221,18 @@ def check_settings(settings: Settings) -> Settings:
     # The metric models are loaded here (on CPU), so that a wrong path is reported before any training model loads.
     from bayes_adapter import evaluation
 
+    if settings.eval_lpips:
+        from bayes_adapter.lpips import load_lpips
+
+        try:
+            lpips_model = load_lpips(settings.eval_lpips_backbone, settings.eval_lpips_linear_weights)
+        except FileNotFoundError as error:
+            raise ValueError(f"--eval_lpips: {error}") from None
+        settings = settings.replace(lpips_model=lpips_model)
+    elif settings.eval_lpips_backbone is not None or settings.eval_lpips_linear_weights is not None:
+        raise ValueError(
+            "--eval_lpips_backbone and --eval_lpips_linear_weights are used only with --eval_lpips; add --eval_lpips."
+        )
     settings = settings.replace(
         evaluators=(
             evaluation.load_clip(settings.eval_clip_model) if settings.eval_clip_model else None,

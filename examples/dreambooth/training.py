@@ -123,6 +123,8 @@ def setup(settings: Settings):
         if evaluator is not None:  # loaded on CPU by check_settings
             evaluator.model.to(accelerator.device)
             evaluator.device = accelerator.device
+    if settings.lpips_model is not None:
+        settings.lpips_model.to(accelerator.device)
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_info()

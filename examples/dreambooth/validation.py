@@ -56,8 +56,9 @@ def log_validation(settings, accelerator, pipeline, trained: list, reference, st
     logs `bayes_adapter.training_monitor.corruption_report` of all the images against the instance images (`reference`, in
     [-1, 1]): `<tag>/monitor_corruption` (high-frequency energy of the samples over the references'; > 0 means
     noisier samples, the corruption stage), `fidelity`, `diversity`, `copy_rate`, `nn_distance`; with
-    `--eval_clip_model` / `--eval_dino_model`, the paper's `<tag>/clip_i`, `clip_t`, `dino` and `dino_diversity`
-    (`bayes_adapter.evaluation`; averaged over the prompts).
+    `--eval_clip_model` / `--eval_dino_model`, the paper's `<tag>/clip_i`, `clip_t`, `dino` and `dino_diversity`,
+    and with `--eval_lpips`, `<tag>/lpips_diversity` and `lpips_to_reference` (`bayes_adapter.evaluation`; averaged
+    over the prompts).
 
     The images are also written as `<output_dir>/samples/step_<step:06d>_<i>.png` (`export_step_...` for the "test"
     of the exported LoRA), `i` counting prompt after prompt.
@@ -79,10 +80,10 @@ def log_validation(settings, accelerator, pipeline, trained: list, reference, st
         images = generate(settings, accelerator, pipeline, prompt)
         per_prompt.append(images)
         log_images(accelerator, tag if len(prompts) == 1 else f"{tag}/{i}", images, step, prompt)
-        if clip is not None or dino is not None:
+        if clip is not None or dino is not None or settings.lpips_model is not None:
             from bayes_adapter.evaluation import evaluate
 
-            scores.append(evaluate(to_pil(images), real, prompt, clip, dino))
+            scores.append(evaluate(to_pil(images), real, prompt, clip, dino, lpips_model=settings.lpips_model))
     images = np.concatenate(per_prompt)
     if accelerator.is_main_process:
         prefix = {"validation": "step", "test": "export_step"}.get(tag, f"{tag}_step")
