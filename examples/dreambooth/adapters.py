@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 
+from .targets import split_targets
+
 
 logger = get_logger(__name__)
 
@@ -21,7 +23,7 @@ def lora_config(settings, target_modules: str, kl_weight: float):
         lora_alpha=settings.lora_alpha or settings.rank,
         lora_dropout=settings.lora_dropout,
         init_lora_weights="gaussian",
-        target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
+        target_modules=split_targets(target_modules),
         bayesian_factors=settings.bayesian_factors,
         embedding_bayesian_factors=settings.embedding_bayesian_factors,
         posterior_std_init=settings.posterior_std_init,
@@ -35,13 +37,6 @@ def lora_config(settings, target_modules: str, kl_weight: float):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def denoiser_targets(settings, family) -> str:
-    """The denoiser's comma-separated LoRA targets: `--unet_target_modules`, or the transformer's."""
-    if family.denoiser == "unet":
-        return settings.unet_target_modules
-    return settings.transformer_target_modules or family.default_targets
 
 
 def elbo_kl_weight_for(settings, vae_config, scheduler_config) -> float:
@@ -63,7 +58,7 @@ def add_adapters(settings, denoiser, text_encoders: list, kl_weight: float) -> d
     import bayes_adapter
 
     family = settings.family
-    denoiser.add_adapter(lora_config(settings, denoiser_targets(settings, family), kl_weight))
+    denoiser.add_adapter(lora_config(settings, family.denoiser_targets(settings), kl_weight))
     trained = {family.denoiser: denoiser}
     if settings.train_text_encoder:
         for name, text_encoder in zip(family.text_encoders, text_encoders):

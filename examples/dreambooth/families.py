@@ -49,6 +49,7 @@ class ModelFamily:
     writes_kohya_layout: ClassVar[bool] = False  # --output_kohya_format
     accepts_precondition_outputs: ClassVar[bool] = False  # --precondition_outputs
     other_kind: ClassVar[str]  # the models that the flags of `refused_flags` apply to, as messages name them
+    target_modules_flag: ClassVar[str]  # the flag of the denoiser's LoRA targets
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -60,6 +61,10 @@ class ModelFamily:
         if class_name.startswith(self.excluded_prefixes):
             return 0
         return max((len(prefix) for prefix in self.class_name_prefixes if class_name.startswith(prefix)), default=0)
+
+    def denoiser_targets(self, settings) -> str:
+        """The denoiser's comma-separated LoRA targets, from `target_modules_flag` or the family's default."""
+        raise NotImplementedError
 
     def tokenizer_of(self, text_encoder: str) -> str:
         return text_encoder.replace("text_encoder", "tokenizer")
@@ -172,11 +177,16 @@ class DDPMFamily(ModelFamily):
     flow_matching = False
     writes_kohya_layout = True
     other_kind = "flow-matching models (SD3, Flux)"
+    target_modules_flag = "--unet_target_modules"
+
+    def denoiser_targets(self, settings) -> str:
+        return settings.unet_target_modules
 
     def refused_flags(self, settings) -> list[str]:
         given = {
             "--weighting_scheme": settings.weighting_scheme is not None,
             "--max_sequence_length": settings.max_sequence_length is not None,
+            "--transformer_target_modules": settings.transformer_target_modules is not None,
         }
         return [flag for flag, present in given.items() if present]
 
@@ -250,6 +260,10 @@ class FlowMatchingFamily(ModelFamily):
     denoiser = "transformer"
     flow_matching = True
     other_kind = "DDPM models (SD 1.x/2.x, SDXL)"
+    target_modules_flag = "--transformer_target_modules"
+
+    def denoiser_targets(self, settings) -> str:
+        return settings.transformer_target_modules or self.default_targets
 
     def resolved_defaults(self, settings) -> dict[str, Any]:
         return {

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import families
+from . import families, targets
 from .adapters import lora_config
 from .arguments import QUANTISATION_PACKAGES, build_parser
 from .data import caption_suffix, instance_captions, list_images
@@ -325,4 +325,23 @@ def resolve_model(settings: Settings) -> Settings:
             f"--output_kohya_format writes the UNet kohya layout (SD 1.x/2.x, SDXL); {family.label} has none here. "
             "Drop it; the diffusers file pytorch_lora_weights.safetensors is written in any case."
         )
-    return settings.replace(family=family, model_index=model_index, **family.resolved_defaults(settings))
+    settings = settings.replace(family=family, model_index=model_index, **family.resolved_defaults(settings))
+    try:
+        check_model_targets(settings)
+    except ValueError as error:
+        raise ArgumentsError(str(error)) from None
+    return settings
+
+
+def check_model_targets(settings: Settings) -> None:
+    """Every LoRA target name against the layers of the denoiser and of the trained text encoders, built empty from
+    their configs (no weights are read); raises `ValueError` naming the flag and the closest valid names."""
+    family, path = settings.family, settings.pretrained_model_name_or_path
+    components = [(family.denoiser, family.target_modules_flag, family.denoiser_targets(settings))]
+    if settings.train_text_encoder:
+        flag, text_targets = "--text_encoder_target_modules", settings.text_encoder_target_modules
+        components += [(name, flag, text_targets) for name in family.trainable_text_encoders]
+    for name, flag, target_list in components:
+        model = targets.empty_component(path, settings.model_index, name, settings.revision)
+        layers = targets.adaptable_layer_names(model)
+        targets.check_targets(flag, target_list, layers, f"the {name} of {family.label}")
