@@ -206,11 +206,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         # LPIPS first: its files are local, so a missing one is reported before the large models load.
         from .lpips import default_backbone_path, find_linear_weights, load_lpips
 
+        lpips_model = load_lpips(args.lpips_backbone, args.lpips_linear_weights, args.device)
         lpips_files = {
             "lpips_backbone": str(args.lpips_backbone or default_backbone_path()),
             "lpips_linear_weights": str(args.lpips_linear_weights or find_linear_weights()),
         }
-        lpips_model = load_lpips(lpips_files["lpips_backbone"], lpips_files["lpips_linear_weights"], args.device)
     elif args.lpips_backbone is not None or args.lpips_linear_weights is not None:
         raise ValueError("--lpips-backbone and --lpips-linear-weights are used only with --lpips; add --lpips")
     result = evaluation.evaluate(

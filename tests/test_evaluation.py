@@ -143,7 +143,7 @@ def test_evaluate_command_without_the_lpips_backbone_exits_2_naming_it(tmp_path,
     images = _write(tmp_path / "images", [natural_image()])
     argv = ["evaluate", "--generated", str(images), "--reference", str(images), "--prompt", PROMPT, "--lpips"]
     # A CLIP model that cannot load: the missing LPIPS file is reported first, before any model loads.
-    argv += ["--clip-model", str(tmp_path / "no_clip"), "--lpips-linear-weights", str(tmp_path / "unused")]
+    argv += ["--clip-model", str(tmp_path / "no_clip"), "--lpips-linear-weights", str(tmp_path / "unread")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     expected = tmp_path / "torch_home" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"

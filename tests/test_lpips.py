@@ -32,8 +32,8 @@ def fake_lpips_package(root, with_weights: bool = True):
     (package / "weights" / "v0.1").mkdir(parents=True)
     (package / "__init__.py").write_text("raise ImportError('bayes_adapter must not import lpips')\n")
     if with_weights:
-        torch.save({f"lin{i}.model.1.weight": torch.ones(1, c, 1, 1) for i, c in enumerate(lpips._CHANNELS)},
-                   package / "weights" / "v0.1" / "alex.pth")  # fmt: skip
+        ones = {f"lin{i}.model.1.weight": torch.ones(1, c, 1, 1) for i, c in enumerate(lpips._CHANNELS)}
+        torch.save(ones, package / "weights" / "v0.1" / "alex.pth")
     return package
 
 
