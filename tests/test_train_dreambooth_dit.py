@@ -298,3 +298,26 @@ def test_sd3_preconditions_its_output_by_default_as_diffusers(tmp_path, tiny_sd3
         states.append(get_peft_model_state_dict(result["transformer"]))
     moved = [key for key in states[0] if ".lora_B." in key and not torch.equal(states[0][key], states[1][key])]
     assert moved, "the preconditioning does not change the training"
+
+
+@pytest.mark.parametrize("family, extra", [("flux", []), ("sd3", ["--train_text_encoder"])])
+def test_a_t5_tokenizer_without_a_usable_model_max_length(tmp_path, instance_dir, family, extra):
+    """A T5 tokenizer saved without a length has transformers' VERY_LARGE_INTEGER as model_max_length: only the CLIP
+    tokenizers pad to their model_max_length; T5 is tokenised to --max_sequence_length (frozen encoders, whose
+    prompts are encoded once, and trained ones, encoded at each step)."""
+    from tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    pipe = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline}[family]()
+    t5_tokenizer = pipe.tokenizer_2 if family == "flux" else pipe.tokenizer_3
+    t5_tokenizer.model_max_length = VERY_LARGE_INTEGER
+    model = tmp_path / "model"
+    pipe.save_pretrained(str(model))
+    with pytest.raises((OverflowError, MemoryError, ValueError)):  # what padding to that length does
+        t5_tokenizer(["a dog"], padding="max_length", max_length=t5_tokenizer.model_max_length, truncation=True)
+    out = tmp_path / "out"
+    extra = ["--max_train_steps", "1", *T5_TOKENS, *extra, "--validation_prompt", "a photo of sks dog"]
+    extra += ["--validation_steps", "1", "--num_validation_images", "1", "--validation_inference_steps", "1"]
+    result = training.main(parse_args(dreambooth_args(model, instance_dir, out, *extra)))
+    assert result["global_step"] == 1
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "samples" / "step_000001_0.png").is_file()

@@ -18,7 +18,6 @@ from . import data as dreambooth_data
 from . import families
 from .adapters import (
     add_adapters,
-    denoiser_targets,
     elbo_kl_weight_for,
     register_checkpoint_hooks,
     resume_checkpoint,
@@ -28,6 +27,7 @@ from .arguments import QUANTISATION_METHODS
 from .loop import save_and_export, train
 from .outputs import remove_previous_run
 from .settings import ArgumentsError, Settings, parse_args, resolve_model
+from .targets import split_targets
 
 
 logger = get_logger(__name__)
@@ -172,7 +172,7 @@ def load_models(settings: Settings, accelerator) -> Models:
     if settings.quantize_base is not None:
         from bayes_adapter.quantization import quantize_linears
 
-        targets = [name.strip() for name in denoiser_targets(settings, family).split(",") if name.strip()]
+        targets = split_targets(family.denoiser_targets(settings))
         quantised = quantize_linears(denoiser, QUANTISATION_METHODS[settings.quantize_base], targets)
         logger.info(
             f"--quantize_base {settings.quantize_base}: {len(quantised)} Linear layers of the {family.denoiser}"
