@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -205,3 +206,30 @@ def test_optional_optimizers_are_refused_clearly_when_absent(tmp_path, instance_
     )
     with pytest.raises(ValueError, match=message):
         parse_args(dreambooth_args("no/such/model", instance_dir, tmp_path / "out", *extra))
+
+
+def test_every_option_has_help_text_and_shows_its_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    options = text[text.index("options:") :]
+    # One block per option: it starts at a line "  --flag ..." and runs to the next such line or heading.
+    blocks = re.split(r"\n(?=  -)|\n\n", options)
+    checked = 0
+    for block in blocks:
+        if not block.startswith("  --") or block.startswith("  -h"):
+            continue
+        flag = block.split()[0]
+        words = " ".join(block.split())
+        described = words.split(" ", 1)[1] if " " in words else ""
+        assert re.search(r"[a-z]{3}", described.replace(flag.upper().lstrip("-"), "")), f"{flag} has no help text"
+        assert re.search(r"default|\(required\)", words, re.I), f"{flag} does not show its default: {words}"
+        checked += 1
+    assert checked >= 80, checked
+    assert "--rank RANK LoRA rank r. (default: 4)" in " ".join(text.split())
+    assert "--center_crop Centre-crop instead of random-crop. (off by default)" in " ".join(text.split())
+
+
+def test_bayesian_config_errors_name_the_flags(tmp_path, instance_dir):
+    with pytest.raises(ValueError, match=r"Invalid Bayesian LoRA settings: --prior_std must be a finite number > 0"):
+        parse_args(dreambooth_args("no/such/model", instance_dir, tmp_path / "out", "--prior_std", "-1"))

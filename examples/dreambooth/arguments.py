@@ -29,9 +29,24 @@ def kl_weight_arg(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'elbo', got {value!r}") from None
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: `(default: X)`, `(off by default)` for a flag, `(required)`; a help
+    text that already says its default (e.g. "default: the rank") is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (off by default)"
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The script's argument parser (argparse checks types and choices; `settings.check_settings` the rest)."""
-    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument(
         "--pretrained_model_name_or_path",
@@ -40,8 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 "
         "(told by its model_index.json).",
     )
-    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
-    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'.")
+    model.add_argument(
+        "--revision",
+        type=str,
+        default=None,
+        help="Revision (branch, tag or commit) of the pretrained model; default: the main branch.",
+    )
+    model.add_argument(
+        "--variant", type=str, default=None, help="Variant of the model files, e.g. 'fp16'; default: the plain files."
+    )
     model.add_argument(
         "--pretrained_vae_model_name_or_path",
         type=str,
@@ -70,9 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--class_data_dir",
         type=str,
         default=None,
-        help="Folder of class images; missing ones are generated with the base pipeline.",
+        help="Folder of class images; missing ones are generated with the base pipeline (required with "
+        "--with_prior_preservation; no default).",
     )
-    data.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of dog'.")
+    data.add_argument(
+        "--class_prompt",
+        type=str,
+        default=None,
+        help="Prompt of the class, e.g. 'a photo of dog' (required with --with_prior_preservation; no default).",
+    )
     data.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
     data.add_argument("--num_class_images", type=int, default=100, help="Class images wanted for prior preservation.")
     data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
@@ -208,16 +236,39 @@ def build_parser() -> argparse.ArgumentParser:
         "samples/, monitor.jsonl and logs before training (other files stay). Without it (or "
         "--resume_from_checkpoint), a folder holding a previous run is refused.",
     )
-    train.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
+    train.add_argument(
+        "--seed", type=int, default=None, help="Seed for reproducible training; default: none (not reproducible)."
+    )
     train.add_argument(
         "--train_text_encoder", action="store_true", help="Add a Bayesian adapter to the text encoder(s)."
     )
     train.add_argument("--train_batch_size", type=int, default=1, help="Instance images per device per step.")
-    train.add_argument("--num_train_epochs", type=int, default=1)
-    train.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument(
+        "--num_train_epochs",
+        type=int,
+        default=1,
+        help="Passes over the instance images (when --max_train_steps is unset).",
+    )
+    train.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Optimizer steps; overrides the epochs; default: --num_train_epochs epochs.",
+    )
+    train.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Batches whose gradients are summed per optimizer step.",
+    )
+    train.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass: less memory, slower steps.",
+    )
+    train.add_argument(
+        "--learning_rate", type=float, default=1e-4, help="Learning rate of the LoRA means (AdamW or Prodigy)."
+    )
     train.add_argument(
         "--posterior_std_learning_rate",
         type=float,
@@ -244,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
         help="diffusers' learning-rate schedule (diffusers.optimization.get_scheduler).",
     )
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument(
+        "--lr_warmup_steps", type=int, default=0, help="Steps of linear warm-up of the learning-rate schedule."
+    )
     train.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     train.add_argument(
@@ -314,18 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bitsandbytes' 8-bit AdamW (if installed; it is not a dependency, and needs a CUDA GPU).",
     )
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    train.add_argument("--adam_epsilon", type=float, default=1e-8)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--dataloader_num_workers", type=int, default=0)
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's beta2.")
+    train.add_argument(
+        "--adam_weight_decay", type=float, default=1e-2, help="AdamW's weight decay of the means (none on the stds)."
+    )
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this global norm.")
+    train.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Data-loading processes (0: in the main process)."
+    )
     train.add_argument(
         "--mixed_precision",
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
-        help="Overrides accelerate's config; the adapters stay in fp32.",
+        help="Overrides accelerate's config (default: accelerate's, else no); the adapters stay in fp32.",
     )
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 on Ampere GPUs.")
 
@@ -333,23 +390,31 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--checkpointing_steps", type=int, default=500, help="Save an accelerate checkpoint every N steps."
     )
-    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     out.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help="A checkpoint-N folder in --output_dir, or 'latest'."
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints; default: keep all.",
+    )
+    out.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Resume from a checkpoint-N folder of --output_dir, or 'latest'; default: start a new run.",
     )
     out.add_argument(
         "--validation_prompt",
         type=str,
         action="append",
         default=None,
-        help="Prompt of the validation images; repeat the flag for several prompts.",
+        help="Prompt of the validation images; repeat the flag for several prompts. Default: none (no validation).",
     )
     out.add_argument(
         "--validation_prompts_file",
         type=str,
         default=None,
         help="A UTF-8 text file of validation prompts, one a line (blank lines skipped), as kohya's and ai-toolkit's "
-        "sample-prompt files; added after any --validation_prompt.",
+        "sample-prompt files; added after any --validation_prompt. Default: none.",
     )
     out.add_argument("--num_validation_images", type=int, default=4, help="Validation images per prompt.")
     out.add_argument("--validation_steps", type=int, default=100, help="Generate validation images every N steps.")
@@ -394,12 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="LPIPS v0.1 linear weights for --eval_lpips (lpips/weights/v0.1/alex.pth); default: the installed lpips "
         "package's file (`pip install --no-deps lpips`).",
     )
-    out.add_argument("--validation_inference_steps", type=int, default=25)
+    out.add_argument(
+        "--validation_inference_steps", type=int, default=25, help="Denoising steps of each validation image."
+    )
     out.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     out.add_argument("--report_to", type=str, default="tensorboard", help="accelerate tracker(s), or 'none'.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload the exported mean LoRA to the Hub.")
     out.add_argument(
-        "--hub_model_id", type=str, default=None, help="Hub repository as 'user/name' (required with --push_to_hub)."
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="Hub repository as 'user/name' (required with --push_to_hub; no default).",
     )
     out.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the cached login).")
     return parser

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,33 @@ def _check_number(settings: Settings, name: str, minimum: float, integer: bool =
     if value is not None and not (math.isfinite(value) and value >= minimum):
         kind = "an integer" if integer else "a finite number"
         raise ValueError(f"--{name}={value!r} is invalid; expected {kind} >= {minimum}.")
+
+
+# BayesLoraConfig's fields as this script's flags name them, for its error messages.
+_CONFIG_FLAGS = {
+    "train_posterior_std": "--fixed_posterior_std",
+    **{
+        field: f"--{field}"
+        for field in (
+            "lora_alpha",
+            "lora_dropout",
+            "bayesian_factors",
+            "embedding_bayesian_factors",
+            "posterior_std_init",
+            "prior_std",
+            "estimator",
+            "kl_weight",
+            "posterior_std_parametrisation",
+            "sample_at_inference",
+        )
+    },
+}
+
+
+def _with_flags(message: str) -> str:
+    """A BayesLoraConfig message with its field names replaced by the flags that set them."""
+    pattern = r"(?<![\w.-])(" + "|".join(sorted(map(re.escape, _CONFIG_FLAGS), key=len, reverse=True)) + r")(?![\w])"
+    return re.sub(pattern, lambda match: _CONFIG_FLAGS[match.group(1)], message)
 
 
 def check_settings(settings: Settings) -> Settings:
@@ -247,10 +275,7 @@ def check_settings(settings: Settings) -> Settings:
             kl_weight=0.0 if settings.kl_weight == "elbo" else settings.kl_weight,
         )
     except (ValueError, TypeError) as error:
-        raise ValueError(
-            f"Invalid Bayesian LoRA arguments (--rank, --lora_alpha, --posterior_std_init, --prior_std, "
-            f"--kl_weight, ...): {error}"
-        ) from None
+        raise ValueError(f"Invalid Bayesian LoRA settings: {_with_flags(str(error))}") from None
     # A local pipeline's family is checked now; a Hub id's when main() has read its model_index.json, still before
     # any model loads.
     if Path(settings.pretrained_model_name_or_path).is_dir():
