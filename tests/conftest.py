@@ -80,6 +80,26 @@ def tiny_sd3(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory):
+    """A tiny Flux.2 pipeline saved to a folder (read only)."""
+    from tiny_models import tiny_flux2_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-flux2")
+    tiny_flux2_pipeline().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage(tmp_path_factory):
+    """A tiny Qwen-Image pipeline saved to a folder (read only)."""
+    from tiny_models import tiny_qwenimage_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-qwenimage")
+    tiny_qwenimage_pipeline().save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture
 def instance_dir(tmp_path):
     """Two random 40x48 instance images."""

@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
         ("StableDiffusion3Pipeline", "sd3"),
         ("FluxPipeline", "flux"),
         ("FluxImg2ImgPipeline", "flux"),
-        ("Flux2Pipeline", None),
+        ("Flux2Pipeline", "flux2"),
+        ("Flux2KleinPipeline", None),
+        ("QwenImagePipeline", "qwenimage"),
+        ("QwenImageEditPipeline", None),  # a Qwen3 text encoder and no guidance embedding: not trained here
         ("KandinskyV22Pipeline", None),
     ],
 )

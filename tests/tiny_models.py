@@ -222,6 +222,156 @@ def tiny_flux_pipeline(seed: int = 0):
     )
 
 
+def tiny_chat_tokenizer():
+    """A character-level fast tokenizer with a chat template, built in memory: what Flux.2's pipeline needs of its
+    tokenizer (it only calls `apply_chat_template`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = ["<pad>", "<unk>", "<s>", "</s>", "[SYS]", "[USER]"] + [chr(c) for c in range(32, 127)]
+    backend = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}[SYS]{% else %}[USER]{% endif %}"
+        "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endfor %}"
+    )
+    return tokenizer
+
+
+def tiny_flux2_pipeline(seed: int = 0):
+    """A whole Flux2Pipeline (32 px images, 16 px latents patchified to 8x8 tokens of 16 channels) with random weights.
+
+    The Mistral-3 text encoder has 30 tiny layers, so that the pipeline's default hidden-state layers (10, 20, 30)
+    exist; the transformer's `joint_attention_dim` is three times its width.
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text_config = dict(
+        model_type="mistral",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=30,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+    )
+    vision_config = dict(
+        model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    text_encoder = Mistral3ForConditionalGeneration(
+        Mistral3Config(text_config=text_config, vision_config={**vision_config, "head_dim": 8, "image_size": 32})
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    return Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_chat_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def tiny_qwen2_tokenizer():
+    """A byte-level Qwen2 tokenizer built in memory: the 256 bytes and Qwen's chat special tokens, no merges."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {chr(code): i for i, code in enumerate(_byte_level_codepoints())}
+    for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", eos_token="<|im_end|>", bos_token=None)
+
+
+def tiny_qwenimage_pipeline(seed: int = 0):
+    """A whole QwenImagePipeline (32 px images, 16 px latents packed into 8x8 tokens) with random weights.
+
+    The Qwen2.5-VL text encoder's rope `mrope_section` sums to half its head size; the VAE has one spatial
+    downsampling and no temporal one.
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen2_tokenizer()
+    text_config = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+    )
+    vision_config = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=16,
+        patch_size=8,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config)
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    )
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
 def tiny_sd3_pipeline(seed: int = 0):
     """A whole StableDiffusion3Pipeline (32 px images, 16 px latents): two CLIPs (their states padded to the T5
     width) and a T5."""

@@ -15,7 +15,8 @@ DEFAULT_TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
 QUANTISATION_METHODS = {"nf4": "bnb_nf4", "int8": "torchao_int8"}
 QUANTISATION_PACKAGES = {"nf4": "bitsandbytes", "int8": "torchao"}
 DESCRIPTION = (
-    "DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5) or Flux.1 with Bayesian LoRA."
+    "DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5), Flux.1, Flux.2 or Qwen-Image "
+    "with Bayesian LoRA."
 )
 
 
@@ -52,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 "
-        "(told by its model_index.json).",
+        help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, Flux.1, Flux.2 "
+        "or Qwen-Image (told by its model_index.json).",
     )
     model.add_argument(
         "--revision",
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="Comma-separated transformer module names to adapt (SD3, Flux); default: those of diffusers' DreamBooth "
-        "LoRA scripts (SD3: the attention projections; Flux: attention and feed-forward).",
+        "LoRA scripts (SD3: the attention projections; Flux: attention and feed-forward; Flux.2: the attention "
+        "projections of both block kinds).",
     )
     bayes.add_argument(
         "--text_encoder_target_modules",
@@ -332,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance_scale",
         type=float,
         default=3.5,
-        help="The guidance given to a guidance-distilled Flux (Flux.1-dev) while training.",
+        help="The guidance given to a guidance-distilled Flux (Flux.1-dev, Flux.2-dev) while training.",
     )
     flow.add_argument(
         "--precondition_outputs",

@@ -134,8 +134,10 @@ def collate(examples: list[dict], with_prior_preservation: bool) -> dict:
     }
 
 
-def cache_latents(vae, images: list[Path], size: int, random_flip: bool, device, dtype) -> dict:
+def cache_latents(vae, images: list[Path], size: int, random_flip: bool, device, dtype, vae_input=None) -> dict:
     """`--cache_latents`: each image's VAE posterior (mean and std) at the centre crop, and mirrored with `--random_flip`.
+
+    `vae_input` turns a batch of images into what the VAE encodes (the family's `vae_input`), if given.
 
     Returns:
         `dict`: `{(image, mirrored): (mean, std, time_ids)}`, on the CPU.
@@ -148,7 +150,8 @@ def cache_latents(vae, images: list[Path], size: int, random_flip: bool, device,
             pixels, time_ids = load_image(image, size, center_crop=True)
             for mirrored in (False, True) if random_flip else (False,):
                 view = pixels.flip(-1) if mirrored else pixels
-                posterior = vae.encode(view[None].to(device, dtype)).latent_dist
+                view = view[None].to(device, dtype)
+                posterior = vae.encode(vae_input(view) if vae_input else view).latent_dist
                 cache[(image, mirrored)] = (posterior.mean[0].cpu(), posterior.std[0].cpu(), time_ids)
     return cache
 
@@ -180,7 +183,7 @@ def generate_class_images(settings, accelerator, pipeline_cls) -> None:
             for start in range(0, missing, settings.sample_batch_size):
                 count = min(settings.sample_batch_size, missing - start)
                 images = pipeline(
-                    [settings.class_prompt] * count,
+                    prompt=[settings.class_prompt] * count,
                     num_inference_steps=settings.num_class_inference_steps,
                     height=settings.resolution,
                     width=settings.resolution,

@@ -83,6 +83,14 @@ class ModelFamily:
     def noise_scheduler_class(self):
         raise NotImplementedError
 
+    def vae_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` as the family's VAE encodes them."""
+        return pixels
+
+    def to_latents(self, vae, sample: torch.Tensor) -> torch.Tensor:
+        """A VAE sample as the denoiser's latents `(B, C, H, W)` (scaled, and for some families patchified)."""
+        return to_latents(vae, sample)
+
     def guidance_scale(self, denoiser, settings) -> float | None:
         """The guidance scale the denoiser is told while training (guidance-distilled models), or None."""
         return None
@@ -163,7 +171,17 @@ class PromptCache:
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         rows = [self.entries[prompt] for prompt in prompts]
-        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+        return {key: _cat_padded([row[key] for row in rows]) for key in rows[0]}
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenates along the batch, zero-padding the token dimension (dim 1) to the longest: families whose prompts
+    are as long as their tokens (Qwen-Image) carry a mask, which the zeros extend."""
+    if tensors[0].dim() < 2 or len({t.shape[1] for t in tensors}) == 1:
+        return torch.cat(tensors)
+    length = max(t.shape[1] for t in tensors)
+    pads = [(0, 0) * (t.dim() - 2) + (0, length - t.shape[1]) for t in tensors]
+    return torch.cat([torch.nn.functional.pad(t, pad) for t, pad in zip(tensors, pads)])
 
 
 # --- DDPM UNets ---------------------------------------------------------------------------------------------------
@@ -400,3 +418,128 @@ class Flux(FlowMatchingFamily):
         )[0]
         # _unpack_latents takes pixel sizes: with vae_scale_factor 1 they are the latent sizes.
         return FluxPipeline._unpack_latents(packed, height, width, 1)
+
+
+class Flux2(FlowMatchingFamily):
+    """Flux.2 [dev]: one Mistral-3 text encoder (its hidden states at three layers, frozen), latents patchified 2x2
+    and normalised by the VAE's batch-norm statistics, 4-D position ids, a guidance embedding."""
+
+    name = "flux2"
+    label = "Flux.2"
+    pipeline_class = "Flux2Pipeline"
+    class_name_prefixes = ("Flux2Pipeline", "Flux2Img2ImgPipeline")
+    text_encoders = ("text_encoder",)
+    trainable_text_encoders = ()  # a 24B-parameter LLM: it stays frozen
+    default_targets = (
+        "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,"
+        "attn.to_qkv_mlp_proj"
+    )
+    resolution_multiple = 16  # the VAE downsamples by 8, and the latents are patchified 2x2
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+
+    def guidance_scale(self, denoiser, settings) -> float | None:
+        return settings.guidance_scale if denoiser.config.guidance_embeds else None
+
+    def to_latents(self, vae, sample: torch.Tensor) -> torch.Tensor:
+        """As `Flux2Pipeline` encodes an image: patchified 2x2, then normalised by the VAE's `bn` running statistics."""
+        from diffusers import Flux2Pipeline
+
+        latents = Flux2Pipeline._patchify_latents(sample)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+            latents.device, latents.dtype
+        )
+        return (latents - mean) / std
+
+    def encode_prompts(self, text_encoders, tokenizers, prompts, device, max_sequence_length=None):
+        from diffusers import Flux2Pipeline
+
+        states = Flux2Pipeline._get_mistral_3_small_prompt_embeds(
+            text_encoders[0], tokenizers[0], prompts, device=device, max_sequence_length=max_sequence_length
+        )
+        return {"encoder_hidden_states": states}
+
+    def predict(self, denoiser, noisy, timesteps, cond, time_ids=None, guidance_scale=None):
+        from diffusers import Flux2Pipeline
+
+        batch, channels, height, width = noisy.shape
+        guidance = None
+        if guidance_scale is not None:
+            guidance = torch.full((batch,), float(guidance_scale), device=noisy.device)
+        tokens = denoiser(
+            hidden_states=Flux2Pipeline._pack_latents(noisy),
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            txt_ids=Flux2Pipeline._prepare_text_ids(cond["encoder_hidden_states"]).to(noisy.device),
+            img_ids=Flux2Pipeline._prepare_latent_ids(noisy).to(noisy.device),
+            return_dict=False,
+        )[0]
+        # The tokens are in row-major order of the latent grid (`_prepare_latent_ids`): back to (B, C, H, W).
+        return tokens.permute(0, 2, 1).reshape(batch, channels, height, width)
+
+
+class QwenImage(FlowMatchingFamily):
+    """Qwen-Image: a Qwen2.5-VL text encoder (its last hidden states without the prompt template's system tokens,
+    frozen, with an attention mask), a video VAE used on one frame and normalised by its per-channel latent mean and
+    std, latents packed 2x2 by the transformer's own patching, RoPE positions from the image shapes."""
+
+    name = "qwenimage"
+    label = "Qwen-Image"
+    pipeline_class = "QwenImagePipeline"
+    class_name_prefixes = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
+    text_encoders = ("text_encoder",)
+    trainable_text_encoders = ()  # a 7B-parameter vision-language model: it stays frozen
+    default_targets = (
+        "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out"
+    )
+    resolution_multiple = 16  # the VAE downsamples by 8, and the latents are packed 2x2
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+
+    def __init__(self):
+        self._text_pipelines: dict[int, Any] = {}
+
+    def vae_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.unsqueeze(2)  # one frame of the video VAE
+
+    def to_latents(self, vae, sample: torch.Tensor) -> torch.Tensor:
+        """As the pipeline decodes, inverted: `(x - latents_mean) / latents_std` per channel, the frame dropped."""
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(sample.device, sample.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(sample.device, sample.dtype)
+        return ((sample - mean) / std)[:, :, 0]
+
+    def encode_prompts(self, text_encoders, tokenizers, prompts, device, max_sequence_length=None):
+        from diffusers import QwenImagePipeline
+
+        # diffusers' own prompt encoding (template, dropped system tokens, mask), through a pipeline holding only
+        # the text encoder and tokenizer.
+        key = id(text_encoders[0])
+        if key not in self._text_pipelines:
+            self._text_pipelines[key] = QwenImagePipeline(
+                scheduler=None, vae=None, text_encoder=text_encoders[0], tokenizer=tokenizers[0], transformer=None
+            )
+        states, mask = self._text_pipelines[key].encode_prompt(
+            prompts, device=device, max_sequence_length=max_sequence_length or self.default_max_sequence_length
+        )
+        if mask is None:
+            mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        return {"encoder_hidden_states": states, "mask": mask}
+
+    def predict(self, denoiser, noisy, timesteps, cond, time_ids=None, guidance_scale=None):
+        from diffusers import QwenImagePipeline
+
+        batch, channels, height, width = noisy.shape
+        mask = cond["mask"]
+        tokens = denoiser(
+            hidden_states=QwenImagePipeline._pack_latents(noisy, batch, channels, height, width),
+            timestep=timesteps / 1000,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            img_shapes=[[(1, height // 2, width // 2)]] * batch,
+            return_dict=False,
+        )[0]
+        # _unpack_latents takes pixel sizes: with vae_scale_factor 1 they are the latent sizes.
+        return QwenImagePipeline._unpack_latents(tokens, height, width, 1)[:, :, 0]

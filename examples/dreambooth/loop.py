@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 
-from . import families
 from .adapters import export_mean_lora, save_bayes_adapters, save_checkpoint, unwrap
 from .losses import denoising_loss
 from .outputs import BAYES_ADAPTER_DIR, DIFFUSERS_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, SAMPLES_DIR
@@ -64,8 +63,9 @@ def training_step(settings: Settings, accelerator, models: Models, data: Trainin
     if "latents" in batch:
         sample = batch["latents"].to(accelerator.device, dtype=models.vae_dtype)
     else:
-        sample = vae.encode(batch["pixels"].to(accelerator.device, dtype=models.vae_dtype)).latent_dist.sample()
-    latents = families.to_latents(vae, sample).to(models.weight_dtype)
+        pixels = family.vae_input(batch["pixels"].to(accelerator.device, dtype=models.vae_dtype))
+        sample = vae.encode(pixels).latent_dist.sample()
+    latents = family.to_latents(vae, sample).to(models.weight_dtype)
     noise = torch.randn_like(latents)
     if data.prompt_cache is not None:
         cond = data.prompt_cache(batch["prompts"])

@@ -334,6 +334,11 @@ def resolve_model(settings: Settings) -> Settings:
             f"--resolution={settings.resolution} is invalid for {family.label}; expected a multiple of "
             f"{family.resolution_multiple}."
         )
+    if settings.train_text_encoder and not family.trainable_text_encoders:
+        raise ArgumentsError(
+            f"--train_text_encoder: {family.label}'s text encoder ({', '.join(family.text_encoders)}) stays frozen "
+            "in this script (a large language model). Drop the flag."
+        )
     wrong = family.refused_flags(settings)
     if wrong:
         raise ArgumentsError(

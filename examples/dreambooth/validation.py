@@ -19,7 +19,7 @@ def generate(settings, accelerator, pipeline, prompt: str) -> np.ndarray:
         extra["max_sequence_length"] = settings.max_sequence_length
     with torch.no_grad(), torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
         images = pipeline(
-            [prompt] * settings.num_validation_images,
+            prompt=[prompt] * settings.num_validation_images,  # a keyword: Flux.2's first argument is an image
             generator=generator,
             num_inference_steps=settings.validation_inference_steps,
             height=settings.resolution,

@@ -1,0 +1,116 @@
+"""The DreamBooth script on the newer DiT families (Flux.2, Qwen-Image), on tiny pipelines saved to disk: the run trains, and its
+LoRA loads into the family's vanilla pipeline with `load_lora_weights` and changes the image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from tiny_models import assert_same_numerics, dreambooth_args
+
+import bayes_adapter
+from examples.dreambooth import training
+from examples.dreambooth.settings import ArgumentsError, parse_args
+
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def pipeline_image(pipe) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return pipe(
+            prompt="a photo of sks dog",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            generator=generator,
+            output_type="pt",
+        ).images
+
+
+def flux2_transformer_inputs() -> dict[str, torch.Tensor]:
+    """Fixed inputs of the tiny Flux.2 transformer: 8x8 tokens of 16 channels, 5 text tokens."""
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.cartesian_prod(torch.arange(1), torch.arange(8), torch.arange(8), torch.arange(1))
+    return {
+        "hidden_states": torch.randn(1, 64, 16, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 5, 48, generator=generator),
+        "timestep": torch.tensor([0.7]),
+        "guidance": torch.tensor([3.5]),
+        "img_ids": grid[None],
+        "txt_ids": torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(5))[None],
+    }
+
+
+def test_flux2_trains_and_its_lora_loads_into_the_vanilla_pipeline(tiny_flux2, tmp_path, instance_dir):
+    out = tmp_path / "out"
+    validation = ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
+    validation += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
+    extra = ["--max_train_steps", "2", "--learning_rate", "1e-2", "--cache_latents", *validation]
+    result = training.main(parse_args(dreambooth_args(tiny_flux2, instance_dir, out, *extra)))
+    assert result["family"] == "flux2" and result["global_step"] == 2
+    transformer = result["transformer"].eval()
+    assert bayes_adapter.posterior_std_stats(transformer)["count"] > 0
+    for target in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_add_out"):
+        assert isinstance(transformer.get_submodule(target), bayes_adapter.BayesLoraLayer), target
+    assert isinstance(
+        transformer.get_submodule("single_transformer_blocks.0.attn.to_qkv_mlp_proj"), bayes_adapter.BayesLoraLayer
+    )
+    with torch.no_grad():
+        trained = transformer(**flux2_transformer_inputs(), return_dict=False)[0]
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_flux2))
+    pipe.set_progress_bar_config(disable=True)
+    before = pipeline_image(pipe)
+    pipe.load_lora_weights(str(out))
+    assert not list(bayes_adapter.bayes_layers(pipe.transformer))
+    with torch.no_grad():
+        assert_same_numerics(pipe.transformer(**flux2_transformer_inputs(), return_dict=False)[0], trained)
+    assert (pipeline_image(pipe) - before).abs().max() > 1e-3
+
+
+def test_flux2_refuses_to_train_its_text_encoder(tiny_flux2, tmp_path, instance_dir):
+    argv = dreambooth_args(tiny_flux2, instance_dir, tmp_path / "out", "--train_text_encoder")
+    with pytest.raises(
+        ArgumentsError, match="--train_text_encoder: Flux.2's text encoder \\(text_encoder\\) stays frozen"
+    ):
+        parse_args(argv)
+
+
+def qwenimage_transformer_inputs() -> dict:
+    """Fixed inputs of the tiny Qwen-Image transformer: 8x8 tokens of 16 channels, 5 text tokens."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "hidden_states": torch.randn(1, 64, 16, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 5, 16, generator=generator),
+        "timestep": torch.tensor([0.7]),
+        "img_shapes": [[(1, 8, 8)]],
+    }
+
+
+def test_qwenimage_trains_with_batch_2_and_its_lora_loads_into_the_vanilla_pipeline(
+    tiny_qwenimage, tmp_path, instance_dir
+):
+    out = tmp_path / "out"
+    # Two captions of different lengths in one batch: the cached prompt states are padded and masked.
+    (instance_dir / "0.txt").write_text("a photo of sks dog", encoding="utf-8")
+    (instance_dir / "1.txt").write_text("a photo of sks dog on a red sofa in the sun", encoding="utf-8")
+    validation = ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
+    validation += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
+    extra = ["--max_train_steps", "2", "--learning_rate", "1e-2", "--train_batch_size", "2", *validation]
+    result = training.main(parse_args(dreambooth_args(tiny_qwenimage, instance_dir, out, *extra)))
+    assert result["family"] == "qwenimage" and result["global_step"] == 2
+    transformer = result["transformer"].eval()
+    assert isinstance(transformer.get_submodule("transformer_blocks.0.attn.add_q_proj"), bayes_adapter.BayesLoraLayer)
+    with torch.no_grad():
+        trained = transformer(**qwenimage_transformer_inputs(), return_dict=False)[0]
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_qwenimage))
+    pipe.set_progress_bar_config(disable=True)
+    before = pipeline_image(pipe)
+    pipe.load_lora_weights(str(out))
+    assert not list(bayes_adapter.bayes_layers(pipe.transformer))
+    with torch.no_grad():
+        assert_same_numerics(pipe.transformer(**qwenimage_transformer_inputs(), return_dict=False)[0], trained)
+    assert (pipeline_image(pipe) - before).abs().max() > 1e-3
