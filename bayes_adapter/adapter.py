@@ -26,7 +26,7 @@ from ._components import COMPONENTS, component_of_base_class, component_of_folde
 from ._peft_compat import get_pattern_key
 from ._version import __version__
 from .bayes import posterior_std, std_summary
-from .config import PEFT_TYPE_NAME, BayesLoraConfig, saved_parametrisation
+from .config import PEFT_TYPE_NAME, BayesLoraConfig, saved_parametrisation, saved_posterior_std_max
 from .layer import BayesLoraLayer
 
 
@@ -111,19 +111,24 @@ class BayesianAdapter:
         return rank, scaling
 
     def posterior_std_stats(self) -> dict[str, float]:
-        """Mean, min, max posterior std over the Bayesian weights and their count (as `posterior_std_stats`)."""
+        """Mean, min, max posterior std over the Bayesian weights, their count and the fraction near the bound (as
+        `posterior_std_stats`)."""
         parametrisation = saved_parametrisation(self.config)
         std_init = float(self.config.get("posterior_std_init", BayesLoraConfig.posterior_std_init))
+        std_max = saved_posterior_std_max(self.config)
+        rhos = [rho for key, rho in self.state_dict.items() if _POSTERIOR_MARKER in key]
         return std_summary(
-            posterior_std(rho, parametrisation, std_init)
-            for key, rho in self.state_dict.items()
-            if _POSTERIOR_MARKER in key
+            (posterior_std(rho, parametrisation, std_init, std_max) for rho in rhos), [std_max] * len(rhos)
         )
 
     def bayesian_settings(self) -> dict[str, Any]:
-        """The Bayesian fields of the config (factors, estimator, prior std, KL weight, ...)."""
+        """The Bayesian fields of the config (factors, estimator, prior std, KL weight, std bound, ...)."""
         settings = {name: self.config.get(name) for name in BAYESIAN_CONFIG_FIELDS}
-        return {**settings, "posterior_std_parametrisation": saved_parametrisation(self.config)}
+        return {
+            **settings,
+            "posterior_std_parametrisation": saved_parametrisation(self.config),
+            "posterior_std_max": saved_posterior_std_max(self.config),
+        }
 
     def summary(self) -> dict[str, Any]:
         """What `bayes_lora_export.json` records about the export."""
@@ -416,10 +421,11 @@ def load_bayesian_weights(
             f"source={saved.source!r} does not match adapter {adapter_name!r} of the {type(model).__name__}: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)"
         )
-    # The saved rho means a std only under its own parametrisation (and, for exp_linear, its initial std).
+    # The saved rho means a std only under its own parametrisation, initial std and bound.
     for field, mine, theirs in (
         ("posterior_std_parametrisation", saved_parametrisation(current.config), saved_parametrisation(saved.config)),
         ("posterior_std_init", current.config.get("posterior_std_init"), saved.config.get("posterior_std_init")),
+        ("posterior_std_max", saved_posterior_std_max(current.config), saved_posterior_std_max(saved.config)),
     ):
         if mine != theirs:
             raise ValueError(

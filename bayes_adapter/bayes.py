@@ -16,6 +16,14 @@ The std is held by a free parameter `rho`, in one of two parametrisations (`POST
 - ``"softplus"`` (0.1.0's): `posterior_std = softplus(rho)`. Adam moves `log(std)` by about the learning rate per step:
   at fine-tuning learning rates the std barely moves. Kept so that adapters saved by 0.1.0 load unchanged.
 
+Either parametrisation can be bounded above by `std_max` (`bounded_std`): the std is unchanged up to its initial
+value, then bends smoothly towards `std_max` without reaching it, `std_max - headroom * (1 - x / sqrt(1 + x^2))` with
+`headroom = std_max - std_init` and `x` the unbounded std's excess over `std_init` in units of `headroom`. The slope is
+1 at `std_init` (where the std starts) and `(1 + x^2)^(-3/2)` above: never zero in float32 for any `rho` an optimiser
+reaches, so the std can always come back down, and Adam, which moves `rho` by about the learning rate per step
+whatever the gradient's size, cannot push the std past `std_max`. With `std_max=None` the std is the unbounded one,
+computed by exactly the same ops as before the bound existed.
+
 Three estimators turn the posterior into a forward pass during training:
 
 - ``"weight"``: one weight sample per layer per forward, shared by the whole batch (the paper's choice).
@@ -65,15 +73,69 @@ def initial_rho(posterior_std_init: float, parametrisation: str) -> float:
 
 
 def posterior_log_std(
-    rho: torch.Tensor, parametrisation: str = "softplus", posterior_std_init: float = 1.0
+    rho: torch.Tensor,
+    parametrisation: str = "softplus",
+    posterior_std_init: float = 1.0,
+    posterior_std_max: float | None = None,
 ) -> torch.Tensor:
     """`log(posterior_std)`, computed directly where the parametrisation allows, so that it stays finite.
 
     Args:
         rho: The free parameter.
         parametrisation: One of `POSTERIOR_STD_PARAMETRISATIONS`.
-        posterior_std_init: The `std_init` of the "exp_linear" parametrisation (unused by "softplus").
+        posterior_std_init: The initial std: the `std_init` of "exp_linear", and where a bound starts to bend.
+        posterior_std_max: The smooth upper bound of the std (see `bounded_std`); None for none.
     """
+    if posterior_std_max is None:
+        return _unbounded_log_std(rho, parametrisation, posterior_std_init)
+    return posterior_std_and_log_std(rho, parametrisation, posterior_std_init, posterior_std_max)[1]
+
+
+def posterior_std(
+    rho: torch.Tensor,
+    parametrisation: str = "softplus",
+    posterior_std_init: float = 1.0,
+    posterior_std_max: float | None = None,
+) -> torch.Tensor:
+    """The posterior standard deviation held by the free parameter `rho`, always >= 0 (and < `posterior_std_max`).
+
+    Args:
+        rho: The free parameter.
+        parametrisation: One of `POSTERIOR_STD_PARAMETRISATIONS`; the default is 0.1.0's `softplus(rho)`.
+        posterior_std_init: The initial std: the `std_init` of "exp_linear", and where a bound starts to bend.
+        posterior_std_max: The smooth upper bound of the std (see `bounded_std`); None for none.
+    """
+    std = _unbounded_std(rho, parametrisation, posterior_std_init)
+    if posterior_std_max is None:
+        return std
+    _check_std_max(posterior_std_init, posterior_std_max)
+    return bounded_std(std, posterior_std_init, posterior_std_max)
+
+
+def posterior_std_and_log_std(
+    rho: torch.Tensor,
+    parametrisation: str = "softplus",
+    posterior_std_init: float = 1.0,
+    posterior_std_max: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`posterior_std` and `posterior_log_std` of the same `rho`, sharing their work (the KL needs both).
+
+    Args: as `posterior_std`.
+    """
+    std = _unbounded_std(rho, parametrisation, posterior_std_init)
+    log_std = _unbounded_log_std(rho, parametrisation, posterior_std_init)
+    if posterior_std_max is None:
+        return std, log_std
+    _check_std_max(posterior_std_init, posterior_std_max)
+    bent = std > posterior_std_init
+    bounded = bounded_std(std, posterior_std_init, posterior_std_max)
+    # Where the bound bends the std it is >= std_init > 0, so its log is finite; elsewhere the direct log is kept.
+    # The inner where keeps log's gradient finite at the unused entries (a std that underflowed to 0).
+    bounded_log = torch.where(bent, bounded, posterior_std_init).log()
+    return bounded, torch.where(bent, bounded_log, log_std)
+
+
+def _unbounded_log_std(rho: torch.Tensor, parametrisation: str, posterior_std_init: float) -> torch.Tensor:
     _check_parametrisation(parametrisation)
     if parametrisation == "exp_linear":
         scaled = rho / posterior_std_init
@@ -82,16 +144,7 @@ def posterior_log_std(
     return F.softplus(rho).log()
 
 
-def posterior_std(
-    rho: torch.Tensor, parametrisation: str = "softplus", posterior_std_init: float = 1.0
-) -> torch.Tensor:
-    """The posterior standard deviation held by the free parameter `rho`, always >= 0.
-
-    Args:
-        rho: The free parameter.
-        parametrisation: One of `POSTERIOR_STD_PARAMETRISATIONS`; the default is 0.1.0's `softplus(rho)`.
-        posterior_std_init: The `std_init` of the "exp_linear" parametrisation (unused by "softplus").
-    """
+def _unbounded_std(rho: torch.Tensor, parametrisation: str, posterior_std_init: float) -> torch.Tensor:
     _check_parametrisation(parametrisation)
     if parametrisation == "exp_linear":
         # ATen's elu(x, alpha, scale, input_scale) is `x` above 0 and `alpha * (exp(x * input_scale) - 1)` below:
@@ -101,6 +154,57 @@ def posterior_std(
         # the KL takes `posterior_log_std`, which stays exact there.
         return torch.ops.aten.elu(rho, posterior_std_init, 1.0, 1.0 / posterior_std_init) + posterior_std_init
     return F.softplus(rho)
+
+
+def _check_std_max(posterior_std_init: float, posterior_std_max: float) -> None:
+    if not posterior_std_max > posterior_std_init:
+        raise ValueError(
+            f"posterior_std_max must be > posterior_std_init ({posterior_std_init!r}) or None, got "
+            f"{posterior_std_max!r}"
+        )
+
+
+class _SmoothUpperBound(torch.autograd.Function):
+    """`bounded_std` as one autograd node: its forward is about fifteen element-wise ops on every Bayesian factor of
+    every forward pass, and its backward needs only the slope, saved by the forward."""
+
+    @staticmethod
+    def forward(ctx, std: torch.Tensor, std_init: float, std_max: float) -> torch.Tensor:
+        # At least fp32: in half precision the slope (1 + x^2)^(-3/2) underflows to 0 within the range Adam reaches.
+        compute_dtype = torch.promote_types(std.dtype, torch.float32)
+        unbounded = std.to(compute_dtype)
+        headroom = std_max - std_init
+        bent = unbounded > std_init
+        x = (unbounded - std_init).clamp_(min=0).div_(headroom)
+        root = x.square().add_(1).sqrt_()
+        # headroom * (1 - x / root), written as headroom / (root * (root + x)): no cancellation, so the gap to the
+        # bound stays positive (the std < std_max, also in float) and exact as x grows.
+        gap = (root + x).mul_(root).reciprocal_().mul_(headroom)
+        bounded = torch.where(bent, gap.neg_().add_(std_max), unbounded)
+        ctx.save_for_backward(torch.where(bent, root.pow_(-3), 1.0))
+        ctx.std_dtype = std.dtype
+        return bounded.to(std.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (slope,) = ctx.saved_tensors
+        return (grad * slope).to(ctx.std_dtype), None, None
+
+
+def bounded_std(std: torch.Tensor, std_init: float, std_max: float) -> torch.Tensor:
+    """A std bounded smoothly by `std_max`: unchanged up to `std_init`, then approaching `std_max` without reaching it.
+
+    Above `std_init`, `std_max - headroom * (1 - x / sqrt(1 + x^2))`, `headroom = std_max - std_init`,
+    `x = (std - std_init) / headroom`: continuous with slope 1 at `std_init`, slope `(1 + x^2)^(-3/2)` > 0 above, and
+    `std_init + (std - std_init) * (1 - O(x^2))` while the std is well below the bound.
+
+    Args:
+        std: The unbounded std (differentiable).
+        std_init: Where the bound starts to bend (the initial std: a std that has not grown is left as it is).
+        std_max: The bound, > `std_init`.
+    """
+    _check_std_max(std_init, std_max)
+    return _SmoothUpperBound.apply(std, float(std_init), float(std_max))
 
 
 def _check_parametrisation(parametrisation: str) -> None:
@@ -217,19 +321,30 @@ def random_signs(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, 2, tuple(shape), device=like.device, dtype=like.dtype).mul_(2).sub_(1)
 
 
+# `posterior_std_stats`' "near_bound_fraction": a std within this fraction of its bound counts as at the bound.
+NEAR_BOUND_MARGIN = 0.05
+
+
 @torch.no_grad()
-def std_summary(stds: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Mean, min and max over all entries of some standard-deviation tensors, and how many entries there are.
+def std_summary(stds: Iterable[torch.Tensor], bounds: Iterable[float | None] | None = None) -> dict[str, float]:
+    """Mean, min and max over all entries of some standard-deviation tensors, how many entries there are, and which
+    fraction of them is within `NEAR_BOUND_MARGIN` (5%) of its upper bound.
 
     Args:
         stds: Tensors of standard deviations (any shapes); NaN statistics and a zero count if there are none.
+        bounds: The upper bound (`posterior_std_max`) of each tensor, None for an unbounded one (never near its
+            bound); by default all are unbounded.
     """
-    total, count, low, high = 0.0, 0, math.inf, -math.inf
+    total, count, near, low, high = 0.0, 0, 0, math.inf, -math.inf
+    bounds = iter(bounds) if bounds is not None else None
     for std in stds:
+        bound = None if bounds is None else next(bounds)
         std = std.float()
         total += std.sum().item()
         count += std.numel()
         low, high = min(low, std.min().item()), max(high, std.max().item())
+        if bound is not None:
+            near += int((std >= (1.0 - NEAR_BOUND_MARGIN) * bound).sum().item())
     if count == 0:
-        return {"mean": math.nan, "min": math.nan, "max": math.nan, "count": 0}
-    return {"mean": total / count, "min": low, "max": high, "count": count}
+        return {"mean": math.nan, "min": math.nan, "max": math.nan, "count": 0, "near_bound_fraction": math.nan}
+    return {"mean": total / count, "min": low, "max": high, "count": count, "near_bound_fraction": near / count}

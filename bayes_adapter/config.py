@@ -18,6 +18,10 @@ BAYESIAN_FACTORS = ("A", "B", "AB")
 LEGACY_POSTERIOR_STD_PARAMETRISATION = "softplus"
 
 
+# `posterior_std_max="auto"`: this many times `posterior_std_init`.
+DEFAULT_STD_MAX_FACTOR = 10.0
+
+
 # The smallest std accepted: the KL squares `mean / prior_std` and `std / prior_std`, and the adapters train in
 # float32, whose squares overflow past 3.4e38 (a mean of 1 over a prior std of 1e-19) and whose numbers underflow to
 # 0 below 1.4e-45. 1e-12 keeps both far away for any mean a LoRA reaches.
@@ -125,6 +129,20 @@ class BayesLoraConfig(LoraConfig):
             )
         },
     )
+    posterior_std_max: float | Literal["auto"] | None = field(
+        default="auto",
+        metadata={
+            "help": (
+                "Smooth upper bound of every posterior std: the std is unchanged up to posterior_std_init and then "
+                "approaches this value without reaching it (the gradient is never cut off, `bayes.bounded_std`); the "
+                "KL uses the same bounded std. It keeps a large learning rate from growing the stds without limit "
+                "(with kl_weight=0 nothing else holds them, and large stds turn samples into noise). 'auto' (the "
+                f"default) is {DEFAULT_STD_MAX_FACTOR:g} x posterior_std_init, None is unbounded (the paper's and "
+                "bayes-adapter 0.1.0's and 0.2.0's: a config saved without this field loads as None). Must be > "
+                "posterior_std_init."
+            )
+        },
+    )
     kl_weight: float = field(
         default=0.0,
         metadata={
@@ -157,6 +175,18 @@ class BayesLoraConfig(LoraConfig):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         _check_std("posterior_std_init", self.posterior_std_init)
         _check_std("prior_std", self.prior_std)
+        if self.posterior_std_max == "auto":
+            self.posterior_std_max = DEFAULT_STD_MAX_FACTOR * self.posterior_std_init
+        if self.posterior_std_max is not None and (
+            isinstance(self.posterior_std_max, bool)
+            or not isinstance(self.posterior_std_max, (int, float))
+            or not self.posterior_std_init < self.posterior_std_max < math.inf
+        ):
+            raise ValueError(
+                "posterior_std_max must be a finite number > posterior_std_init "
+                f"({self.posterior_std_init!r}), 'auto' ({DEFAULT_STD_MAX_FACTOR:g} x posterior_std_init) or None "
+                f"(unbounded), got {self.posterior_std_max!r}"
+            )
         if (
             isinstance(self.kl_weight, bool)
             or not isinstance(self.kl_weight, (int, float))
@@ -196,9 +226,12 @@ class BayesLoraConfig(LoraConfig):
     def check_kwargs(cls, **kwargs):
         """Called by PEFT on a saved config before building it: what an older config was trained with is kept
         (0.1.0's softplus std; without `embedding_bayesian_factors`, embeddings Bayesian in `bayesian_factors`'s
-        letters, as adapters were built before that field existed)."""
+        letters, as adapters were built before that field existed; without `posterior_std_max`, unbounded stds)."""
         kwargs = super().check_kwargs(**kwargs)
-        legacy = {"posterior_std_parametrisation": saved_parametrisation(kwargs)}
+        legacy = {
+            "posterior_std_parametrisation": saved_parametrisation(kwargs),
+            "posterior_std_max": saved_posterior_std_max(kwargs),
+        }
         if "embedding_bayesian_factors" not in kwargs:
             legacy["embedding_bayesian_factors"] = kwargs.get("bayesian_factors", "B")
         return {**legacy, **kwargs}
@@ -207,3 +240,9 @@ class BayesLoraConfig(LoraConfig):
 def saved_parametrisation(config: dict) -> str:
     """The posterior-std parametrisation a saved config (`adapter_config.json` as a dict) was written with."""
     return config.get("posterior_std_parametrisation") or LEGACY_POSTERIOR_STD_PARAMETRISATION
+
+
+def saved_posterior_std_max(config: dict) -> float | None:
+    """The std bound a saved config (`adapter_config.json` as a dict) was written with: None (unbounded) for a config
+    saved before `posterior_std_max` existed (bayes-adapter 0.1.0 and 0.2.0)."""
+    return config.get("posterior_std_max")

@@ -22,8 +22,8 @@ from .bayes import (
     gaussian_kl,
     initial_rho,
     local_reparameterisation,
-    posterior_log_std,
     posterior_std,
+    posterior_std_and_log_std,
     random_signs,
     sample_weight,
 )
@@ -39,6 +39,7 @@ class BayesSettings:
     prior_std: float
     posterior_std_parametrisation: str
     posterior_std_init: float
+    posterior_std_max: float | None
     sample_at_inference: bool
     train_posterior_std: bool
     kl_weight: float
@@ -180,6 +181,7 @@ class BayesLoraLayer(LoraLayer):
             prior_std=float(config.prior_std),
             posterior_std_parametrisation=config.posterior_std_parametrisation,
             posterior_std_init=float(config.posterior_std_init),
+            posterior_std_max=None if config.posterior_std_max is None else float(config.posterior_std_max),
             sample_at_inference=config.sample_at_inference,
             train_posterior_std=config.train_posterior_std,
             kl_weight=float(config.kl_weight),
@@ -217,29 +219,31 @@ class BayesLoraLayer(LoraLayer):
             self.posterior_rho(adapter_name, factor),
             settings.posterior_std_parametrisation,
             settings.posterior_std_init,
+            settings.posterior_std_max,
+        )
+
+    def posterior_std_and_log_std(self, adapter_name: str, factor: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior std of factor `"A"` or `"B"` of `adapter_name` and its log (computed directly where
+        possible, so that it stays finite where the std underflows)."""
+        settings = self.bayes_settings[adapter_name]
+        return posterior_std_and_log_std(
+            self.posterior_rho(adapter_name, factor),
+            settings.posterior_std_parametrisation,
+            settings.posterior_std_init,
+            settings.posterior_std_max,
         )
 
     def posterior_log_std(self, adapter_name: str, factor: str) -> torch.Tensor:
         """`log(posterior_std)` of factor `"A"` or `"B"` of `adapter_name`, computed directly where possible."""
-        settings = self.bayes_settings[adapter_name]
-        return posterior_log_std(
-            self.posterior_rho(adapter_name, factor),
-            settings.posterior_std_parametrisation,
-            settings.posterior_std_init,
-        )
+        return self.posterior_std_and_log_std(adapter_name, factor)[1]
 
     def kl_divergence(self, adapter_name: str) -> torch.Tensor:
         """Closed-form KL(q || p) of `adapter_name`'s Bayesian factors on this layer."""
         settings = self.bayes_settings[adapter_name]
-        kls = [
-            gaussian_kl(
-                self.factor_mean(f, adapter_name),
-                self.posterior_std(adapter_name, f),
-                settings.prior_std,
-                log_std=self.posterior_log_std(adapter_name, f),
-            )
-            for f in settings.factors
-        ]
+        kls = []
+        for factor in settings.factors:
+            std, log_std = self.posterior_std_and_log_std(adapter_name, factor)
+            kls.append(gaussian_kl(self.factor_mean(factor, adapter_name), std, settings.prior_std, log_std=log_std))
         return torch.stack(kls).sum()
 
     # --- forward ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import _peft_compat
 from ._peft_compat import BaseTunerLayer, LoraLayer, PluginLoraModel
-from .bayes import gaussian_kl, posterior_log_std, posterior_std, std_summary
+from .bayes import gaussian_kl, posterior_std_and_log_std, std_summary
 from .config import BayesLoraConfig
 from .layer import BayesLoraLayer, bayes_layer_class
 
@@ -163,22 +163,27 @@ def _weighted_kl(model: nn.Module, adapter_names: list[str] | None, use_kl_weigh
     The closed form runs once per (prior std, weight) group over the concatenated parameters of all layers: per-layer
     evaluation costs ~12 autograd ops per factor, several percent of a small UNet's step (benchmarks/RESULTS.md).
     """
-    groups: dict[tuple[float, float, str, float], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    groups: dict[tuple[float, float, str, float, float | None], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for layer in bayes_layers(model):
         for name in _selected_adapters(layer, adapter_names):
             settings = layer.bayes_settings[name]
             weight = settings.kl_weight if use_kl_weight else 1.0
             if not weight:
                 continue
-            key = (settings.prior_std, weight, settings.posterior_std_parametrisation, settings.posterior_std_init)
+            key = (
+                settings.prior_std,
+                weight,
+                settings.posterior_std_parametrisation,
+                settings.posterior_std_init,
+                settings.posterior_std_max,
+            )
             means, rhos = groups.setdefault(key, ([], []))
             for factor in settings.factors:
                 means.append(layer.factor_mean(factor, name).reshape(-1))
                 rhos.append(layer.posterior_rho(name, factor).reshape(-1))
     total = _zero_like_model(model)
-    for (prior_std, weight, parametrisation, std_init), (means, rhos) in groups.items():
-        rho = torch.cat(rhos)
-        std, log_std = posterior_std(rho, parametrisation, std_init), posterior_log_std(rho, parametrisation, std_init)
+    for (prior_std, weight, parametrisation, std_init, std_max), (means, rhos) in groups.items():
+        std, log_std = posterior_std_and_log_std(torch.cat(rhos), parametrisation, std_init, std_max)
         kl = gaussian_kl(torch.cat(means), std, prior_std, log_std=log_std)
         total = total + (kl if weight == 1.0 else weight * kl)
     return total
@@ -248,10 +253,13 @@ def param_groups(model: nn.Module, posterior_std_lr: float | None = None) -> lis
     return groups + [posterior] if posterior["params"] else groups
 
 
-def _posterior_std_tensors(model: nn.Module, adapter_names: Iterable[str] | str | None) -> Iterator[torch.Tensor]:
+def _posterior_std_tensors(
+    model: nn.Module, adapter_names: Iterable[str] | str | None
+) -> Iterator[tuple[torch.Tensor, float | None]]:
+    """Each Bayesian factor's posterior std (detached) with its bound (`posterior_std_max`, None for none)."""
     adapter_names = _check_adapter_names(model, adapter_names)
     return (
-        layer.posterior_std(name, factor).detach()
+        (layer.posterior_std(name, factor).detach(), layer.bayes_settings[name].posterior_std_max)
         for layer in bayes_layers(model)
         for name in _selected_adapters(layer, adapter_names)
         for factor in layer.bayes_settings[name].factors
@@ -259,13 +267,18 @@ def _posterior_std_tensors(model: nn.Module, adapter_names: Iterable[str] | str 
 
 
 def posterior_std_stats(model: nn.Module, adapter_names: Iterable[str] | str | None = None) -> dict[str, float]:
-    """Mean, min and max posterior standard deviation over the Bayesian weights, and how many there are.
+    """Mean, min and max posterior standard deviation over the Bayesian weights, how many there are, and the fraction
+    within 5% of their bound (`posterior_std_max`; "near_bound_fraction", 0 where no std is bounded).
+
+    Many stds at their bound mean the optimiser pushes them up as far as the bound lets it: with kl_weight=0 a sign
+    that the learning rate is too large for the stds.
 
     Args:
         model: A model holding Bayesian LoRA layers.
         adapter_names: The adapters to include; by default the active ones.
     """
-    return std_summary(_posterior_std_tensors(model, adapter_names))
+    pairs = list(_posterior_std_tensors(model, adapter_names))
+    return std_summary((std for std, _ in pairs), (bound for _, bound in pairs))
 
 
 def posterior_stds(model: nn.Module, adapter_names: Iterable[str] | str | None = None) -> torch.Tensor:
@@ -275,7 +288,7 @@ def posterior_stds(model: nn.Module, adapter_names: Iterable[str] | str | None =
         model: A model holding Bayesian LoRA layers.
         adapter_names: The adapters to include; by default the active ones.
     """
-    stds = [std.float().reshape(-1).cpu() for std in _posterior_std_tensors(model, adapter_names)]
+    stds = [std.float().reshape(-1).cpu() for std, _ in _posterior_std_tensors(model, adapter_names)]
     return torch.cat(stds) if stds else torch.zeros(0)
 
 
