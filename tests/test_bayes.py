@@ -5,15 +5,18 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from bayes_adapter.bayes import (
+    bounded_std,
     elbo_kl_weight,
     gaussian_kl,
     initial_rho,
     local_reparameterisation,
     posterior_log_std,
     posterior_std,
+    posterior_std_and_log_std,
     random_signs,
     sample_weight,
     softplus_inverse,
+    std_summary,
 )
 
 
@@ -89,8 +92,6 @@ def test_local_reparameterisation_gradients_match_plain_autograd():
 
 
 def test_std_summary():
-    from bayes_adapter.bayes import std_summary
-
     summary = std_summary([torch.tensor([0.1, 0.3]), torch.tensor([[0.2]])])
     assert summary["count"] == 3
     assert summary["mean"] == pytest.approx(0.2) and summary["min"] == pytest.approx(0.1)
@@ -163,3 +164,95 @@ def test_elbo_kl_weight():
 def test_elbo_kl_weight_rejects_bad_input(shape, steps, message):
     with pytest.raises(ValueError, match=message):
         elbo_kl_weight(shape, steps)
+
+
+PARAMETRISATIONS = ["exp_linear", "softplus"]
+
+
+@pytest.mark.parametrize("parametrisation", PARAMETRISATIONS)
+def test_bounded_std_starts_at_the_initial_std_and_is_unchanged_below_it(parametrisation):
+    std_init, std_max = 0.01, 0.1
+    rho0 = initial_rho(std_init, parametrisation)
+    rho = rho0 + torch.tensor([-0.3, -0.05, -0.001, 0.0])
+    bounded = posterior_std(rho, parametrisation, std_init, std_max)
+    unbounded = posterior_std(rho, parametrisation, std_init)
+    below = unbounded <= std_init
+    assert below[:3].all()
+    assert torch.equal(bounded[below], unbounded[below])
+    if parametrisation == "exp_linear":
+        assert (
+            posterior_std(torch.zeros(()), parametrisation, std_init, std_max).item() == torch.tensor(std_init).item()
+        )
+    else:  # softplus(softplus_inverse(std_init)) is std_init to float32 rounding, bounded or not
+        assert bounded[3].item() == pytest.approx(std_init, rel=1e-6)
+
+
+@pytest.mark.parametrize("parametrisation", PARAMETRISATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bounded_std_rises_towards_the_bound_without_reaching_it_and_keeps_its_gradient(parametrisation, dtype):
+    std_init, std_max = 0.01, 0.1
+    excess = torch.tensor([1e-6, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0, 1e4], dtype=dtype)
+    rho = (initial_rho(std_init, parametrisation) + excess).requires_grad_()
+    std = posterior_std(rho, parametrisation, std_init, std_max)
+    (grad,) = torch.autograd.grad(std.sum(), rho)
+    assert (std[1:] > std[:-1]).all() and (std > std_init).all()
+    assert (std < std_max).all() if dtype == torch.float64 else (std <= std_max).all()
+    assert std[-3].item() > 0.99 * std_max  # rho 10 above the start: within 1% of the bound
+    assert torch.isfinite(grad).all() and (grad > 0).all()
+    # Up to the bend the std grows as the unbounded one: slope 1 (exp_linear) or sigmoid(rho) (softplus).
+    (unbounded_grad,) = torch.autograd.grad(posterior_std(rho, parametrisation, std_init).sum(), rho)
+    assert grad[0].item() == pytest.approx(unbounded_grad[0].item(), rel=1e-4)
+
+
+def test_bounded_std_is_the_documented_curve_and_its_gradient_is_exact():
+    std_init, std_max = 0.02, 0.3
+    headroom = std_max - std_init
+    std = torch.tensor([0.001, 0.02, 0.021, 0.1, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    x = (std - std_init).clamp(min=0) / headroom
+    expected = torch.where(std > std_init, std_max - headroom * (1 - x / torch.sqrt(1 + x * x)), std)
+    torch.testing.assert_close(bounded_std(std, std_init, std_max), expected)
+    assert torch.autograd.gradcheck(lambda s: bounded_std(s, std_init, std_max), (std,))
+
+
+@pytest.mark.parametrize("parametrisation", PARAMETRISATIONS)
+def test_bounded_log_std_is_the_log_of_the_bounded_std_and_stays_finite(parametrisation):
+    std_init, std_max = 0.01, 0.1
+    rho = initial_rho(std_init, parametrisation) + torch.tensor([-0.05, 0.0, 0.02, 0.5, 50.0])
+    rho.requires_grad_()
+    std, log_std = posterior_std_and_log_std(rho, parametrisation, std_init, std_max)
+    torch.testing.assert_close(std, posterior_std(rho, parametrisation, std_init, std_max))
+    torch.testing.assert_close(log_std, posterior_log_std(rho, parametrisation, std_init, std_max))
+    torch.testing.assert_close(log_std, std.log())
+    # Where the exp_linear std underflows to 0 the log stays exact and the KL finite, as without a bound.
+    deep = torch.full((2,), -5.0, requires_grad=True)
+    std, log_std = posterior_std_and_log_std(deep, "exp_linear", std_init, std_max)
+    kl = gaussian_kl(torch.zeros(2), std, 0.01, log_std=log_std)
+    kl.backward()
+    assert (std == 0).all() and torch.isfinite(kl) and torch.isfinite(deep.grad).all()
+    assert log_std[0].item() == pytest.approx(-5.0 / std_init + math.log(std_init))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bounded_std_in_half_precision_keeps_its_dtype_bound_and_gradient(dtype):
+    rho = torch.tensor([-0.01, 0.0, 0.05, 5.0, 20.0], dtype=dtype, requires_grad=True)
+    std = posterior_std(rho, "exp_linear", 0.01, 0.1)
+    assert std.dtype == dtype and (std <= torch.tensor(0.1, dtype=dtype)).all()
+    std.float().sum().backward()
+    assert rho.grad.dtype == dtype and torch.isfinite(rho.grad).all()
+
+
+@pytest.mark.parametrize("std_max", [0.01, 0.005, -1.0, math.nan])
+def test_a_bound_not_above_the_initial_std_is_refused(std_max):
+    with pytest.raises(
+        ValueError, match=rf"posterior_std_max must be > posterior_std_init \(0.01\) or None, got {std_max!r}"
+    ):
+        posterior_std(torch.zeros(2), "exp_linear", 0.01, std_max)
+
+
+def test_std_summary_counts_the_stds_near_their_bound():
+    stds = [torch.tensor([0.094, 0.095, 0.0999]), torch.tensor([0.5, 0.01]), torch.tensor([0.19, 0.2])]
+    summary = std_summary(stds, [0.1, None, 0.2])
+    # 0.095 and 0.0999 of the first (>= 0.95 x 0.1), 0.19 and 0.2 of the third; the unbounded 0.5 is not near.
+    assert summary["count"] == 7 and summary["near_bound_fraction"] == pytest.approx(4 / 7)
+    assert std_summary(stds)["near_bound_fraction"] == 0.0
+    assert math.isnan(std_summary([], [])["near_bound_fraction"])

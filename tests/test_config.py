@@ -61,6 +61,13 @@ def test_every_new_field_has_help():
         ({"use_dora": True, "estimator": "flipout"}, "use_dora=True needs estimator='weight', got .*'flipout'"),
         ({"init_lora_weights": "mica"}, "init_lora_weights='mica' is a LoRA variant"),
         ({"target_parameters": ["weight"]}, "target_parameters=.* is not supported by BayesLoraConfig"),
+        ({"posterior_std_max": 0.01}, r"posterior_std_max must be a finite number > posterior_std_init \(0.01\), "),
+        ({"posterior_std_max": 0.005}, r"posterior_std_max must be .*, got 0.005"),
+        ({"posterior_std_max": float("inf")}, r"posterior_std_max must be .*, got inf"),
+        ({"posterior_std_max": float("nan")}, r"posterior_std_max must be .*, got nan"),
+        ({"posterior_std_max": "none"}, r"posterior_std_max must be .* or None \(unbounded\), got 'none'"),
+        ({"posterior_std_max": True}, r"posterior_std_max must be .*, got True"),
+        ({"posterior_std_init": 0.2, "posterior_std_max": 0.1}, r"> posterior_std_init \(0.2\), .* got 0.1"),
     ],
 )
 def test_invalid_fields_raise_naming_field_and_value(kwargs, message):
@@ -103,3 +110,25 @@ def test_the_smallest_accepted_stds_give_a_finite_kl():
     )
     randomise(model)
     assert torch.isfinite(bayes_adapter.kl_divergence(model))
+
+
+def test_the_std_bound_defaults_to_ten_times_the_initial_std_and_round_trips(tmp_path):
+    assert BayesLoraConfig().posterior_std_max == pytest.approx(0.1)
+    assert BayesLoraConfig(posterior_std_init=0.003).posterior_std_max == pytest.approx(0.03)
+    assert BayesLoraConfig(posterior_std_max=None).posterior_std_max is None
+    for value in (0.5, None):
+        BayesLoraConfig(posterior_std_max=value).save_pretrained(tmp_path / str(value))
+        loaded = BayesLoraConfig.from_pretrained(tmp_path / str(value))
+        assert loaded.posterior_std_max == value
+
+
+def test_a_config_saved_without_the_std_bound_loads_unbounded(tmp_path):
+    import json
+
+    BayesLoraConfig(target_modules=["to_q"]).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["posterior_std_max"] == pytest.approx(0.1)
+    del saved["posterior_std_max"]
+    path.write_text(json.dumps(saved))
+    assert BayesLoraConfig.from_pretrained(tmp_path).posterior_std_max is None

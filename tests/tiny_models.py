@@ -39,6 +39,8 @@ TINY_UNET_CONFIG = dict(
 
 # A Bayesian LoRA adapter saved by bayes-adapter 0.1.0 (see tests/fixtures/make_adapter_v0_1_0.py), over tiny_unet().
 ADAPTER_V0_1_0 = Path(__file__).resolve().parent / "fixtures" / "adapter_v0_1_0"
+# One saved by bayes-adapter 0.2.0 (exp_linear, no std bound), with 0.2.0's export (make_adapter_v0_2_0.py).
+ADAPTER_V0_2_0 = Path(__file__).resolve().parent / "fixtures" / "adapter_v0_2_0"
 
 
 def tiny_unet(seed: int = 0, block_out_channels: tuple[int, int] = (4, 8), **overrides) -> UNet2DConditionModel:

@@ -146,6 +146,8 @@ def make_adapter_config(arm: str, cfg: ExperimentConfig, kl_weight: float):
         "prior_std": cfg.sigma,
         "estimator": "weight",
         "sample_at_inference": False,
+        # Unbounded stds, as the paper and every recorded run of these arms (before the package's default bound).
+        "posterior_std_max": None,
     }
     if arm == "bayes_paper":
         return BayesLoraConfig(train_posterior_std=True, kl_weight=0.0, **bayes, **common)
