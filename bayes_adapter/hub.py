@@ -104,6 +104,11 @@ def _family_tags(base_model: str | None, component: str) -> list[str]:
     return ["stable-diffusion", "stable-diffusion-diffusers"] if component == "unet" else []
 
 
+def _format_bound(bound: object) -> str:
+    # A summary without the field was exported before the bound existed: its stds were unbounded.
+    return "none (unbounded)" if bound is None else _format_float(bound)
+
+
 def _format_float(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
@@ -180,8 +185,13 @@ def build_model_card(
         f"| KL weight | {bayesian.get('kl_weight')} |",
         f"| posterior std learned | {bayesian.get('train_posterior_std')} |",
         f"| posterior std parametrisation | {bayesian.get('posterior_std_parametrisation')} |",
+        f"| posterior std bound (posterior_std_max) | {_format_bound(bayesian.get('posterior_std_max'))} |",
         f"| posterior std (mean / min / max) | {_format_float(stats.get('mean'))} / {_format_float(stats.get('min'))}"
         f" / {_format_float(stats.get('max'))} over {stats.get('count')} weights |",
+    ]
+    if bayesian.get("posterior_std_max") is not None and stats.get("near_bound_fraction") is not None:
+        lines.append(f"| posterior stds within 5% of the bound | {stats['near_bound_fraction']:.1%} |")
+    lines += [
         "",
         "Inference uses the posterior mean only: the exported LoRA gives exactly the Bayesian adapter's outputs in "
         "eval mode.",

@@ -41,6 +41,7 @@ def test_help_lists_every_bayesian_option(capsys):
         "train_posterior_std",
         "kl_weight",
         "posterior_std_parametrisation",
+        "posterior_std_max",
     }
     for field in BAYESIAN_CONFIG_FIELDS:
         assert ("--fixed_posterior_std" if field == "train_posterior_std" else f"--{field}") in text

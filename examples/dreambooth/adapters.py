@@ -31,6 +31,7 @@ def lora_config(settings, target_modules: str, kl_weight: float):
         estimator=settings.estimator,
         kl_weight=kl_weight,
         posterior_std_parametrisation=settings.posterior_std_parametrisation,
+        posterior_std_max=settings.posterior_std_max,
         train_posterior_std=not settings.fixed_posterior_std,
         sample_at_inference=settings.sample_at_inference,
     )

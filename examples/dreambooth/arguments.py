@@ -45,6 +45,19 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def posterior_std_max_arg(value: str) -> float | str | None:
+    """`--posterior_std_max`: a number, 'none' (unbounded) or 'auto' (checked with the other Bayesian settings)."""
+    word = value.strip().lower()
+    if word in ("none", "auto"):
+        return None if word == "none" else "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number > --posterior_std_init, 'auto' or 'none', got {value!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The script's argument parser (argparse checks types and choices; `settings.check_settings` the rest)."""
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
@@ -217,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["exp_linear", "softplus"],
         help="How the posterior std is stored: exp_linear (exponential below --posterior_std_init, linear above; "
         "learns at LoRA learning rates) or softplus (0.1.0's; barely moves at fine-tuning learning rates).",
+    )
+    bayes.add_argument(
+        "--posterior_std_max",
+        type=posterior_std_max_arg,
+        default="auto",
+        help="Smooth upper bound of every posterior std: a number > --posterior_std_init, 'auto' (the default: 10 x "
+        "--posterior_std_init) or 'none' (unbounded, as the paper and bayes-adapter <= 0.2.0). The std approaches it "
+        "without reaching it; it keeps a large --learning_rate from growing the stds until samples turn to noise. "
+        "Saved with the adapter; the logs' sigma_near_bound_fraction is the fraction of stds within 5%% of it.",
     )
     bayes.add_argument(
         "--fixed_posterior_std",

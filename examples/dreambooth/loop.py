@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
+# Warn (once) when more than this fraction of a model's posterior stds is within 5% of its bound.
+NEAR_BOUND_WARNING_FRACTION = 0.1
+
 
 def train(settings: Settings, accelerator, models: Models, data: TrainingData, state: TrainingState) -> None:
     """The loop: `max_train_steps` optimizer steps, with checkpoints, validation and logs on their schedules."""
@@ -125,10 +128,29 @@ def after_step(settings: Settings, accelerator, models: Models, data, state: Tra
             stats = bayes_adapter.posterior_std_stats(unwrap(accelerator, model))
             prefix = "sigma_" if name == settings.family.denoiser else f"sigma_{name}_"
             logs.update({f"{prefix}{key}": value for key, value in stats.items() if key != "count"})
+            warn_near_bound(settings, state, name, stats["near_bound_fraction"])
     accelerator.log(logs, step=step)
     if step == 1 or step % settings.validation_steps == 0:
         log_std_histograms(accelerator, state.wrapped, step)
     return logs
+
+
+def warn_near_bound(settings: Settings, state: TrainingState, name: str, fraction: float) -> None:
+    """Warns once per run when more than `NEAR_BOUND_WARNING_FRACTION` of a model's stds sit at their bound."""
+    if state.warned_near_bound or not fraction > NEAR_BOUND_WARNING_FRACTION:
+        return
+    from bayes_adapter.config import DEFAULT_STD_MAX_FACTOR
+
+    state.warned_near_bound = True
+    bound = settings.posterior_std_max
+    if bound == "auto":
+        bound = f"auto = {DEFAULT_STD_MAX_FACTOR * settings.posterior_std_init:g}"
+    logger.warning(
+        f"step {state.global_step}: {fraction:.0%} of the {name}'s posterior stds are within 5% of their bound "
+        f"(--posterior_std_max {bound}): the optimiser pushes them as far as the bound lets "
+        "it. The bound keeps them from turning samples to noise, but a lower --learning_rate (or "
+        "--posterior_std_learning_rate) keeps them inside it. Logged as sigma_near_bound_fraction; warned once."
+    )
 
 
 def save_and_export(settings: Settings, accelerator, models: Models, data: TrainingData, state: TrainingState) -> dict:

@@ -101,6 +101,7 @@ _CONFIG_FLAGS = {
             "estimator",
             "kl_weight",
             "posterior_std_parametrisation",
+            "posterior_std_max",
             "sample_at_inference",
         )
     },

@@ -71,6 +71,7 @@ class TrainingState:
     guidance_scale: float | None
     global_step: int = 0
     first_epoch: int = 0
+    warned_near_bound: bool = False  # the warning that many posterior stds sit at --posterior_std_max, given once
     components: dict = field(default_factory=dict)  # every pipeline component, for validation pipelines
 
 
