@@ -37,3 +37,93 @@ def test_bad_validation_prompts_file_is_refused_naming_it(tiny_sd, tmp_path, ins
     argv = dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", "--validation_prompts_file", str(path))
     with pytest.raises(ArgumentsError, match=f"--validation_prompts_file='{path}' {message}"):
         parse_args(argv)
+
+
+# --- aspect-ratio buckets -----------------------------------------------------------------------------------------
+
+
+def write_image(path, width: int, height: int, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "width, height, expected",
+    [
+        (40, 40, (32, 32)),
+        (64, 32, (24, 48)),  # 2:1 at about 32^2 pixels, sides multiples of 8
+        (32, 64, (48, 24)),
+        (400, 40, (16, 64)),  # 10:1 is trained at the widest ratio, 4:1
+    ],
+)
+def test_bucket_size_keeps_the_aspect_ratio_at_about_the_resolution_squared(width, height, expected):
+    from examples.dreambooth.buckets import bucket_size
+
+    assert bucket_size(width, height, 32, 8) == expected
+
+
+def test_a_bucketed_image_is_resized_whole_not_centre_cropped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from examples.dreambooth.data import load_image
+
+    path = write_image(tmp_path / "wide.png", 64, 32)
+    pixels, time_ids = load_image(path, (24, 48))
+    whole = np.asarray(Image.open(path).convert("RGB").resize((48, 24), Image.BILINEAR), dtype=np.float32)
+    assert pixels.shape == (3, 24, 48)
+    assert np.array_equal(pixels.permute(1, 2, 0).numpy(), whole / 127.5 - 1.0)
+    assert time_ids.tolist() == [32, 64, 0, 0, 24, 48]
+    square, _ = load_image(path, 32)  # without buckets: the centre square, as before
+    assert square.shape == (3, 32, 32)
+
+
+def test_bucket_batches_hold_one_bucket_and_cover_every_image_once():
+    from examples.dreambooth.buckets import BucketBatchSampler
+
+    buckets = [(24, 40), (40, 24), (24, 40), (32, 32), (24, 40), (40, 24)]
+    sampler = BucketBatchSampler(buckets, batch_size=2)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 4  # (24, 40): 2 + 1, (40, 24): 1, (32, 32): 1
+    assert sorted(i for batch in batches for i in batch) == list(range(len(buckets)))
+    assert all(len({buckets[i] for i in batch}) == 1 and len(batch) <= 2 for batch in batches)
+
+
+@pytest.mark.parametrize("cache", [[], ["--cache_latents"]])
+def test_mixed_aspect_ratios_with_captions_train_in_buckets_at_batch_size_2(
+    tiny_sd, tmp_path, monkeypatch, fresh_accelerate_state, cache
+):
+    from examples.dreambooth import families, training
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, (width, height) in enumerate([(48, 32), (45, 30), (32, 48), (30, 45), (40, 40)]):
+        write_image(folder / f"{i}.png", width, height, seed=i)
+        (folder / f"{i}.txt").write_text(f"a photo of sks dog, view {i}", encoding="utf-8")
+    seen = []
+    family = families.FAMILIES["sd"]
+    predict = family.predict
+
+    def recording_predict(denoiser, noisy, *args, **kwargs):
+        seen.append(tuple(noisy.shape))
+        return predict(denoiser, noisy, *args, **kwargs)
+
+    monkeypatch.setattr(family, "predict", recording_predict)
+    extra = ["--aspect_ratio_buckets", "--train_batch_size", "2", "--max_train_steps", "3", *cache]
+    result = training.main(parse_args(dreambooth_args(tiny_sd, folder, tmp_path / "out", *extra)))
+    assert result["global_step"] == 3
+    # 32 px buckets: 3:2 -> 24x40 px, 2:3 -> 40x24 px, 1:1 -> 32x32 px; the tiny VAE halves them.
+    assert sorted(seen) == [(1, 4, 16, 16), (2, 4, 12, 20), (2, 4, 20, 12)]
+
+
+def test_buckets_with_prior_preservation_are_refused(tiny_sd, tmp_path, instance_dir):
+    extra = ["--aspect_ratio_buckets", "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class")]
+    argv = dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", *extra, "--class_prompt", "a photo of dog")
+    with pytest.raises(
+        ArgumentsError, match="--aspect_ratio_buckets cannot be combined with --with_prior_preservation"
+    ):
+        parse_args(argv)

@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="Training resolution in pixels (divisible by 8, by 16 for Flux); use 1024 for SDXL, SD3 and Flux.",
     )
+    data.add_argument(
+        "--aspect_ratio_buckets",
+        action="store_true",
+        help="Train each instance image in its own aspect ratio at about --resolution^2 pixels (sides multiples of "
+        "16, or 8 for SD/SDXL/SD3), resized to cover its bucket and only the excess cropped, instead of a square "
+        "crop; each batch is drawn from one bucket, and --cache_latents caches each image at its bucket. Not with "
+        "--with_prior_preservation. Off by default (then --resolution is the square side).",
+    )
     data.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop.")
     data.add_argument("--random_flip", action="store_true", help="Flip training images horizontally at random.")
     data.add_argument(

@@ -54,28 +54,33 @@ def instance_captions(images: list[Path], settings) -> list[str]:
     return prompts
 
 
-def load_image(path: Path, size: int, center_crop: bool = True, flip: bool = False):
-    """Opens, resizes (shorter side to `size`) and crops an image.
+def load_image(path: Path, size: int | tuple[int, int], center_crop: bool = True, flip: bool = False):
+    """Opens, resizes (to cover `size`) and crops an image.
+
+    Args:
+        size: A square side, or a bucket's `(height, width)`; the image is scaled to cover it and only the excess
+            (along one side) is cropped.
 
     Returns:
-        `(pixels, time_ids)`: a `(3, size, size)` float tensor in [-1, 1], and SDXL's micro-conditioning (original
+        `(pixels, time_ids)`: a `(3, height, width)` float tensor in [-1, 1], and SDXL's micro-conditioning (original
         height and width, crop top and left, target height and width).
     """
+    height, width = (size, size) if isinstance(size, int) else size
     image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     original = (image.height, image.width)
-    scale = size / min(image.size)
+    scale = max(width / image.width, height / image.height)
     image = image.resize(
-        (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BILINEAR
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BILINEAR
     )
     if center_crop:
-        top, left = (image.height - size) // 2, (image.width - size) // 2
+        top, left = (image.height - height) // 2, (image.width - width) // 2
     else:
-        top, left = random.randint(0, image.height - size), random.randint(0, image.width - size)
-    image = image.crop((left, top, left + size, top + size))
+        top, left = random.randint(0, image.height - height), random.randint(0, image.width - width)
+    image = image.crop((left, top, left + width, top + height))
     if flip and random.random() < 0.5:
         image = ImageOps.mirror(image)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    return pixels, torch.tensor([*original, top, left, size, size], dtype=torch.float32)
+    return pixels, torch.tensor([*original, top, left, height, width], dtype=torch.float32)
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
@@ -105,6 +110,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
+    def size_of(self, image: Path) -> int | tuple[int, int]:
+        """The square side, or with aspect-ratio buckets (`size` a `{image: (height, width)}` dict) its bucket."""
+        return self.size[image] if isinstance(self.size, dict) else self.size
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """The bucket of every index (aspect-ratio buckets only), for `buckets.BucketBatchSampler`."""
+        return [self.size[image] for image in self.instance_images]
+
     def __getitem__(self, index: int) -> dict:
         example = {}
         i = index % len(self.instance_images)
@@ -117,7 +130,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                 mean, std, time_ids = self.latent_cache[(image, self.random_flip and random.random() < 0.5)]
                 example[f"{kind}_latents"] = mean + std * torch.randn_like(mean)  # a sample of the VAE posterior
             else:
-                pixels, time_ids = load_image(image, self.size, self.center_crop, self.random_flip)
+                pixels, time_ids = load_image(image, self.size_of(image), self.center_crop, self.random_flip)
                 example[f"{kind}_pixels"] = pixels
             example.update({f"{kind}_time_ids": time_ids, f"{kind}_prompt": prompt})
         return example
@@ -134,10 +147,11 @@ def collate(examples: list[dict], with_prior_preservation: bool) -> dict:
     }
 
 
-def cache_latents(vae, images: list[Path], size: int, random_flip: bool, device, dtype, vae_input=None) -> dict:
+def cache_latents(vae, images: list[Path], size, random_flip: bool, device, dtype, vae_input=None) -> dict:
     """`--cache_latents`: each image's VAE posterior (mean and std) at the centre crop, and mirrored with `--random_flip`.
 
-    `vae_input` turns a batch of images into what the VAE encodes (the family's `vae_input`), if given.
+    `size` is a square side or, with aspect-ratio buckets, `{image: (height, width)}`. `vae_input` turns a batch of
+    images into what the VAE encodes (the family's `vae_input`), if given.
 
     Returns:
         `dict`: `{(image, mirrored): (mean, std, time_ids)}`, on the CPU.
@@ -147,7 +161,7 @@ def cache_latents(vae, images: list[Path], size: int, random_flip: bool, device,
     cache = {}
     with torch.no_grad():
         for image in tqdm(dict.fromkeys(images), desc="Caching latents"):
-            pixels, time_ids = load_image(image, size, center_crop=True)
+            pixels, time_ids = load_image(image, size[image] if isinstance(size, dict) else size, center_crop=True)
             for mirrored in (False, True) if random_flip else (False,):
                 view = pixels.flip(-1) if mirrored else pixels
                 view = view[None].to(device, dtype)

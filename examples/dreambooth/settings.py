@@ -154,6 +154,11 @@ def check_settings(settings: Settings) -> Settings:
             raise ValueError(f"--class_data_dir={settings.class_data_dir!r} exists but is not a folder.")
         if class_dir.is_dir():
             list_images(class_dir, "--class_data_dir")
+        if settings.aspect_ratio_buckets:
+            raise ValueError(
+                "--aspect_ratio_buckets cannot be combined with --with_prior_preservation (a batch stacks instance and "
+                "class images, which would need the same bucket); drop one of them."
+            )
     elif settings.class_data_dir or settings.class_prompt:
         logging.getLogger(__name__).warning(
             "--class_data_dir/--class_prompt are ignored without --with_prior_preservation."

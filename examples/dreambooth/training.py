@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .adapters import (
     unwrap,
 )
 from .arguments import QUANTISATION_METHODS
+from .buckets import BucketBatchSampler, bucket_sizes
 from .loop import save_and_export, train
 from .outputs import remove_previous_run
 from .settings import ArgumentsError, Settings, parse_args, resolve_model
@@ -200,6 +202,11 @@ def load_data(settings: Settings, accelerator, models: Models) -> TrainingData:
         class_images = dreambooth_data.list_images(Path(settings.class_data_dir), "--class_data_dir")
         class_images = class_images[: settings.num_class_images]
     captions = dreambooth_data.instance_captions(instance_images, settings)
+    size = settings.resolution
+    if settings.aspect_ratio_buckets:
+        size = bucket_sizes(instance_images, settings.resolution, settings.family.resolution_multiple)
+        counts = Counter(size.values())
+        logger.info(f"--aspect_ratio_buckets: {dict(counts)} images per (height, width) bucket")
     latent_cache = None
     if settings.cache_latents:
         if not settings.center_crop:
@@ -207,7 +214,7 @@ def load_data(settings: Settings, accelerator, models: Models) -> TrainingData:
         latent_cache = dreambooth_data.cache_latents(
             models.vae,
             instance_images + class_images,
-            settings.resolution,
+            size,
             settings.random_flip,
             accelerator.device,
             models.vae_dtype,
@@ -216,7 +223,7 @@ def load_data(settings: Settings, accelerator, models: Models) -> TrainingData:
     dataset = dreambooth_data.DreamBoothDataset(
         instance_images,
         captions,
-        settings.resolution,
+        size,
         class_images,
         settings.class_prompt,
         settings.center_crop,
@@ -226,12 +233,14 @@ def load_data(settings: Settings, accelerator, models: Models) -> TrainingData:
         latent_cache=latent_cache,
     )
     with_prior = settings.with_prior_preservation
+    collate = lambda examples: dreambooth_data.collate(examples, with_prior)  # noqa: E731
+    if settings.aspect_ratio_buckets:  # each batch from one bucket, so that its images stack
+        sampler = BucketBatchSampler(dataset.buckets(), settings.train_batch_size)
+        batching = {"batch_sampler": sampler}
+    else:
+        batching = {"batch_size": settings.train_batch_size, "shuffle": True}
     dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=settings.train_batch_size,
-        shuffle=True,
-        num_workers=settings.dataloader_num_workers,
-        collate_fn=lambda examples: dreambooth_data.collate(examples, with_prior),
+        dataset, num_workers=settings.dataloader_num_workers, collate_fn=collate, **batching
     )
     reference = torch.stack([dreambooth_data.load_image(path, settings.resolution)[0] for path in instance_images])
     # Frozen text encoders: every prompt the run can see is encoded once (diffusers' precomputed embeddings).
