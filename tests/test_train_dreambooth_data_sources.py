@@ -127,3 +127,80 @@ def test_buckets_with_prior_preservation_are_refused(tiny_sd, tmp_path, instance
         ArgumentsError, match="--aspect_ratio_buckets cannot be combined with --with_prior_preservation"
     ):
         parse_args(argv)
+
+
+# --- --dataset_name: a local imagefolder with metadata.jsonl --------------------------------------------------------
+
+
+def imagefolder(tmp_path, rows: list[dict], images: dict[str, tuple[int, int]]):
+    import json
+
+    folder = tmp_path / "dataset"
+    (folder / "train").mkdir(parents=True)
+    for i, (name, (width, height)) in enumerate(images.items()):
+        write_image(folder / name, width, height, seed=i)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return folder
+
+
+def dataset_args(tiny_sd, folder, out, *extra) -> list[str]:
+    argv = dreambooth_args(tiny_sd, "unused", out, *extra)
+    index = argv.index("--instance_data_dir")
+    return [*argv[:index], "--dataset_name", str(folder), *argv[index + 2 :]]
+
+
+def test_dataset_name_reads_captions_from_metadata_and_trains(tiny_sd, tmp_path, monkeypatch, fresh_accelerate_state):
+    from examples.dreambooth import data as dreambooth_data
+    from examples.dreambooth import training
+
+    rows = [
+        {"file_name": "train/a.png", "caption": "a photo of sks dog on grass"},
+        {"file_name": "train/b.png", "caption": "a photo of sks dog in snow", "extra": 1},
+        {"file_name": "c.png"},  # no caption: --instance_prompt
+    ]
+    folder = imagefolder(tmp_path, rows, {"train/a.png": (40, 40), "train/b.png": (48, 32), "c.png": (32, 32)})
+    argv = dataset_args(tiny_sd, folder, tmp_path / "out", "--caption_column", "caption", "--max_train_steps", "2")
+    settings = parse_args(argv)
+    images, captions = dreambooth_data.instance_images_and_captions(settings)
+    assert [p.name for p in images] == ["a.png", "b.png", "c.png"]
+    assert captions == ["a photo of sks dog on grass", "a photo of sks dog in snow", "a photo of sks dog"]
+    prompts = []
+    dataset_class = dreambooth_data.DreamBoothDataset
+
+    def recording_dataset(images, captions, *args, **kwargs):
+        prompts.extend(captions)
+        return dataset_class(images, captions, *args, **kwargs)
+
+    monkeypatch.setattr(dreambooth_data, "DreamBoothDataset", recording_dataset)
+    assert training.main(settings)["global_step"] == 2
+    assert prompts == captions
+
+
+@pytest.mark.parametrize(
+    "rows, extra, message",
+    [
+        ([], [], "metadata.jsonl lists no image"),
+        ([{"file_name": "../x.png", "text": "t"}], [], "file_name '../x.png' is not a file inside the folder"),
+        ([{"text": "t"}], [], 'metadata.jsonl line 1 has no "file_name"'),
+        ([{"file_name": "c.png", "text": ""}], [], "--caption_column 'text' holds ''; expected a caption"),
+        (
+            [{"file_name": "c.png", "prompt": "t"}],
+            [],
+            r"--caption_column='text' is in no row .* \['file_name', 'prompt'\]",
+        ),
+    ],
+)
+def test_bad_imagefolder_is_refused_naming_the_line(tiny_sd, tmp_path, rows, extra, message):
+    folder = imagefolder(tmp_path, rows, {"c.png": (32, 32)})
+    with pytest.raises(ArgumentsError, match=message):
+        parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", *extra))
+
+
+def test_dataset_name_and_instance_data_dir_are_one_or_the_other(tiny_sd, tmp_path, instance_dir):
+    argv = [*dreambooth_args(tiny_sd, instance_dir, tmp_path / "out"), "--dataset_name", str(tmp_path)]
+    with pytest.raises(ArgumentsError, match="give one of --instance_data_dir .* and --dataset_name"):
+        parse_args(argv)
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text("{}")
+    with pytest.raises(ArgumentsError, match="A datasets save_to_disk folder is not read"):
+        parse_args(dataset_args(tiny_sd, tmp_path / "saved", tmp_path / "out"))

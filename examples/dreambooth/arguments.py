@@ -97,7 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--instance_data_dir", type=str, required=True, help="Folder of the instance (subject) images.")
+    data.add_argument(
+        "--instance_data_dir",
+        type=str,
+        default=None,
+        help="Folder of the instance (subject) images (or give --dataset_name).",
+    )
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Instead of --instance_data_dir: a local image folder in diffusers' imagefolder convention, a "
+        "metadata.jsonl with one JSON object per image, its file_name and its caption in --caption_column; images "
+        "without a caption use --instance_prompt. Hub datasets and datasets' save_to_disk folders are not read.",
+    )
+    data.add_argument(
+        "--caption_column",
+        type=str,
+        default="text",
+        help="The metadata.jsonl key holding each image's caption (with --dataset_name).",
+    )
     data.add_argument(
         "--instance_prompt", type=str, required=True, help="Prompt naming the instance, e.g. 'a photo of sks dog'."
     )

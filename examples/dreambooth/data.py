@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -24,15 +25,87 @@ def list_images(folder: Path, argument: str, caption_suffix: str | None = None) 
         p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not p.name.endswith(suffixes)
     )
     for path in files:
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except Exception as error:  # PIL raises several types for unreadable files
-            raise ValueError(
-                f"{argument}: {str(path)!r} is not a readable image ({type(error).__name__}: {error}); expected only "
-                "image files (PNG, JPEG, ...) in the folder."
-            ) from None
+        check_image(path, argument)
     return files
+
+
+def check_image(path: Path, argument: str) -> None:
+    """Raises `ValueError` naming `argument` if `path` is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as error:  # PIL raises several types for unreadable files
+        raise ValueError(
+            f"{argument}: {str(path)!r} is not a readable image ({type(error).__name__}: {error}); expected only "
+            "image files (PNG, JPEG, ...) in the folder."
+        ) from None
+
+
+IMAGEFOLDER_METADATA = "metadata.jsonl"
+
+
+def imagefolder_images(folder: Path, caption_column: str, default_prompt: str) -> tuple[list[Path], list[str]]:
+    """The images of a local imagefolder (diffusers' / datasets' convention): `metadata.jsonl`, one JSON object a
+    line with the image's `file_name` (relative to the folder) and its caption in `caption_column`.
+
+    Rows without the caption use `default_prompt` (`--instance_prompt`).
+
+    Raises:
+        `ValueError` naming `--dataset_name` / `--caption_column`, the file and line, and what was expected.
+    """
+    argument = f"--dataset_name={str(folder)!r}"
+    if not folder.is_dir():
+        raise ValueError(
+            f"{argument} is not an existing folder; expected a local image folder with {IMAGEFOLDER_METADATA} "
+            "(Hub datasets are not downloaded by this script: download one into a folder first)."
+        )
+    metadata = folder / IMAGEFOLDER_METADATA
+    if not metadata.is_file():
+        saved = (folder / "dataset_info.json").is_file() or (folder / "state.json").is_file()
+        raise ValueError(
+            f"{argument} has no {IMAGEFOLDER_METADATA}; expected an imagefolder (images and a {IMAGEFOLDER_METADATA} "
+            f'of {{"file_name": ..., "{caption_column}": ...}} lines)'
+            + (". A datasets save_to_disk folder is not read: export it as an imagefolder." if saved else ".")
+        )
+    images, prompts, columns = [], [], set()
+    root = folder.resolve()
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{argument}: {IMAGEFOLDER_METADATA} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where} is not JSON ({error}); expected one JSON object a line.") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise ValueError(f'{where} has no "file_name"; expected {{"file_name": "<image>", ...}}.')
+        path = (folder / row["file_name"]).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise ValueError(f"{where}: file_name {row['file_name']!r} is not a file inside the folder.")
+        check_image(path, where)
+        columns.update(row)
+        caption = row.get(caption_column)
+        if caption is not None and (not isinstance(caption, str) or not caption.strip()):
+            raise ValueError(f"{where}: --caption_column {caption_column!r} holds {caption!r}; expected a caption.")
+        images.append(path)
+        prompts.append(caption.strip() if caption is not None else default_prompt)
+    if not images:
+        raise ValueError(f"{argument}: {IMAGEFOLDER_METADATA} lists no image; expected one JSON object per image.")
+    if caption_column not in columns:
+        raise ValueError(
+            f"--caption_column={caption_column!r} is in no row of {argument}'s {IMAGEFOLDER_METADATA}; its columns: "
+            f"{sorted(columns)}."
+        )
+    return images, prompts
+
+
+def instance_images_and_captions(settings) -> tuple[list[Path], list[str]]:
+    """The instance images and each one's prompt: from `--dataset_name`'s imagefolder, or from
+    `--instance_data_dir` with caption files (`--caption_extension`)."""
+    if settings.dataset_name:
+        return imagefolder_images(Path(settings.dataset_name), settings.caption_column, settings.instance_prompt)
+    images = list_images(Path(settings.instance_data_dir), "--instance_data_dir", caption_suffix(settings))
+    return images, instance_captions(images, settings)
 
 
 def instance_captions(images: list[Path], settings) -> list[str]:

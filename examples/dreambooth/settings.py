@@ -12,7 +12,7 @@ from typing import Any
 from . import families, targets
 from .adapters import lora_config
 from .arguments import QUANTISATION_PACKAGES, build_parser
-from .data import caption_suffix, instance_captions, list_images
+from .data import caption_suffix, instance_images_and_captions, list_images
 from .outputs import check_output_dir
 
 
@@ -120,15 +120,23 @@ def check_settings(settings: Settings) -> Settings:
     Returns:
         `Settings`: with the evaluators loaded (on CPU) and, for a local pipeline, the model family resolved.
     """
-    instance_dir = Path(settings.instance_data_dir)
-    if not instance_dir.is_dir():
+    if bool(settings.instance_data_dir) == bool(settings.dataset_name):
         raise ValueError(
-            f"--instance_data_dir={settings.instance_data_dir!r} is not an existing folder; expected a "
-            "folder of instance images."
+            f"give one of --instance_data_dir (a folder of images, with optional caption files) and --dataset_name "
+            f"(a local imagefolder with metadata.jsonl); got --instance_data_dir={settings.instance_data_dir!r} and "
+            f"--dataset_name={settings.dataset_name!r}."
         )
-    instance_images = list_images(instance_dir, "--instance_data_dir", caption_suffix(settings))
-    if not instance_images:
-        raise ValueError(f"--instance_data_dir={settings.instance_data_dir!r} is empty; expected at least one image.")
+    if settings.instance_data_dir:
+        instance_dir = Path(settings.instance_data_dir)
+        if not instance_dir.is_dir():
+            raise ValueError(
+                f"--instance_data_dir={settings.instance_data_dir!r} is not an existing folder; expected a "
+                "folder of instance images."
+            )
+        if not list_images(instance_dir, "--instance_data_dir", caption_suffix(settings)):
+            raise ValueError(
+                f"--instance_data_dir={settings.instance_data_dir!r} is empty; expected at least one image."
+            )
     if not settings.instance_prompt.strip():
         raise ValueError(
             "--instance_prompt is empty; expected a prompt naming the instance, e.g. 'a photo of sks dog'."
@@ -213,7 +221,7 @@ def check_settings(settings: Settings) -> Settings:
         raise ValueError("--use_8bit_adam applies to AdamW only; drop it with --optimizer prodigy.")
     if not 0 <= settings.caption_dropout < 1:
         raise ValueError(f"--caption_dropout={settings.caption_dropout!r} is invalid; expected a number in [0, 1).")
-    instance_captions(instance_images, settings)
+    instance_images_and_captions(settings)
     for name in ("lr_warmup_steps", "dataloader_num_workers"):
         _check_number(settings, name, 0)
     for name in ("learning_rate", "prior_loss_weight", "max_grad_norm", "lora_dropout", "noise_offset", "lr_power"):

@@ -194,14 +194,11 @@ def kl_weight_of(settings: Settings, models: Models) -> float:
 
 def load_data(settings: Settings, accelerator, models: Models) -> TrainingData:
     """The images (checked again here for embedders that skip parse_args), latents and prompts, and the loader."""
-    instance_images = dreambooth_data.list_images(
-        Path(settings.instance_data_dir), "--instance_data_dir", dreambooth_data.caption_suffix(settings)
-    )
+    instance_images, captions = dreambooth_data.instance_images_and_captions(settings)
     class_images = []
     if settings.with_prior_preservation:
         class_images = dreambooth_data.list_images(Path(settings.class_data_dir), "--class_data_dir")
         class_images = class_images[: settings.num_class_images]
-    captions = dreambooth_data.instance_captions(instance_images, settings)
     size = settings.resolution
     if settings.aspect_ratio_buckets:
         size = bucket_sizes(instance_images, settings.resolution, settings.family.resolution_multiple)
