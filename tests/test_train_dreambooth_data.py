@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -64,3 +65,19 @@ def test_training_reads_caption_files(tmp_path, tiny_sd, monkeypatch):
     training.main(args)
     prompts = {prompt for batch in batches for prompt in batch["prompts"]}
     assert prompts == {"a photo of sks dog on grass", "a photo of sks dog"}
+
+
+def test_os_files_in_an_image_folder_are_skipped_with_a_debug_line(tmp_path, caplog):
+    folder = write_images(tmp_path / "imgs", 2)
+    for name in ("Thumbs.db", "desktop.ini", ".DS_Store", "._0.png", "ehthumbs.db"):
+        (folder / name).write_bytes(b"\x00not an image")
+    (folder / "@eaDir").mkdir()  # Synology's thumbnail folder
+    with caplog.at_level(logging.DEBUG, logger="examples.dreambooth.data"):
+        listed = dreambooth_data.list_images(folder, "--instance_data_dir")
+    assert [p.name for p in listed] == ["0.png", "1.png"]
+    skipped = " ".join(record.getMessage() for record in caplog.records if record.levelno == logging.DEBUG)
+    assert "Thumbs.db" in skipped and "desktop.ini" in skipped and ".DS_Store" in skipped
+    # Any other file that is no image is still refused, naming it.
+    (folder / "notes.doc").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match=r"--instance_data_dir: '.*notes\.doc' is not a readable image"):
+        dreambooth_data.list_images(folder, "--instance_data_dir")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -12,18 +13,41 @@ import torch
 from PIL import Image, ImageOps
 
 
+logger = logging.getLogger(__name__)
+
+
 def caption_suffix(settings) -> str | None:
     """`--caption_extension`, or None when caption files are ignored."""
     extension = settings.caption_extension
     return None if not extension or extension.lower() == "none" else extension
 
 
+# Files that operating systems and file managers leave in folders (Windows, macOS, KDE, GNOME, Synology); kohya's and
+# diffusers' loaders skip them too. Dotfiles (.DS_Store, ._dog.jpg, .directory, ...) are skipped as hidden files.
+OS_FILES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r", "@eadir"})
+
+
+def is_os_file(path: Path) -> bool:
+    """A hidden file or one an operating system leaves in folders (`Thumbs.db`, `desktop.ini`, ...)."""
+    return path.name.startswith(".") or path.name.lower() in OS_FILES
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The files of `folder` a user put there: hidden and operating-system files are skipped (logged at debug)."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        if is_os_file(path):
+            logger.debug(f"Skipping {str(path)!r}: a hidden or operating-system file, not an image.")
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
 def list_images(folder: Path, argument: str, caption_suffix: str | None = None) -> list[Path]:
-    """Every non-hidden file of `folder` but caption files (`caption_suffix`, .txt, .caption), each checked to open."""
+    """Every file of `folder` but caption files (`caption_suffix`, .txt, .caption) and hidden or operating-system
+    files (`is_os_file`), each checked to open as an image."""
     suffixes = tuple(filter(None, (caption_suffix, ".txt", ".caption")))
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not p.name.endswith(suffixes)
-    )
+    files = [p for p in data_files(folder) if not p.name.endswith(suffixes)]
     for path in files:
         check_image(path, argument)
     return files
@@ -252,7 +276,7 @@ def generate_class_images(settings, accelerator, pipeline_cls) -> None:
     class_dir = Path(settings.class_data_dir)
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
-        existing = len([p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith(".")])
+        existing = len(data_files(class_dir))
         missing = settings.num_class_images - existing
         if missing > 0:
             precision = settings.prior_generation_precision or (
