@@ -62,13 +62,69 @@ class FeatureModel:
     name: str
 
 
+# How messages name a transformers `model_type`.
+_MODEL_KINDS = {"clip": "CLIP", "vit": "ViT/DINO", "dinov2": "DINOv2", "siglip": "SigLIP"}
+
+
+def _looks_local(name: str) -> bool:
+    """Whether a model name can only be a local path (a Hub id is `name` or `owner/name`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith(("/", ".", "~")) or "\\" in name or (os.sep != "/" and os.sep in name):
+        return True
+    if "/" in name and Path(name.split("/")[0]).is_dir():  # e.g. models/clip beside an existing models/ folder
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _check_local_model(kind: str, name: str, model_types: tuple[str, ...], example: str) -> None:
+    """Fails at once, without the Hub, for a local path that is no folder or holds a model of another kind."""
+    if not name or name == "None":
+        return  # `_load` reports it
+    path = Path(name).expanduser()
+    if not path.exists():
+        if _looks_local(name):
+            raise ValueError(f"{kind} model {name!r}: no such folder; expected a folder written by save_pretrained")
+        return  # a Hub id
+    if not path.is_dir():
+        raise ValueError(f"{kind} model {name!r} is a file; expected a folder written by save_pretrained")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"{kind} model {name!r}: the folder has no config.json; expected one written by save_pretrained"
+        )
+    import json
+
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type not in model_types:
+        found = _MODEL_KINDS.get(model_type, repr(model_type))
+        architectures = ", ".join(config.get("architectures") or [])
+        raise ValueError(
+            f"{kind} model {name!r}: this folder holds a {found} model{f' ({architectures})' if architectures else ''}, "
+            f"not {kind}; expected a {kind} model such as {example}"
+        )
+
+
 def _load(kind: str, name_or_path: str, device: str | torch.device, load_model, load_processor) -> FeatureModel:
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"{kind} model must be a Hub id or a local folder, got {name_or_path!r}")
+    folder = Path(str(name_or_path)).expanduser()
+    local = folder.is_dir()
+    source = str(folder) if local else str(name_or_path)
     try:
-        model = load_model(str(name_or_path))
-        processor = load_processor(str(name_or_path))
+        model = load_model(source)
+        processor = load_processor(source)
     except (OSError, ValueError) as error:
+        if local:
+            raise ValueError(
+                f"cannot load the {kind} model from the folder {str(name_or_path)!r} ({type(error).__name__}: "
+                f"{error}); expected a folder written by save_pretrained"
+            ) from None
         raise ValueError(
             f"cannot load the {kind} model {str(name_or_path)!r} ({type(error).__name__}: {error}). Offline or "
             f"without the Hub, pass a local folder: download it once on a machine that has the Hub with "
@@ -87,6 +143,7 @@ def load_clip(name_or_path: str = DEFAULT_CLIP_MODEL, device: str | torch.device
     """
     from transformers import CLIPModel, CLIPProcessor
 
+    _check_local_model("CLIP", str(name_or_path), ("clip",), DEFAULT_CLIP_MODEL)
     return _load("CLIP", name_or_path, device, CLIPModel.from_pretrained, CLIPProcessor.from_pretrained)
 
 
@@ -102,6 +159,7 @@ def load_dino(name_or_path: str = DEFAULT_DINO_MODEL, device: str | torch.device
     def load_model(path: str):
         return ViTModel.from_pretrained(path, add_pooling_layer=False)
 
+    _check_local_model("DINO", str(name_or_path), ("vit",), DEFAULT_DINO_MODEL)
     return _load("DINO", name_or_path, device, load_model, AutoImageProcessor.from_pretrained)
 
 
@@ -110,7 +168,10 @@ def load_images(folder: str | os.PathLike, argument: str = "folder") -> list[Ima
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"{argument}={str(folder)!r} is not an existing folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden files (.DS_Store, macOS' ._name.jpg resource forks) are skipped; Thumbs.db & co. have no image suffix.
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise ValueError(f"{argument}={str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     images = []

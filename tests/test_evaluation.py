@@ -70,11 +70,40 @@ def test_batch_size_does_not_change_the_numbers(models):
         assert one[key] == pytest.approx(four[key], abs=1e-6), key  # batch rows agree to float32 rounding
 
 
-def test_a_model_that_cannot_be_loaded_names_it_and_the_way_out(tmp_path):
-    with pytest.raises(ValueError, match=r"cannot load the CLIP model .*nowhere.* pass a local folder"):
-        evaluation.load_clip(str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="cannot load the DINO model"):
-        evaluation.load_dino(str(tmp_path / "nowhere"))
+def test_a_model_that_cannot_be_loaded_names_it_and_the_way_out(tmp_path, monkeypatch):
+    from transformers import CLIPModel, ViTModel
+
+    # A path that does not exist fails at once, before any loading (no Hub retries), and gives no `hf download` hint.
+    def no_loading(*args, **kwargs):
+        raise AssertionError("from_pretrained was called for a missing local folder")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(CLIPModel, "from_pretrained", no_loading)
+        patched.setattr(ViTModel, "from_pretrained", no_loading)
+        for missing in (str(tmp_path / "nowhere"), "./no/clip/here", "~/no-such-clip-folder-xyz"):
+            with pytest.raises(ValueError, match=r"CLIP model '.*': no such folder") as error:
+                evaluation.load_clip(missing)
+            assert "hf download" not in str(error.value)
+        (tmp_path / "models").mkdir()  # "models/clip" beside an existing models/ folder is a mistyped local path
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ValueError, match=r"CLIP model 'models/clip': no such folder"):
+            evaluation.load_clip("models/clip")
+        with pytest.raises(ValueError, match=r"DINO model '.*nowhere': no such folder"):
+            evaluation.load_dino(str(tmp_path / "nowhere"))
+    # A Hub id that cannot be reached (offline here) still says how to get the model.
+    with pytest.raises(ValueError, match=r"(?s)cannot load the CLIP model 'nobody/no-such-clip' .*hf download"):
+        evaluation.load_clip("nobody/no-such-clip")
+
+
+def test_a_model_of_the_wrong_kind_is_named(model_dirs, tmp_path):
+    clip_dir, dino_dir = model_dirs
+    with pytest.raises(ValueError, match=r"this folder holds a ViT/DINO model \(ViTModel\), not CLIP"):
+        evaluation.load_clip(dino_dir)
+    with pytest.raises(ValueError, match=r"this folder holds a CLIP model \(CLIPModel\), not DINO"):
+        evaluation.load_dino(clip_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"the folder has no config.json"):
+        evaluation.load_clip(str(tmp_path / "empty"))
 
 
 def _write(folder, images):
@@ -173,7 +202,7 @@ def test_evaluate_command_bad_input_exit_2(model_dirs, tmp_path, capsys, case):
         "missing": "is not an existing folder",
         "empty": "holds no images",
         "unreadable": "broken.png' is not a readable image",
-        "bad_model": "cannot load the CLIP model",
+        "bad_model": "no_clip': no such folder",
     }[case]
     assert "bayes-adapter evaluate: error:" in err and expected in err and "Traceback" not in err
 

@@ -275,12 +275,16 @@ def check_settings(settings: Settings) -> Settings:
         raise ValueError(
             "--eval_lpips_backbone and --eval_lpips_linear_weights are used only with --eval_lpips; add --eval_lpips."
         )
-    settings = settings.replace(
-        evaluators=(
-            evaluation.load_clip(settings.eval_clip_model) if settings.eval_clip_model else None,
-            evaluation.load_dino(settings.eval_dino_model) if settings.eval_dino_model else None,
-        )
-    )
+    evaluators = []
+    for flag, name, load in (
+        ("--eval_clip_model", settings.eval_clip_model, evaluation.load_clip),
+        ("--eval_dino_model", settings.eval_dino_model, evaluation.load_dino),
+    ):
+        try:
+            evaluators.append(load(name) if name else None)
+        except ValueError as error:
+            raise ValueError(f"{flag}={name!r}: {error}") from None
+    settings = settings.replace(evaluators=tuple(evaluators))
     # The Bayesian settings are checked by BayesLoraConfig itself (no model needed); name the flags in the error.
     try:
         lora_config(
