@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -281,6 +282,26 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
+# The library's parameter names as this command spells them, for the messages its users read.
+_CLI_WORDS = {
+    "overwrite=True": "--overwrite",
+    "include_bayesian=True": "--include-bayesian",
+    "format='kohya'": "--format kohya",
+    "adapter_name=": "--adapter-name=",
+    "component=": "--component=",
+    "model_or_export_dir=": "SRC=",
+    "source=": "SRC=",
+    "out_dir=": "OUT=",
+    "repo_id=": "REPO_ID=",
+}
+_CLI_WORDS_PATTERN = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, _CLI_WORDS)) + ")")
+
+
+def cli_words(message: str) -> str:
+    """A library message with its Python parameter names replaced by this command's arguments and flags."""
+    return _CLI_WORDS_PATTERN.sub(lambda match: _CLI_WORDS[match.group(1)], message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the `bayes-adapter` command.
 
@@ -295,10 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as error:
-        print(f"bayes-adapter {args.command}: error: {error}", file=sys.stderr)
+        print(f"bayes-adapter {args.command}: error: {cli_words(str(error))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (RuntimeError, OSError) as error:
-        print(f"bayes-adapter {args.command}: failed: {error}", file=sys.stderr)
+        print(f"bayes-adapter {args.command}: failed: {cli_words(str(error))}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as error:  # e.g. safetensors' SafetensorError on a full disk: a message, not a traceback
         print(f"bayes-adapter {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)

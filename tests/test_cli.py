@@ -61,7 +61,9 @@ def test_export_command(saved_adapter, tmp_path, capsys):
     # Existing output: refused with the argument named, exit status 2, nothing changed.
     before = sorted(os.listdir(out))
     assert main(["export", str(saved_adapter), str(out)]) == 2
-    assert "overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The message names the command's words (OUT, --overwrite), not the library's (out_dir=, overwrite=True).
+    assert f"OUT={str(out)!r} already exists; pass --overwrite to replace it" in err and "overwrite=True" not in err
     assert sorted(os.listdir(out)) == before
     assert main(["export", str(saved_adapter), str(out), "--overwrite"]) == 0
     assert "adapter_config.json" in os.listdir(out)
@@ -72,7 +74,7 @@ def test_export_command_bad_input(saved_adapter, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "a")]) == 2
     assert "missing" in capsys.readouterr().err
     assert main(["export", str(saved_adapter), str(tmp_path / "a"), "--adapter-name", "nope"]) == 2
-    assert "nope" in capsys.readouterr().err
+    assert "--adapter-name='nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as raised:
         main(["export", str(saved_adapter), str(tmp_path / "a"), "--format", "ckpt"])
     assert raised.value.code == 2
@@ -89,7 +91,7 @@ def test_push_command(hub, saved_adapter, tmp_path, capsys):
 
 def test_push_command_errors(hub, saved_adapter, tmp_path, capsys, monkeypatch):
     assert main(["push", str(saved_adapter), "not a repo"]) == 2
-    assert "repo_id='not a repo'" in capsys.readouterr().err
+    assert "REPO_ID='not a repo'" in capsys.readouterr().err
     hub.fail["/commit/"] = 403
     assert main(["push", str(saved_adapter), REPO, "--token", TOKEN, "--local-dir", str(tmp_path / "up")]) == 1
     err = capsys.readouterr().err
