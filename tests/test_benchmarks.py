@@ -15,6 +15,7 @@ from benchmarks import (  # noqa: E402
     bench_export,
     bench_inference,
     bench_kl,
+    bench_quantized,
     bench_train_step,
     common,
     profile_step,
@@ -70,6 +71,20 @@ def test_dit_train_step_timing_and_memory(tmp_path):
     assert summary["weight_B"]["trainable_params"] > summary["plain"]["trainable_params"]
     assert summary["weight_B"]["adapted_layers"] == summary["plain"]["adapted_layers"] > 0
     assert data["memory"]["summary"]["weight_B"]["ru_maxrss_mib"] > 0
+
+
+def test_quantized_bases(tmp_path):
+    out = tmp_path / "quantized.json"
+    argv = ["--size", "small", "--rounds", "1", "--warmup", "0", "--latent", "8", "--text_tokens", "4"]
+    bench_quantized.main([*argv, "--out", str(out)])
+    data = _read(out)
+    layers = {(row["base"], row["arm"]): row["layer"] for row in data["rows"]}
+    assert layers[("bnb_nf4", "weight_B")] == "BayesLinear4bit" and layers[("bnb_nf4", "plain")] == "Linear4bit"
+    assert layers[("torchao_int8", "weight_B")] == "BayesTorchaoLinear"
+    memory = data["memory"]
+    # 4-bit weights take well under a quarter of float32's bytes, int8 about a quarter (plus their scales).
+    assert memory["bnb_nf4"]["target_bytes"] < 0.2 * memory["none"]["target_bytes"]
+    assert memory["torchao_int8"]["target_bytes"] < 0.3 * memory["none"]["target_bytes"]
 
 
 def test_kl(tmp_path):

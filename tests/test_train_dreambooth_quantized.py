@@ -1,4 +1,5 @@
-"""The DreamBooth script's `--quantize_base {nf4,int8}`: Bayesian LoRA over a quantised denoiser (tiny SD3 pipeline)."""
+"""The DreamBooth script's `--quantize_base {nf4,int8}` (Bayesian LoRA over a quantised denoiser) and `--use_dora`, on
+the tiny SD3 pipeline."""
 
 from __future__ import annotations
 
@@ -66,3 +67,25 @@ def test_quantize_base_without_its_package_is_refused_before_any_work(tiny_sd3, 
     ):
         parse_args(dreambooth_args(tiny_sd3, instance_dir, tmp_path / "out", "--quantize_base", "int8"))
     assert not (tmp_path / "out").exists()
+
+
+def test_use_dora_trains_and_its_export_loads_into_the_vanilla_pipeline(tiny_sd3, tmp_path, instance_dir):
+    out = tmp_path / "out"
+    extra = ["--max_train_steps", "2", "--learning_rate", "1e-2", "--use_dora", *T5_TOKENS]
+    result = training.main(parse_args(dreambooth_args(tiny_sd3, instance_dir, out, *extra)))
+    layer = result["transformer"].transformer_blocks[0].attn.to_q
+    assert layer.lora_magnitude_vector and layer.is_bayesian("default")
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_sd3))
+    pipe.set_progress_bar_config(disable=True)
+    before = pipeline_image(pipe)
+    pipe.load_lora_weights(str(out))
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.lora_magnitude_vector
+    assert (pipeline_image(pipe) - before).abs().max() > 1e-3
+
+
+def test_use_dora_with_a_kohya_file_or_the_local_estimator_is_refused(tiny_sd, tmp_path, instance_dir):
+    argv = dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", "--use_dora")
+    with pytest.raises(ArgumentsError, match="--output_kohya_format cannot carry a DoRA adapter"):
+        parse_args([*argv, "--output_kohya_format"])
+    with pytest.raises(ArgumentsError, match="use_dora=True needs --estimator='weight', got --estimator='local'"):
+        parse_args([*argv, "--estimator", "local"])

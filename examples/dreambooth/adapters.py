@@ -34,6 +34,7 @@ def lora_config(settings, target_modules: str, kl_weight: float):
         posterior_std_max=settings.posterior_std_max,
         train_posterior_std=not settings.fixed_posterior_std,
         sample_at_inference=settings.sample_at_inference,
+        use_dora=settings.use_dora,
     )
 
 

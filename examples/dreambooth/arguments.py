@@ -273,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Freeze the posterior std at --posterior_std_init (fixed weight noise, a control).",
     )
     bayes.add_argument(
+        "--use_dora",
+        action="store_true",
+        help="DoRA: the low-rank direction Bayesian, the magnitude vector deterministic (BayesLoraConfig(use_dora=True); "
+        "the weight norm of the sampled weight while training, of the mean at export). Needs --estimator weight and "
+        "Linear targets; the export is a DoRA LoRA that diffusers' load_lora_weights loads; no kohya file.",
+    )
+    bayes.add_argument(
         "--sample_at_inference",
         action="store_true",
         help="Record sample_at_inference=True in the saved Bayesian adapter (the export is the mean).",

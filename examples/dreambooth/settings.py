@@ -210,6 +210,8 @@ def check_settings(settings: Settings) -> Settings:
                 f"{flag} needs the {module} package, which is not installed (it is not a dependency of bayes-adapter); "
                 f"pip install it with the constraints file so that it cannot pull another torch, or drop {flag}."
             )
+    if settings.use_dora and settings.output_kohya_format:
+        raise ValueError("--output_kohya_format cannot carry a DoRA adapter (--use_dora); drop one of them.")
     if settings.quantize_base is not None:
         package = QUANTISATION_PACKAGES[settings.quantize_base]
         if importlib.util.find_spec(package) is None:
