@@ -236,7 +236,9 @@ def test_cache_latents_encodes_each_image_once(request, tmp_path, instance_dir, 
     monkeypatch.setattr(
         AutoencoderKL, "encode", lambda self, x, *a, **k: calls.append(len(x)) or real_encode(self, x, *a, **k)
     )
-    extra = ["--max_train_steps", "3", "--cache_latents", *(T5_TOKENS if family == "flux" else [])]
+    # --monitor_steps 0: the stage monitor encodes the instance images once more, for its own reference latents.
+    extra = ["--max_train_steps", "3", "--cache_latents", "--monitor_steps", "0"]
+    extra += T5_TOKENS if family == "flux" else []
     result = training.main(parse_args(dreambooth_args(model, instance_dir, tmp_path / "out", *extra)))
     assert result["global_step"] == 3
     assert calls == [1, 1], "each of the two instance images is encoded once, before training"

@@ -7,4 +7,5 @@
 - `adapters`: the Bayesian LoRA config, checkpoints, the exported mean LoRA.
 - `training`: `main()` step by step (setup, models, data, optimizer); `loop`: the loop and the final save/export.
 - `losses`, `validation`: the denoising losses; validation images, the corruption monitor and the metrics.
+- `stage_monitor`: `<output_dir>/monitor.jsonl`, the records `bayes-adapter stage` judges for the corruption stage.
 """

@@ -520,6 +520,20 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--validation_inference_steps", type=int, default=25, help="Denoising steps of each validation image."
     )
+    out.add_argument(
+        "--monitor_steps",
+        type=int,
+        default=None,
+        help="Every N steps, measure --monitor_images samples of the instance prompt and append a record to "
+        "<output_dir>/monitor.jsonl, which `bayes-adapter stage` judges for the corruption stage (default: "
+        "--checkpointing_steps, so that every record has a checkpoint to go back to; 0 turns it off).",
+    )
+    out.add_argument(
+        "--monitor_images",
+        type=int,
+        default=4,
+        help="Samples per monitor record, drawn with the fixed seeds 0, 1, ... (default: 4).",
+    )
     out.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     out.add_argument("--report_to", type=str, default="tensorboard", help="accelerate tracker(s), or 'none'.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload the exported mean LoRA to the Hub.")

@@ -12,7 +12,7 @@ from accelerate.logging import get_logger
 
 from .adapters import export_mean_lora, save_bayes_adapters, save_checkpoint, unwrap
 from .losses import denoising_loss
-from .outputs import BAYES_ADAPTER_DIR, DIFFUSERS_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, SAMPLES_DIR
+from .outputs import BAYES_ADAPTER_DIR, DIFFUSERS_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, MONITOR_FILE, SAMPLES_DIR
 from .validation import log_std_histograms, log_validation, to_pil
 
 
@@ -108,14 +108,14 @@ def after_step(settings: Settings, accelerator, models: Models, data, state: Tra
     if accelerator.is_main_process and settings.validation_prompt and step % settings.validation_steps == 0:
         # Validation leaves the training's random stream as it was (a resumed run then matches).
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            pipeline = models.pipeline_cls.from_pretrained(
-                settings.pretrained_model_name_or_path,
-                revision=settings.revision,
-                variant=settings.variant,
-                **state.components,
-            )
+            pipeline = training_pipeline(settings, models, state)
             trained = list(state.wrapped.values())
             log_validation(settings, accelerator, pipeline, trained, data.reference, step, "validation")
+    if state.monitor is not None:  # after the checkpoint: every record has one to go back to
+        state.monitor.add_loss(loss.detach().item())
+        state.monitor.maybe_record(
+            step, lambda: training_pipeline(settings, models, state), list(state.wrapped.values())
+        )
     with torch.no_grad():
         kl = sum(bayes_adapter.kl_divergence(unwrap(accelerator, m)) for m in state.wrapped.values())
         logs = {
@@ -153,6 +153,16 @@ def warn_near_bound(settings: Settings, state: TrainingState, name: str, fractio
     )
 
 
+def training_pipeline(settings: Settings, models: Models, state: TrainingState):
+    """A pipeline around the models being trained (their adapters included), for validation and the monitor."""
+    return models.pipeline_cls.from_pretrained(
+        settings.pretrained_model_name_or_path,
+        revision=settings.revision,
+        variant=settings.variant,
+        **state.components,
+    )
+
+
 def save_and_export(settings: Settings, accelerator, models: Models, data: TrainingData, state: TrainingState) -> dict:
     """Saves the Bayesian adapters, exports the mean LoRA, validates the export as users load it, pushes."""
     accelerator.wait_for_everyone()
@@ -173,9 +183,11 @@ def save_and_export(settings: Settings, accelerator, models: Models, data: Train
             )
             pipeline.load_lora_weights(str(output_dir))
             images = log_validation(settings, accelerator, pipeline, [], data.reference, state.global_step, "test")
+        stage_sentence = state.monitor.verdict_sentence() if state.monitor is not None else None
+        monitor = state.monitor.path if stage_sentence is not None else None
         if settings.push_to_hub:
-            push_to_hub(settings, final, images, models.pipeline_cls)
-        accelerator.print(run_summary(settings, state.global_step))
+            push_to_hub(settings, final, images, models.pipeline_cls, monitor)
+        accelerator.print(run_summary(settings, state.global_step, stage_sentence))
     accelerator.end_training()
     return {
         "global_step": state.global_step,
@@ -185,8 +197,9 @@ def save_and_export(settings: Settings, accelerator, models: Models, data: Train
     }
 
 
-def run_summary(settings: Settings, global_step: int) -> str:
-    """The end-of-training summary: where each output is and how to load the LoRA."""
+def run_summary(settings: Settings, global_step: int, stage_sentence: str | None = None) -> str:
+    """The end-of-training summary: where each output is, how to load the LoRA and, with the stage monitor's records,
+    the judge's verdict (`stage_sentence`)."""
     out = Path(settings.output_dir)
     lines = [
         f"Trained {global_step} steps. In {str(out)!r}:",
@@ -202,15 +215,22 @@ def run_summary(settings: Settings, global_step: int) -> str:
     if settings.report_to != "none":
         lines.append(f"  {settings.logging_dir}/: the {settings.report_to} logs")
     lines.append("  checkpoint-<step>/: resume with --resume_from_checkpoint latest")
+    if stage_sentence is not None:
+        lines.append(
+            f"  {MONITOR_FILE}: the stage monitor's records (bayes-adapter stage {str(out / MONITOR_FILE)!r})"
+        )
+        lines.append(f"Corruption stage: {stage_sentence}")
     return "\n".join(lines)
 
 
-def push_to_hub(settings: Settings, final: dict, images: np.ndarray | None, pipeline_cls=None) -> None:
+def push_to_hub(
+    settings: Settings, final: dict, images: np.ndarray | None, pipeline_cls=None, monitor: Path | None = None
+) -> None:
     """Uploads the mean LoRA (never the checkpoints) to `--hub_model_id` with `bayes_adapter.push_to_hub`.
 
     A denoiser-only adapter is pushed as one component; with text-encoder adapters, the mapping of every trained
-    component (all in one diffusers file, `pipeline_cls.save_lora_weights`). The card holds the Bayesian settings and
-    the last validation images.
+    component (all in one diffusers file, `pipeline_cls.save_lora_weights`). The card holds the Bayesian settings,
+    the last validation images and, with a `monitor.jsonl`, the corruption-stage verdict.
     """
     import bayes_adapter
 
@@ -219,6 +239,7 @@ def push_to_hub(settings: Settings, final: dict, images: np.ndarray | None, pipe
         base_model=settings.pretrained_model_name_or_path,
         instance_prompt=settings.instance_prompt,
         validation_images=to_pil(images) if images is not None and len(images) else None,
+        monitor=monitor,
     )
     if len(final) == 1:  # the denoiser alone
         ((component, model),) = final.items()

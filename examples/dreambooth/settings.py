@@ -189,8 +189,12 @@ def check_settings(settings: Settings) -> Settings:
         "repeats",
         "lr_num_cycles",
         "max_sequence_length",
+        "monitor_images",
     ):
         _check_number(settings, name, 1)
+    _check_number(settings, "monitor_steps", 0)
+    if settings.monitor_steps is None:
+        settings = settings.replace(monitor_steps=settings.checkpointing_steps)
     for name in ("logit_mean", "guidance_scale", "mode_scale"):
         _check_number(settings, name, -math.inf, integer=False)
     if not (math.isfinite(settings.logit_std) and settings.logit_std > 0):

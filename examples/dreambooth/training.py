@@ -29,6 +29,7 @@ from .buckets import BucketBatchSampler, bucket_sizes
 from .loop import save_and_export, train
 from .outputs import remove_previous_run
 from .settings import ArgumentsError, Settings, parse_args, resolve_model
+from .stage_monitor import StageMonitor
 from .targets import split_targets
 
 
@@ -75,6 +76,7 @@ class TrainingState:
     first_epoch: int = 0
     warned_near_bound: bool = False  # the warning that many posterior stds sit at --posterior_std_max, given once
     components: dict = field(default_factory=dict)  # every pipeline component, for validation pipelines
+    monitor: StageMonitor | None = None  # writes monitor.jsonl; None with --monitor_steps 0
 
 
 def main(settings: Settings) -> dict:
@@ -339,6 +341,10 @@ def prepare_training(settings: Settings, accelerator, models: Models, data: Trai
             accelerator.load_state(str(checkpoint))
             state.global_step = int(checkpoint.name.split("-")[1])
             state.first_epoch = state.global_step // state.steps_per_epoch
+    if settings.monitor_steps:
+        state.monitor = StageMonitor(
+            settings, accelerator, models.vae, models.vae_dtype, data.reference, resumed_step=state.global_step
+        )
     return settings, state
 
 

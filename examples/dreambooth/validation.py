@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from PIL import Image
@@ -9,17 +11,24 @@ from PIL import Image
 from .outputs import save_samples
 
 
-def generate(settings, accelerator, pipeline, prompt: str) -> np.ndarray:
-    """`--num_validation_images` images of `prompt`, `(N, H, W, 3)` floats in [0, 1]."""
+def generate(settings, accelerator, pipeline, prompt: str, seeds: Sequence[int] | None = None) -> np.ndarray:
+    """Images of `prompt`, `(N, H, W, 3)` floats in [0, 1]: `--num_validation_images` from one generator seeded with
+    `--seed`, or with `seeds` one image per seed, each from its own generator (the same image for the same weights,
+    whatever the number of images)."""
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(accelerator.device)
-    generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed or 0)
+    if seeds is None:
+        generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed or 0)
+        num_images = settings.num_validation_images
+    else:
+        generator = [torch.Generator(device=accelerator.device).manual_seed(seed) for seed in seeds]
+        num_images = len(generator)
     extra = {}
     if settings.max_sequence_length is not None:  # the DiTs' T5 prompt length, as in training
         extra["max_sequence_length"] = settings.max_sequence_length
     with torch.no_grad(), torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
         images = pipeline(
-            prompt=[prompt] * settings.num_validation_images,  # a keyword: Flux.2's first argument is an image
+            prompt=[prompt] * num_images,  # a keyword: Flux.2's first argument is an image
             generator=generator,
             num_inference_steps=settings.validation_inference_steps,
             height=settings.resolution,
