@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-__all__ = ["atomic_folder", "check_not_overlapping", "check_output_folder"]
+__all__ = ["atomic_folder", "check_not_overlapping", "check_output_folder", "recover_interrupted_swap"]
 
 
 @contextlib.contextmanager
@@ -28,6 +29,7 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
         FileExistsError: if `out_dir` exists and `overwrite` is False.
     """
     out = Path(out_dir)
+    recover_interrupted_swap(out)
     check_output_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -40,6 +42,36 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_interrupted_swap(out: str | os.PathLike) -> bool:
+    """Puts back the previous `out` if a replacement was killed between its two renames; cleans up after a swap.
+
+    `_swap` moves `out` into a hidden sibling `.<name>.old-*` and then renames the new folder to `out`. A process
+    killed between those two renames leaves no `out`, the previous folder complete inside the `.old-*` sibling and the
+    new one (complete or not) in a `.<name>.tmp-*` sibling: this renames the previous folder back to `out` and deletes
+    both siblings. When `out` exists, `.old-*` siblings are what a finished swap had not yet deleted: deleted too.
+    `atomic_folder` runs it first, so the next write to `out` recovers; anyone may call it before reading `out`.
+
+    Returns:
+        Whether a previous folder was put back.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return False
+    olds = sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*"))
+    restored = False
+    if not out.exists() and not out.is_symlink():
+        for old in olds:
+            if (old / out.name).exists():
+                os.replace(old / out.name, out)
+                restored = True
+                for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+                    shutil.rmtree(tmp, ignore_errors=True)  # the interrupted replacement, maybe incomplete
+                break
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+    return restored
 
 
 def _swap(out: Path, new: Path) -> None:

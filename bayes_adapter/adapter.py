@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -308,8 +309,28 @@ def _read_folder(folder: Path, adapter_name: str, component: str | None) -> Baye
     )
 
 
+def _check_config(adapter: BayesianAdapter) -> None:
+    """Refuses a config `BayesLoraConfig` itself would refuse (e.g. a hand-edited `bayesian_factors='C'`)."""
+    config = adapter.config
+    fields = {field.name for field in dataclasses.fields(BayesLoraConfig) if field.init} - {"peft_type"}
+    kwargs = {name: value for name, value in config.items() if name in fields}
+    # As saved: a config written before a field existed means what that version did.
+    kwargs["posterior_std_parametrisation"] = saved_parametrisation(config)
+    kwargs["posterior_std_max"] = saved_posterior_std_max(config)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # LoraConfig's advice is for training, not for a saved adapter
+            BayesLoraConfig(**kwargs)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{adapter.source}: {PEFT_CONFIG_NAME} is invalid ({error}); fix the file, or save the adapter again with "
+            "save_pretrained. Nothing was written."
+        ) from None
+
+
 def _checked(adapter: BayesianAdapter) -> BayesianAdapter:
-    """Refuses what a plain mean LoRA cannot carry, before anything is written."""
+    """Refuses what a plain mean LoRA cannot carry, and an invalid config, before anything is written."""
+    _check_config(adapter)
     config = adapter.config
     if config.get("modules_to_save"):
         raise ValueError(

@@ -159,3 +159,23 @@ def test_push_command_corrupt_export_summary(tmp_path, capsys, monkeypatch):
     (export / "bayes_lora_export.json").write_text("{not json")
     assert main(["push", str(export), REPO, "--token", TOKEN]) == 2
     assert "bayes_lora_export.json' is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("bayesian_factors", "C", "bayesian_factors must be one of"),
+        ("prior_std", -1, "prior_std must be a finite number > 0, got -1"),
+        ("estimator", "mcmc", "estimator must be one of"),
+    ],
+)
+def test_export_of_a_hand_edited_invalid_config_writes_nothing(saved_adapter, tmp_path, capsys, field, value, message):
+    config_file = saved_adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config[field] = value
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["export", str(saved_adapter), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_config.json is invalid" in err and message in err and "Nothing was written" in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
