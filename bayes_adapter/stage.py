@@ -297,8 +297,10 @@ def verdict_sentence(verdict: StageVerdict, checkpoint_steps: Iterable[int] | No
     saved = sorted(set(checkpoint_steps)) if checkpoint_steps is not None else None
 
     def best(where: str) -> str:
-        if verdict.best_step is None:
+        if verdict.best_step is None and verdict.first_copy_step is not None:
             return f"no samples before the first clean copy (step {verdict.first_copy_step:,})"
+        if verdict.best_step is None:
+            return "no record with a finite fidelity"
         text = f"best samples {where}at step {verdict.best_step:,}"
         if saved is not None:
             earlier = [s for s in saved if s <= verdict.best_step]

@@ -119,6 +119,18 @@ def test_a_truncated_last_line_is_a_warning_and_the_rest_is_judged(tmp_path, cap
     )
 
 
+def test_stage_help_lists_every_threshold_with_its_default(capsys):
+    from bayes_adapter.stage import THRESHOLDS
+
+    with pytest.raises(SystemExit) as raised:
+        main(["stage", "--help"])
+    assert raised.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: bayes-adapter stage") and "--json" in out
+    for name, (default, _, _) in THRESHOLDS.items():
+        assert f"{name} (default {default})" in out
+
+
 def test_the_console_script_runs_the_stage_command(tmp_path):
     path = _write(tmp_path / "monitor.jsonl", paper_order().records)
     script = os.path.join(os.path.dirname(sys.executable), "bayes-adapter")

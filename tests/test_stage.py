@@ -110,6 +110,13 @@ def test_nan_measures_are_never_fit_corrupt_copy_or_best():
     nan = math.nan
     verdict = judge(_trajectory([(nan, nan, nan), (0.5, 0.3, 0.2), (nan, 0.2, 0.5)]))
     assert verdict.fit_step is None and verdict.best_step == 200 and verdict.first_copy_step is None
+    only_nan = judge(_trajectory([(nan, nan, nan)] * 2))
+    assert verdict_sentence(only_nan) == (
+        "no corruption stage in 2 checkpoints (the samples never fit: fidelity stayed below 0.75 x the ceiling); "
+        "no record with a finite fidelity"
+    )
+    copy_first = judge(_trajectory([(0.99, 0.01, 0.3), (0.5, 0.3, 0.2)]))
+    assert verdict_sentence(copy_first).endswith("; no samples before the first clean copy (step 100)")
 
 
 def test_judge_refuses_bad_thresholds_and_records():
