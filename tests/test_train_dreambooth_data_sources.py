@@ -200,7 +200,56 @@ def test_dataset_name_and_instance_data_dir_are_one_or_the_other(tiny_sd, tmp_pa
     argv = [*dreambooth_args(tiny_sd, instance_dir, tmp_path / "out"), "--dataset_name", str(tmp_path)]
     with pytest.raises(ArgumentsError, match="give one of --instance_data_dir .* and --dataset_name"):
         parse_args(argv)
-    (tmp_path / "saved").mkdir()
-    (tmp_path / "saved" / "state.json").write_text("{}")
-    with pytest.raises(ArgumentsError, match="A datasets save_to_disk folder is not read"):
-        parse_args(dataset_args(tiny_sd, tmp_path / "saved", tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArgumentsError, match="has no metadata.jsonl and is not a folder written by datasets"):
+        parse_args(dataset_args(tiny_sd, tmp_path / "empty", tmp_path / "out"))
+
+
+# --- --dataset_name: a folder written by datasets' save_to_disk ----------------------------------------------------
+
+
+def saved_dataset(path, sizes: list[tuple[int, int]], captions: list, as_dict: bool = False, **columns):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    images = [
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for i, (w, h) in enumerate(sizes)
+    ]
+    dataset = datasets.Dataset.from_dict({"image": images, "text": captions, **columns})
+    dataset = dataset.cast_column("image", datasets.Image())
+    (datasets.DatasetDict({"train": dataset}) if as_dict else dataset).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_saved_dataset_trains_with_its_captions_in_buckets(
+    tiny_sd, tmp_path, monkeypatch, fresh_accelerate_state, as_dict
+):
+    from examples.dreambooth import data as dreambooth_data
+    from examples.dreambooth import training
+
+    captions = ["a photo of sks dog on grass", None, "a photo of sks dog in snow"]
+    folder = saved_dataset(tmp_path / "saved", [(48, 32), (40, 40), (48, 32)], captions, as_dict=as_dict)
+    extra = ["--aspect_ratio_buckets", "--cache_latents", "--train_batch_size", "2", "--max_train_steps", "2"]
+    settings = parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", *extra))
+    images, prompts = dreambooth_data.instance_images_and_captions(settings)
+    assert [image.index for image in images] == [0, 1, 2] and images[0].split == ("train" if as_dict else None)
+    assert prompts == ["a photo of sks dog on grass", "a photo of sks dog", "a photo of sks dog in snow"]
+    pixels, _ = dreambooth_data.load_image(images[0], (24, 40))
+    assert pixels.shape == (3, 24, 40)
+    assert training.main(settings)["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--caption_column", "prompt"], r"--caption_column='prompt' is not a column of .*\['image', 'text'\]"),
+        (["--image_column", "text"], "--image_column: .* holds a str, not an image"),
+    ],
+)
+def test_a_saved_dataset_with_a_wrong_column_is_refused(tiny_sd, tmp_path, flag, message):
+    folder = saved_dataset(tmp_path / "saved", [(32, 32)], ["a photo of sks dog"])
+    with pytest.raises(ArgumentsError, match=message):
+        parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", *flag))

@@ -107,15 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset_name",
         type=str,
         default=None,
-        help="Instead of --instance_data_dir: a local image folder in diffusers' imagefolder convention, a "
-        "metadata.jsonl with one JSON object per image, its file_name and its caption in --caption_column; images "
-        "without a caption use --instance_prompt. Hub datasets and datasets' save_to_disk folders are not read.",
+        help="Instead of --instance_data_dir: a local folder, either written by datasets' save_to_disk (a Dataset, or "
+        "a DatasetDict's train split; images in --image_column) or in diffusers' imagefolder convention (a "
+        "metadata.jsonl with one JSON object per image, its file_name and its caption); captions in "
+        "--caption_column, images without one use --instance_prompt. Hub dataset ids are not downloaded.",
+    )
+    data.add_argument(
+        "--image_column",
+        type=str,
+        default="image",
+        help="The column of a save_to_disk dataset holding the images (with --dataset_name).",
     )
     data.add_argument(
         "--caption_column",
         type=str,
         default="text",
-        help="The metadata.jsonl key holding each image's caption (with --dataset_name).",
+        help="The column (save_to_disk dataset) or metadata.jsonl key (imagefolder) of each image's caption (with "
+        "--dataset_name).",
     )
     data.add_argument(
         "--instance_prompt", type=str, required=True, help="Prompt naming the instance, e.g. 'a photo of sks dog'."

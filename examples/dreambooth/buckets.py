@@ -8,7 +8,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
+
+from .data import open_image
 
 
 # Wider or taller images are trained at this ratio (their excess cropped): beyond it a side gets too few latents.
@@ -28,8 +30,7 @@ def bucket_sizes(images: Sequence[Path], resolution: int, multiple: int) -> dict
     """Each image's bucket `(height, width)`, from its size after EXIF orientation."""
     sizes = {}
     for path in dict.fromkeys(images):
-        with Image.open(path) as image:
-            width, height = ImageOps.exif_transpose(image).size
+        width, height = ImageOps.exif_transpose(open_image(path)).size
         sizes[path] = bucket_size(width, height, resolution, multiple)
     return sizes
 

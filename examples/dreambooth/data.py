@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,41 @@ def check_image(path: Path, argument: str) -> None:
 IMAGEFOLDER_METADATA = "metadata.jsonl"
 
 
+@dataclass(frozen=True)
+class DatasetImage:
+    """One image of a `datasets` folder written by `save_to_disk`: where it is (hashable, so it keys the latent and
+    bucket caches as a file path does). `open_image` decodes it."""
+
+    folder: str
+    split: str | None
+    index: int
+    column: str
+
+    def __str__(self) -> str:
+        return f"{self.folder}[{self.split + ', ' if self.split else ''}{self.index}]"
+
+
+@functools.lru_cache(maxsize=4)
+def _saved_dataset(folder: str, split: str | None):
+    import datasets
+
+    dataset = datasets.load_from_disk(folder)
+    return dataset[split] if split else dataset
+
+
+def open_image(source: Path | DatasetImage) -> Image.Image:
+    """The image of a file or of a `datasets` row, as PIL opens it (not yet oriented or converted)."""
+    if isinstance(source, DatasetImage):
+        image = _saved_dataset(source.folder, source.split)[source.index][source.column]
+        if not isinstance(image, Image.Image):
+            raise ValueError(
+                f"--image_column: {str(source)!r} holds a {type(image).__name__}, not an image; expected a column "
+                "of datasets.Image() type."
+            )
+        return image
+    return Image.open(source)
+
+
 def imagefolder_images(folder: Path, caption_column: str, default_prompt: str) -> tuple[list[Path], list[str]]:
     """The images of a local imagefolder (diffusers' / datasets' convention): `metadata.jsonl`, one JSON object a
     line with the image's `file_name` (relative to the folder) and its caption in `caption_column`.
@@ -85,11 +122,10 @@ def imagefolder_images(folder: Path, caption_column: str, default_prompt: str) -
         )
     metadata = folder / IMAGEFOLDER_METADATA
     if not metadata.is_file():
-        saved = (folder / "dataset_info.json").is_file() or (folder / "state.json").is_file()
         raise ValueError(
-            f"{argument} has no {IMAGEFOLDER_METADATA}; expected an imagefolder (images and a {IMAGEFOLDER_METADATA} "
-            f'of {{"file_name": ..., "{caption_column}": ...}} lines)'
-            + (". A datasets save_to_disk folder is not read: export it as an imagefolder." if saved else ".")
+            f"{argument} has no {IMAGEFOLDER_METADATA} and is not a folder written by datasets' save_to_disk; expected "
+            f'an imagefolder (images and a {IMAGEFOLDER_METADATA} of {{"file_name": ..., "{caption_column}": ...}} '
+            "lines) or a saved dataset."
         )
     images, prompts, columns = [], [], set()
     root = folder.resolve()
@@ -123,11 +159,56 @@ def imagefolder_images(folder: Path, caption_column: str, default_prompt: str) -
     return images, prompts
 
 
-def instance_images_and_captions(settings) -> tuple[list[Path], list[str]]:
-    """The instance images and each one's prompt: from `--dataset_name`'s imagefolder, or from
-    `--instance_data_dir` with caption files (`--caption_extension`)."""
+def saved_dataset_images(
+    folder: Path, image_column: str, caption_column: str, default_prompt: str
+) -> tuple[list[DatasetImage], list[str]]:
+    """The rows of a dataset written by `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict`'s "train" split):
+    each image in `image_column` (decoded and checked here), its caption in `caption_column` (None: `default_prompt`).
+
+    Raises:
+        `ValueError` naming `--dataset_name`, `--image_column` / `--caption_column` and the row.
+    """
+    argument = f"--dataset_name={str(folder)!r}"
+    split = None
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        if "train" not in splits:
+            raise ValueError(f"{argument} is a DatasetDict without a 'train' split (it has {splits}).")
+        split = "train"
+    dataset = _saved_dataset(str(folder), split)
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in dataset.column_names:
+            raise ValueError(f"{flag}={column!r} is not a column of {argument}; its columns: {dataset.column_names}.")
+    if not len(dataset):
+        raise ValueError(f"{argument} has no rows; expected one row per image.")
+    images, prompts = [], []
+    for index, caption in enumerate(dataset[caption_column]):
+        image = DatasetImage(str(folder), split, index, image_column)
+        try:
+            open_image(image).load()
+        except ValueError:
+            raise
+        except Exception as error:  # PIL and datasets raise several types for undecodable data
+            raise ValueError(
+                f"{argument}: row {index}'s {image_column!r} is not a readable image ({error})."
+            ) from None
+        if caption is not None and (not isinstance(caption, str) or not caption.strip()):
+            raise ValueError(f"{argument}: row {index}'s {caption_column!r} holds {caption!r}; expected a caption.")
+        images.append(image)
+        prompts.append(caption.strip() if caption is not None else default_prompt)
+    return images, prompts
+
+
+def instance_images_and_captions(settings) -> tuple[list[Path | DatasetImage], list[str]]:
+    """The instance images and each one's prompt: from `--dataset_name` (a dataset saved by `save_to_disk`, or an
+    imagefolder with `metadata.jsonl`), or from `--instance_data_dir` with caption files (`--caption_extension`)."""
     if settings.dataset_name:
-        return imagefolder_images(Path(settings.dataset_name), settings.caption_column, settings.instance_prompt)
+        folder = Path(settings.dataset_name)
+        if any((folder / name).is_file() for name in ("state.json", "dataset_dict.json")):
+            return saved_dataset_images(
+                folder, settings.image_column, settings.caption_column, settings.instance_prompt
+            )
+        return imagefolder_images(folder, settings.caption_column, settings.instance_prompt)
     images = list_images(Path(settings.instance_data_dir), "--instance_data_dir", caption_suffix(settings))
     return images, instance_captions(images, settings)
 
@@ -151,7 +232,7 @@ def instance_captions(images: list[Path], settings) -> list[str]:
     return prompts
 
 
-def load_image(path: Path, size: int | tuple[int, int], center_crop: bool = True, flip: bool = False):
+def load_image(path: Path | DatasetImage, size: int | tuple[int, int], center_crop: bool = True, flip: bool = False):
     """Opens, resizes (to cover `size`) and crops an image.
 
     Args:
@@ -163,7 +244,7 @@ def load_image(path: Path, size: int | tuple[int, int], center_crop: bool = True
         height and width, crop top and left, target height and width).
     """
     height, width = (size, size) if isinstance(size, int) else size
-    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    image = ImageOps.exif_transpose(open_image(path)).convert("RGB")
     original = (image.height, image.width)
     scale = max(width / image.width, height / image.height)
     image = image.resize(
