@@ -93,7 +93,7 @@ def test_bucket_batches_hold_one_bucket_and_cover_every_image_once():
     assert all(len({buckets[i] for i in batch}) == 1 and len(batch) <= 2 for batch in batches)
 
 
-@pytest.mark.parametrize("cache", [[], ["--cache_latents"]])
+@pytest.mark.parametrize("cache", [[], pytest.param(["--cache_latents"], marks=pytest.mark.slow)])
 def test_mixed_aspect_ratios_with_captions_train_in_buckets_at_batch_size_2(
     tiny_sd, tmp_path, monkeypatch, fresh_accelerate_state, cache
 ):
@@ -223,7 +223,7 @@ def saved_dataset(path, sizes: list[tuple[int, int]], captions: list, as_dict: b
     return path
 
 
-@pytest.mark.parametrize("as_dict", [False, True])
+@pytest.mark.parametrize("as_dict", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_saved_dataset_trains_with_its_captions_in_buckets(
     tiny_sd, tmp_path, monkeypatch, fresh_accelerate_state, as_dict
 ):
