@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .errors import ArgumentsError
+
 
 FAMILIES: dict[str, ModelFamily] = {}
 
@@ -134,12 +136,24 @@ def read_model_index(path: str, revision: str | None = None) -> dict:
 
 
 def load_component(path: str, model_index: dict, name: str, **load):
-    """Loads component `name` with the class `model_index.json` records for it (e.g. CLIPTextModelWithProjection)."""
+    """Loads component `name` with the class `model_index.json` records for it (e.g. CLIPTextModelWithProjection).
+
+    Raises:
+        `ArgumentsError`: it cannot be loaded; the message names the flags to check.
+    """
     import importlib
 
     library, class_name = model_index[name]
     cls = getattr(importlib.import_module(library), class_name)
-    return cls.from_pretrained(path, subfolder=name, **load)
+    try:
+        return cls.from_pretrained(path, subfolder=name, **load)
+    except (OSError, ValueError) as error:  # missing files (e.g. of a variant), a bad revision, a broken download
+        flags = [f"--{key}={value!r}" for key, value in load.items() if value is not None]
+        hint = f"check {', '.join(flags)} (the files they name may not exist)" if flags else "download it again"
+        raise ArgumentsError(
+            f"--pretrained_model_name_or_path={path!r}: cannot load its {name} ({class_name}: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); {hint}."
+        ) from None
 
 
 def to_latents(vae, sample: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,8 @@ from . import families, targets
 from .adapters import lora_config
 from .arguments import QUANTISATION_PACKAGES, build_parser
 from .data import caption_suffix, instance_images_and_captions, list_images
+from .errors import ArgumentsError
 from .outputs import check_output_dir
-
-
-class ArgumentsError(ValueError):
-    """Bad input found before any model loads; the command line reports it as `error: ...` (exit status 2)."""
 
 
 class Settings:
@@ -112,6 +109,23 @@ def _with_flags(message: str) -> str:
     """A BayesLoraConfig message with its field names replaced by the flags that set them."""
     pattern = r"(?<![\w.-])(" + "|".join(sorted(map(re.escape, _CONFIG_FLAGS), key=len, reverse=True)) + r")(?![\w])"
     return re.sub(pattern, lambda match: _CONFIG_FLAGS[match.group(1)], message)
+
+
+def _check_trackers(settings: Settings) -> None:
+    """`--report_to`: every tracker named must be installed (accelerate would only warn, and log nothing)."""
+    from accelerate.tracking import get_available_trackers
+
+    names = [name.strip() for name in settings.report_to.split(",") if name.strip()]
+    if names in (["none"], ["all"]):
+        return
+    available = sorted(str(getattr(tracker, "value", tracker)) for tracker in get_available_trackers())
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ValueError(
+            f"--report_to={settings.report_to!r}: {', '.join(missing)} is not installed (installed trackers: "
+            f"{', '.join(available) or 'none'}); pip install it, or pass --report_to "
+            f"{available[0] if available else 'none'} (or none)."
+        )
 
 
 def check_settings(settings: Settings) -> Settings:
@@ -249,6 +263,12 @@ def check_settings(settings: Settings) -> Settings:
                 f"of --output_dir={settings.output_dir!r}; expected one of those or 'latest'."
             )
     check_output_dir(settings)
+    _check_trackers(settings)
+    vae = settings.pretrained_vae_model_name_or_path
+    if vae and not Path(vae).expanduser().is_dir() and vae.startswith(("/", ".", "~")):
+        raise ValueError(
+            f"--pretrained_vae_model_name_or_path={vae!r}: no such folder; expected a diffusers VAE folder or Hub id."
+        )
     if settings.push_to_hub:
         from huggingface_hub import constants
         from huggingface_hub.utils import HFValidationError, validate_repo_id

@@ -338,7 +338,14 @@ def prepare_training(settings: Settings, accelerator, models: Models, data: Trai
             accelerator.print(f"No checkpoint in {settings.output_dir!r}: starting a new training run.")
         else:
             accelerator.print(f"Resuming from checkpoint {checkpoint}")
-            accelerator.load_state(str(checkpoint))
+            try:
+                accelerator.load_state(str(checkpoint))
+            except ValueError as error:  # load_bayes_adapters: the checkpoint's adapter is not this run's
+                raise ArgumentsError(
+                    f"--resume_from_checkpoint: {checkpoint.name} holds another adapter than these settings build "
+                    f"({error}); resume with the settings it was trained with (--rank, --*_target_modules, "
+                    "--bayesian_factors, ...), or start a new run with --overwrite_output_dir."
+                ) from None
             state.global_step = int(checkpoint.name.split("-")[1])
             state.first_epoch = state.global_step // state.steps_per_epoch
     if settings.monitor_steps:
@@ -363,9 +370,18 @@ def optimizer_class(settings: Settings) -> type:
 
 def run_command(argv: list[str] | None = None) -> int:
     """The command line: bad input is reported as `error: ...` with exit status 2, without a traceback."""
+    program = Path(sys.argv[0]).name
     try:
         main(parse_args(argv))
-    except ArgumentsError as error:  # from the checks main() runs before any model loads
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+    except ArgumentsError as error:  # from the checks main() runs before any training step
+        print(f"{program}: error: {error}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as error:
+        print(
+            f"{program}: failed: out of memory ({str(error).splitlines()[0]}). Lower --train_batch_size or "
+            "--resolution, or add --gradient_checkpointing, --mixed_precision bf16, --cache_latents or "
+            "--quantize_base nf4; --resume_from_checkpoint latest continues from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
