@@ -139,13 +139,16 @@ def merge_distances(transformer: nn.Module) -> tuple[float, float]:
     return (merged - adapted).abs().max().item(), (adapted - base).abs().max().item()
 
 
-def test_nf4_merge_requantises_the_merged_weight():
-    transformer = quantised_transformer("bnb_nf4")
+@pytest.mark.parametrize(
+    "method, bits, weight_cls", [("bnb_nf4", "4-bit", bnb.nn.Params4bit), ("bnb_int8", "8-bit", bnb.nn.Int8Params)]
+)
+def test_bnb_merge_requantises_the_merged_weight(method, bits, weight_cls):
+    transformer = quantised_transformer(method)
     train_bayesian(transformer)
-    with pytest.warns(UserWarning, match="4-bit linear may get different generations due to rounding"):
+    with pytest.warns(UserWarning, match=f"{bits} linear may get different generations due to rounding"):
         merge_error, adapter_effect = merge_distances(transformer)
     layer = transformer.transformer_blocks[0].attn.to_q
-    assert layer.merged and isinstance(layer.get_base_layer().weight, bnb.nn.Params4bit)
+    assert layer.merged and isinstance(layer.get_base_layer().weight, weight_cls)
     assert merge_error < 0.5 * adapter_effect
 
 
