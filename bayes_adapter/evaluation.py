@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ._images import check_pil_images
 from .lpips import AlexNetLPIPS, lpips_diversity, lpips_to_reference
 
 
@@ -185,11 +186,7 @@ def load_images(folder: str | os.PathLike, argument: str = "folder") -> list[Ima
 
 
 def _check_images(name: str, images: Sequence[Image.Image]) -> list[Image.Image]:
-    if isinstance(images, Image.Image) or not isinstance(images, Sequence) or not images:
-        raise ValueError(f"{name} must be a non-empty list of PIL images, got {type(images).__name__}")
-    if not all(isinstance(image, Image.Image) for image in images):
-        raise ValueError(f"{name} must hold PIL images only")
-    return [image.convert("RGB") for image in images]
+    return [image.convert("RGB") for image in check_pil_images(name, images)]
 
 
 def _check_batch_size(batch_size: int) -> None:

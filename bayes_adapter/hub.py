@@ -25,6 +25,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
 from ._atomic import atomic_folder
+from ._images import check_pil_images
 from .adapter import BayesianAdapter, load_bayesian_adapter, write_bayesian_adapter
 from .export import (
     DEFAULT_FORMATS,
@@ -77,23 +78,6 @@ def _check_repo_id(repo_id: object) -> str:
 def _check_optional_str(name: str, value: object) -> None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
-
-
-def _check_images(validation_images: object) -> list[Any]:
-    if validation_images is None:
-        return []
-    if isinstance(validation_images, (str, os.PathLike)) or not isinstance(validation_images, Sequence):
-        validation_images = [validation_images]
-    images = list(validation_images)
-    for image in images:
-        if isinstance(image, (str, os.PathLike)):
-            if not Path(image).is_file():
-                raise ValueError(f"validation_images: {str(image)!r} is not an image file")
-        elif not hasattr(image, "save"):
-            raise ValueError(
-                f"validation_images must hold image file paths or PIL images, got a {type(image).__name__}"
-            )
-    return images
 
 
 def _family_tags(base_model: str | None, component: str) -> list[str]:
@@ -307,7 +291,7 @@ def push_to_hub(
         raise ValueError(f"private must be True, False or None, got {private!r}")
     if not isinstance(include_bayesian, bool):
         raise ValueError(f"include_bayesian must be True or False, got {include_bayesian!r}")
-    images = _check_images(validation_images)
+    images = check_pil_images("validation_images", validation_images, min_count=0, paths=True)
     stage = read_stage_verdict(monitor)
     if local_dir is not None and Path(local_dir).exists():
         raise FileExistsError(f"local_dir={str(local_dir)!r} already exists; pass a new folder (or None)")

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._images import check_images
+
 
 __all__ = [
     "ALEXNET_CHECKPOINT",
@@ -40,6 +42,8 @@ ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_CHECKPOINT}"
 LINEAR_WEIGHTS_IN_PACKAGE = Path("weights", "v0.1", "alex.pth")
 MIN_IMAGE_SIZE = 31
+# What LPIPS takes: RGB in [-1, 1], at least AlexNet's smallest input.
+_LPIPS_IMAGES = {"channels": 3, "value_range": (-1.0, 1.0), "min_size": MIN_IMAGE_SIZE}
 # The layers LPIPS compares: the outputs of AlexNet's five ReLUs (indices in torchvision's `features`).
 _TAPS = (1, 4, 7, 9, 11)
 _CHANNELS = (64, 192, 384, 256, 256)
@@ -185,24 +189,6 @@ def load_lpips(
     return model.to(device)
 
 
-def _check_images(name: str, images: torch.Tensor, min_count: int) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{name} must be a float tensor (N, 3, H, W) of RGB images in [-1, 1], got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor in [-1, 1], got dtype {images.dtype}")
-    if len(images) < min_count:
-        raise ValueError(f"{name} must hold at least {min_count} images, got {len(images)}")
-    if min(images.shape[-2:]) < MIN_IMAGE_SIZE:
-        raise ValueError(
-            f"{name}: LPIPS's AlexNet needs images of at least {MIN_IMAGE_SIZE} x {MIN_IMAGE_SIZE} pixels, "
-            f"got {tuple(images.shape[-2:])}"
-        )
-    if not torch.isfinite(images).all() or images.min() < -1.001 or images.max() > 1.001:
-        raise ValueError(f"{name} must hold finite values in [-1, 1] (scale [0, 1] images with 2 * x - 1)")
-    return images
-
-
 @torch.no_grad()
 def _embed(model: AlexNetLPIPS, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -226,7 +212,7 @@ def lpips_diversity(images: torch.Tensor, model: AlexNetLPIPS | None = None, bat
         model: From `load_lpips`; `load_lpips()` (hub cache and installed `lpips` files) by default.
         batch_size: Images per forward pass.
     """
-    images = _check_images("images", images, min_count=2)
+    images = check_images("images", images, min_count=2, **_LPIPS_IMAGES)
     model = load_lpips() if model is None else model
     embedded = _embed(model, images, batch_size)
     pairs = [
@@ -247,8 +233,8 @@ def lpips_to_reference(
         model: From `load_lpips`; `load_lpips()` (hub cache and installed `lpips` files) by default.
         batch_size: Images per forward pass.
     """
-    images = _check_images("images", images, min_count=1)
-    references = _check_images("references", references, min_count=1)
+    images = check_images("images", images, **_LPIPS_IMAGES)
+    references = check_images("references", references, **_LPIPS_IMAGES)
     if images.shape[-2:] != references.shape[-2:]:
         raise ValueError(
             f"images {tuple(images.shape[-2:])} and references {tuple(references.shape[-2:])} must have one size"

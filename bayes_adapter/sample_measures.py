@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ._images import check_images
+
 
 __all__ = [
     "SSIM_WINDOW",
@@ -34,11 +36,8 @@ _DATA_RANGE = 2.0  # images in [-1, 1]
 
 
 def _check_batch(name: str, x: torch.Tensor, min_side: int = 1) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] < 1 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a floating-point tensor of shape (N, C, H, W) with N >= 1, got {shape}")
-    if min(x.shape[-2:]) < min_side:
-        raise ValueError(f"{name} must be at least {min_side}x{min_side}, got {tuple(x.shape[-2:])}")
+    # Non-finite values are the judge's to report (a sample of NaNs is a broken run, not bad input).
+    check_images(name, x, min_size=min_side, finite=False)
 
 
 def _check_same_shape(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from ._images import check_images
+
 
 __all__ = [
     "RandomFeatureExtractor",
@@ -37,22 +39,9 @@ __all__ = [
 ]
 
 
-def _check_images(name: str, images: torch.Tensor, min_n: int = 1) -> None:
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ValueError(f"{name} must have shape (N, C, H, W), got shape {tuple(images.shape)}")
-    if images.shape[0] < min_n:
-        raise ValueError(f"{name} must hold at least {min_n} image(s), got {images.shape[0]}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{name} contains non-finite values")
-
-
 def _check_pair(samples: torch.Tensor, references: torch.Tensor) -> None:
-    _check_images("samples", samples)
-    _check_images("references", references)
+    check_images("samples", samples)
+    check_images("references", references)
     if samples.shape[1:] != references.shape[1:]:
         raise ValueError(
             f"samples and references must have the same (C, H, W), got {tuple(samples.shape[1:])} "
@@ -81,7 +70,7 @@ def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.5) -> torch.Te
     Returns:
         `torch.Tensor`: shape ``(N,)``.
     """
-    _check_images("images", images)
+    check_images("images", images)
     if not 0.0 < cutoff < 1.0:
         raise ValueError(f"cutoff must be in (0, 1), got {cutoff}")
     x = images.float()
@@ -186,7 +175,7 @@ def feature_embedding(images: torch.Tensor, extractor: torch.nn.Module | None = 
     Returns:
         `torch.Tensor`: ``(N, D)``, rows of unit norm.
     """
-    _check_images("images", images)
+    check_images("images", images)
     if extractor is None:
         c = images.shape[1]
         if c not in _DEFAULT_EXTRACTORS:
@@ -241,7 +230,7 @@ def diversity(samples: torch.Tensor, space: str = "feature", extractor: torch.nn
     Returns:
         `torch.Tensor`: a 0-dim tensor.
     """
-    _check_images("samples", samples, min_n=2)
+    check_images("samples", samples, min_count=2)
     n = samples.shape[0]
     if space == "feature":
         f = feature_embedding(samples, extractor)

@@ -69,7 +69,9 @@ def test_to_reference_takes_each_images_nearest_reference(model):
 
 def test_bad_images_are_refused_naming_the_argument(model):
     x = images(2, seed=5)
-    with pytest.raises(ValueError, match=r"images must be a float tensor \(N, 3, H, W\).*got \(3, 40, 40\)"):
+    with pytest.raises(
+        ValueError, match=r"images must be a floating-point tensor of shape \(N, 3, H, W\).*got \(3, 40, 40\)"
+    ):
         lpips.lpips_diversity(x[0], model)
     with pytest.raises(ValueError, match="at least 2 images, got 1"):
         lpips.lpips_diversity(x[:1], model)
@@ -77,7 +79,7 @@ def test_bad_images_are_refused_naming_the_argument(model):
         lpips.lpips_diversity(images(2, seed=5, size=16), model)
     with pytest.raises(ValueError, match=r"finite values in \[-1, 1\]"):
         lpips.lpips_diversity((x + 1) * 127.5, model)
-    with pytest.raises(ValueError, match="references must be a float tensor"):
+    with pytest.raises(ValueError, match="references must be a floating-point tensor"):
         lpips.lpips_to_reference(x, (x > 0).to(torch.uint8), model)
     with pytest.raises(ValueError, match=r"must have one size"):
         lpips.lpips_to_reference(x, images(1, seed=6, size=48), model)

@@ -53,7 +53,7 @@ def test_structural_fidelity_is_one_for_the_training_images_and_lower_with_noise
 
 
 def test_ssim_refuses_images_smaller_than_its_window_or_of_other_shapes():
-    with pytest.raises(ValueError, match="samples must be at least 7x7, got \\(6, 8\\)"):
+    with pytest.raises(ValueError, match="samples must be at least 7 x 7 pixels, got \\(6, 8\\)"):
         ssim_matrix(torch.zeros(1, 3, 6, 8), torch.zeros(1, 3, 6, 8))
     with pytest.raises(ValueError, match="samples and references must have the same \\(C, H, W\\)"):
         ssim_matrix(torch.zeros(1, 3, 8, 8), torch.zeros(1, 1, 8, 8))
