@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,32 @@ def push_to_hub(
         RuntimeError: in offline mode (`HF_HUB_OFFLINE=1`), before any request or write.
         HubPushError: if a Hub request fails; the message names the repo and the cause, `local_dir` is kept.
     """
+    _check_push_arguments(repo_id, base_model, instance_prompt, commit_message, token, private, include_bayesian)
+    images = check_pil_images("validation_images", validation_images, min_count=0, paths=True)
+    stage = read_stage_verdict(monitor)
+    if local_dir is not None and Path(local_dir).exists():
+        raise FileExistsError(f"local_dir={str(local_dir)!r} already exists; pass a new folder (or None)")
+    _check_online(repo_id)
+    source = _read_source(model_or_export_dir, adapter_name, component, pipeline_cls, include_bayesian)
+    staging = (
+        Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="bayes-adapter-push-")) / "upload"
+    )
+    with atomic_folder(staging) as tmp:
+        summary = _write_adapter_files(tmp, source, pipeline_cls, include_bayesian, stage)
+        card = build_model_card(
+            summary,
+            repo_id,
+            base_model=base_model,
+            instance_prompt=instance_prompt,
+            widget_images=_write_images(tmp, images),
+            include_bayesian=include_bayesian,
+        )
+        card.save(tmp / "README.md")
+    return _upload(staging, repo_id, token, private, commit_message)
+
+
+def _check_push_arguments(repo_id, base_model, instance_prompt, commit_message, token, private, include_bayesian):
+    """`push_to_hub`'s checks of its plain arguments, before any read, write or request."""
     _check_repo_id(repo_id)
     for name, value in (("base_model", base_model), ("instance_prompt", instance_prompt)):
         _check_optional_str(name, value)
@@ -291,11 +318,9 @@ def push_to_hub(
         raise ValueError(f"private must be True, False or None, got {private!r}")
     if not isinstance(include_bayesian, bool):
         raise ValueError(f"include_bayesian must be True or False, got {include_bayesian!r}")
-    images = check_pil_images("validation_images", validation_images, min_count=0, paths=True)
-    stage = read_stage_verdict(monitor)
-    if local_dir is not None and Path(local_dir).exists():
-        raise FileExistsError(f"local_dir={str(local_dir)!r} already exists; pass a new folder (or None)")
 
+
+def _check_online(repo_id: str) -> None:
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
@@ -304,18 +329,26 @@ def push_to_hub(
             "upload, or use bayes_adapter.export_lora to export locally."
         )
 
-    # Read and check the source before writing anything.
-    adapter: BayesianAdapter | None = None
-    components: dict[str, BayesianAdapter] | None = None
-    export_dir: Path | None = None
+
+@dataclass
+class _PushSource:
+    """What `push_to_hub` uploads, read and checked before anything is written: one of the three is set."""
+
+    summary: dict[str, Any]
+    adapter: BayesianAdapter | None = None  # a model's or a saved folder's adapter
+    components: dict[str, BayesianAdapter] | None = None  # a {component: model} mapping's adapters
+    export_dir: Path | None = None  # a folder written by export_lora
+
+
+def _read_source(model_or_export_dir, adapter_name, component, pipeline_cls, include_bayesian) -> _PushSource:
     if isinstance(model_or_export_dir, Mapping):
         components = read_components(model_or_export_dir, adapter_name, pipeline_cls)
         # The card describes the denoiser's adapter (the text encoders' share its settings in the scripts).
         main = next(
             (components[n] for n in ("unet", "transformer") if n in components), next(iter(components.values()))
         )
-        summary = {**main.summary(), "components": sorted(components)}
-    elif isinstance(model_or_export_dir, (str, os.PathLike)) and _is_export_dir(Path(model_or_export_dir)):
+        return _PushSource({**main.summary(), "components": sorted(components)}, components=components)
+    if isinstance(model_or_export_dir, (str, os.PathLike)) and _is_export_dir(Path(model_or_export_dir)):
         export_dir = Path(model_or_export_dir)
         if include_bayesian:
             raise ValueError(
@@ -328,54 +361,53 @@ def push_to_hub(
             raise ValueError(f"{str(export_dir / EXPORT_SUMMARY_NAME)!r} is not valid JSON ({error})") from None
         if not isinstance(summary, dict):
             raise ValueError(f"{str(export_dir / EXPORT_SUMMARY_NAME)!r} does not hold an export summary")
+        return _PushSource(summary, export_dir=export_dir)
+    adapter = load_bayesian_adapter(model_or_export_dir, adapter_name, component)
+    return _PushSource(adapter.summary(), adapter=adapter)
+
+
+def _write_adapter_files(tmp: Path, source: _PushSource, pipeline_cls, include_bayesian: bool, stage) -> dict:
+    """Writes the mean LoRA (and the Bayesian adapter) of `source` into `tmp`; returns the summary for the card."""
+    if source.components is not None:
+        export_components(source.components, tmp, pipeline_cls)
+        if include_bayesian:
+            for name, component_adapter in source.components.items():
+                (tmp / BAYESIAN_SUBFOLDER / name).mkdir(parents=True)
+                write_bayesian_adapter(component_adapter, tmp / BAYESIAN_SUBFOLDER / name)
+    elif source.adapter is not None:
+        write_export(source.adapter, tmp, DEFAULT_FORMATS)
+        if include_bayesian:
+            (tmp / BAYESIAN_SUBFOLDER).mkdir()
+            write_bayesian_adapter(source.adapter, tmp / BAYESIAN_SUBFOLDER)
     else:
-        adapter = load_bayesian_adapter(model_or_export_dir, adapter_name, component)
-        summary = adapter.summary()
+        for path in source.export_dir.iterdir():
+            if path.is_file() and path.name != "README.md":
+                shutil.copy2(path, tmp / path.name)
+    if stage is None:
+        return source.summary
+    if (tmp / EXPORT_SUMMARY_NAME).is_file():
+        add_stage_to_summary(tmp, stage)
+    return {**source.summary, "stage": stage}
 
-    staging = (
-        Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="bayes-adapter-push-")) / "upload"
-    )
-    with atomic_folder(staging) as tmp:
-        if components is not None:
-            export_components(components, tmp, pipeline_cls)
-            if include_bayesian:
-                for name, component_adapter in components.items():
-                    (tmp / BAYESIAN_SUBFOLDER / name).mkdir(parents=True)
-                    write_bayesian_adapter(component_adapter, tmp / BAYESIAN_SUBFOLDER / name)
-        elif adapter is not None:
-            write_export(adapter, tmp, DEFAULT_FORMATS)
-            if include_bayesian:
-                (tmp / BAYESIAN_SUBFOLDER).mkdir()
-                write_bayesian_adapter(adapter, tmp / BAYESIAN_SUBFOLDER)
+
+def _write_images(tmp: Path, images: list) -> list[str]:
+    """Copies or saves the validation images into `tmp/images/`; returns their paths relative to `tmp`."""
+    widget_paths = []
+    if images:
+        (tmp / IMAGES_SUBFOLDER).mkdir()
+    for i, image in enumerate(images):
+        relative = f"{IMAGES_SUBFOLDER}/validation_{i}.png"
+        if isinstance(image, (str, os.PathLike)):
+            relative = f"{IMAGES_SUBFOLDER}/validation_{i}{Path(image).suffix.lower() or '.png'}"
+            shutil.copy2(image, tmp / relative)
         else:
-            for path in export_dir.iterdir():
-                if path.is_file() and path.name != "README.md":
-                    shutil.copy2(path, tmp / path.name)
-        if stage is not None:
-            summary = {**summary, "stage": stage}
-            if (tmp / EXPORT_SUMMARY_NAME).is_file():
-                add_stage_to_summary(tmp, stage)
-        widget_paths = []
-        if images:
-            (tmp / IMAGES_SUBFOLDER).mkdir()
-        for i, image in enumerate(images):
-            relative = f"{IMAGES_SUBFOLDER}/validation_{i}.png"
-            if isinstance(image, (str, os.PathLike)):
-                relative = f"{IMAGES_SUBFOLDER}/validation_{i}{Path(image).suffix.lower() or '.png'}"
-                shutil.copy2(image, tmp / relative)
-            else:
-                image.save(tmp / relative)
-            widget_paths.append(relative)
-        card = build_model_card(
-            summary,
-            repo_id,
-            base_model=base_model,
-            instance_prompt=instance_prompt,
-            widget_images=widget_paths,
-            include_bayesian=include_bayesian,
-        )
-        card.save(tmp / "README.md")
+            image.save(tmp / relative)
+        widget_paths.append(relative)
+    return widget_paths
 
+
+def _upload(staging: Path, repo_id: str, token: str | None, private: bool | None, commit_message: str) -> str:
+    """Creates the repo if needed and uploads `staging` in one commit; a failure keeps `staging` and masks tokens."""
     api = HfApi(token=token)
     cause = None
     try:
