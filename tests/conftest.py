@@ -100,6 +100,16 @@ def tiny_qwenimage(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory):
+    """A tiny Z-Image pipeline saved to a folder (read only)."""
+    from tiny_models import tiny_zimage_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-zimage")
+    tiny_zimage_pipeline().save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture
 def instance_dir(tmp_path):
     """Two random 40x48 instance images."""

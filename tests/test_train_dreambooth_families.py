@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("Flux2Pipeline", "flux2"),
         ("Flux2KleinPipeline", None),
         ("QwenImagePipeline", "qwenimage"),
-        ("QwenImageEditPipeline", None),  # a Qwen3 text encoder and no guidance embedding: not trained here
+        ("QwenImageEditPipeline", None),
+        ("ZImagePipeline", "zimage"),  # a Qwen3 text encoder and no guidance embedding: not trained here
         ("KandinskyV22Pipeline", None),
     ],
 )

@@ -1,4 +1,4 @@
-"""The DreamBooth script on the newer DiT families (Flux.2, Qwen-Image), on tiny pipelines saved to disk: the run trains, and its
+"""The DreamBooth script on the newer DiT families (Flux.2, Qwen-Image, Z-Image), on tiny pipelines saved to disk: the run trains, and its
 LoRA loads into the family's vanilla pipeline with `load_lora_weights` and changes the image."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from examples.dreambooth.settings import ArgumentsError, parse_args
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-def pipeline_image(pipe) -> torch.Tensor:
+def pipeline_image(pipe, **kwargs) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         return pipe(
@@ -26,6 +26,7 @@ def pipeline_image(pipe) -> torch.Tensor:
             width=32,
             generator=generator,
             output_type="pt",
+            **kwargs,
         ).images
 
 
@@ -114,3 +115,34 @@ def test_qwenimage_trains_with_batch_2_and_its_lora_loads_into_the_vanilla_pipel
     with torch.no_grad():
         assert_same_numerics(pipe.transformer(**qwenimage_transformer_inputs(), return_dict=False)[0], trained)
     assert (pipeline_image(pipe) - before).abs().max() > 1e-3
+
+
+def zimage_transformer_output(transformer) -> torch.Tensor:
+    """The tiny Z-Image transformer on fixed inputs: one 16x16 latent, 5 prompt tokens."""
+    generator = torch.Generator().manual_seed(0)
+    latent, text = torch.randn(4, 1, 16, 16, generator=generator), torch.randn(5, 16, generator=generator)
+    with torch.no_grad():
+        return transformer([latent], torch.tensor([0.3]), [text], return_dict=False)[0][0]
+
+
+def test_zimage_trains_with_batch_2_and_its_lora_loads_into_the_vanilla_pipeline(tiny_zimage, tmp_path, instance_dir):
+    out = tmp_path / "out"
+    (instance_dir / "0.txt").write_text("a photo of sks dog", encoding="utf-8")
+    (instance_dir / "1.txt").write_text("a photo of sks dog on a red sofa in the sun", encoding="utf-8")
+    validation = ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
+    validation += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
+    extra = ["--max_train_steps", "2", "--learning_rate", "1e-2", "--train_batch_size", "2", *validation]
+    extra += ["--max_sequence_length", "64"]
+    result = training.main(parse_args(dreambooth_args(tiny_zimage, instance_dir, out, *extra)))
+    assert result["family"] == "zimage" and result["global_step"] == 2
+    transformer = result["transformer"].eval()
+    assert isinstance(transformer.get_submodule("layers.0.attention.to_q"), bayes_adapter.BayesLoraLayer)
+    trained = zimage_transformer_output(transformer)
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_zimage))
+    pipe.set_progress_bar_config(disable=True)
+    before = pipeline_image(pipe, max_sequence_length=64)
+    pipe.load_lora_weights(str(out))
+    assert not list(bayes_adapter.bayes_layers(pipe.transformer))
+    assert_same_numerics(zimage_transformer_output(pipe.transformer), trained)
+    assert (pipeline_image(pipe, max_sequence_length=64) - before).abs().max() > 1e-3

@@ -225,8 +225,8 @@ def tiny_flux_pipeline(seed: int = 0):
 
 
 def tiny_chat_tokenizer():
-    """A character-level fast tokenizer with a chat template, built in memory: what Flux.2's pipeline needs of its
-    tokenizer (it only calls `apply_chat_template`)."""
+    """A character-level fast tokenizer with a chat template, built in memory: what Flux.2's and Z-Image's pipelines
+    need of their tokenizer (message contents as a string or as a list of text parts)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -238,7 +238,8 @@ def tiny_chat_tokenizer():
     )
     tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}[SYS]{% else %}[USER]{% endif %}"
-        "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endfor %}"
+        "{% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}"
     )
     return tokenizer
 
@@ -370,6 +371,44 @@ def tiny_qwenimage_pipeline(seed: int = 0):
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+def tiny_zimage_pipeline(seed: int = 0):
+    """A whole ZImagePipeline (32 px images, 16 px latents patched 2x2) with random weights: a tiny Qwen3 text
+    encoder, the DiTs' shifted VAE, a static-shift flow-matching scheduler as Z-Image's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=128,
+        )
+    )
+    transformer = ZImageTransformer2DModel(
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 32, 32],  # caption positions come first: room for a 512-token prompt
+    )
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_dit_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tiny_chat_tokenizer(),
         transformer=transformer,
     )
 

@@ -15,8 +15,8 @@ DEFAULT_TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
 QUANTISATION_METHODS = {"nf4": "bnb_nf4", "int8": "torchao_int8"}
 QUANTISATION_PACKAGES = {"nf4": "bitsandbytes", "int8": "torchao"}
 DESCRIPTION = (
-    "DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5), Flux.1, Flux.2 or Qwen-Image "
-    "with Bayesian LoRA."
+    "DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5), Flux.1, Flux.2, Qwen-Image or "
+    "Z-Image with Bayesian LoRA."
 )
 
 
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, Flux.1, Flux.2 "
-        "or Qwen-Image (told by its model_index.json).",
+        help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, Flux.1, Flux.2, "
+        "Qwen-Image or Z-Image (told by its model_index.json).",
     )
     model.add_argument(
         "--revision",

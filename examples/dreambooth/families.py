@@ -10,6 +10,7 @@ Adding a family is adding one subclass of `DDPMFamily` or `FlowMatchingFamily` w
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -494,6 +495,12 @@ class Flux2(FlowMatchingFamily):
         return tokens.permute(0, 2, 1).reshape(batch, channels, height, width)
 
 
+@functools.lru_cache(maxsize=2)
+def text_only_pipeline(pipeline_cls, text_encoder, tokenizer):
+    """A pipeline holding only the text encoder and tokenizer, to call diffusers' own `encode_prompt` with."""
+    return pipeline_cls(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None)
+
+
 class QwenImage(FlowMatchingFamily):
     """Qwen-Image: a Qwen2.5-VL text encoder (its last hidden states without the prompt template's system tokens,
     frozen, with an attention mask), a video VAE used on one frame and normalised by its per-channel latent mean and
@@ -512,9 +519,6 @@ class QwenImage(FlowMatchingFamily):
     default_max_sequence_length = 512
     default_weighting_scheme = "none"
 
-    def __init__(self):
-        self._text_pipelines: dict[int, Any] = {}
-
     def vae_input(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.unsqueeze(2)  # one frame of the video VAE
 
@@ -528,14 +532,9 @@ class QwenImage(FlowMatchingFamily):
     def encode_prompts(self, text_encoders, tokenizers, prompts, device, max_sequence_length=None):
         from diffusers import QwenImagePipeline
 
-        # diffusers' own prompt encoding (template, dropped system tokens, mask), through a pipeline holding only
-        # the text encoder and tokenizer.
-        key = id(text_encoders[0])
-        if key not in self._text_pipelines:
-            self._text_pipelines[key] = QwenImagePipeline(
-                scheduler=None, vae=None, text_encoder=text_encoders[0], tokenizer=tokenizers[0], transformer=None
-            )
-        states, mask = self._text_pipelines[key].encode_prompt(
+        # diffusers' own prompt encoding (template, dropped system tokens, mask).
+        pipeline = text_only_pipeline(QwenImagePipeline, text_encoders[0], tokenizers[0])
+        states, mask = pipeline.encode_prompt(
             prompts, device=device, max_sequence_length=max_sequence_length or self.default_max_sequence_length
         )
         if mask is None:
@@ -557,3 +556,46 @@ class QwenImage(FlowMatchingFamily):
         )[0]
         # _unpack_latents takes pixel sizes: with vae_scale_factor 1 they are the latent sizes.
         return QwenImagePipeline._unpack_latents(tokens, height, width, 1)[:, :, 0]
+
+
+class ZImage(FlowMatchingFamily):
+    """Z-Image: a Qwen3 text encoder (its second-to-last hidden states of the prompt's tokens, frozen), the
+    transformer taking lists of per-image latents `(C, 1, H, W)` and of prompt states, the time as `1 - sigma`, and
+    predicting the negated velocity."""
+
+    name = "zimage"
+    label = "Z-Image"
+    pipeline_class = "ZImagePipeline"
+    class_name_prefixes = ("ZImagePipeline", "ZImageImg2ImgPipeline")
+    text_encoders = ("text_encoder",)
+    trainable_text_encoders = ()  # a 4B-parameter language model: it stays frozen
+    default_targets = "attention.to_q,attention.to_k,attention.to_v,attention.to_out.0"
+    resolution_multiple = 16  # the VAE downsamples by 8, and the transformer patches 2x2
+    default_max_sequence_length = 512
+    default_weighting_scheme = "none"
+
+    def encode_prompts(self, text_encoders, tokenizers, prompts, device, max_sequence_length=None):
+        from diffusers import ZImagePipeline
+
+        pipeline = text_only_pipeline(ZImagePipeline, text_encoders[0], tokenizers[0])
+        states, _ = pipeline.encode_prompt(
+            list(prompts),
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length or self.default_max_sequence_length,
+        )
+        # One tensor per prompt, as long as its tokens: padded into a batch with a mask (`PromptCache` pads too).
+        lengths = torch.tensor([len(s) for s in states], device=states[0].device)
+        padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+        mask = (torch.arange(padded.shape[1], device=padded.device)[None] < lengths[:, None]).long()
+        return {"encoder_hidden_states": padded, "mask": mask}
+
+    def predict(self, denoiser, noisy, timesteps, cond, time_ids=None, guidance_scale=None):
+        states, mask = cond["encoder_hidden_states"], cond["mask"].bool()
+        outputs = denoiser(
+            list(noisy.unsqueeze(2).unbind(0)),
+            (1000 - timesteps) / 1000,  # the pipeline's time: 1 - sigma
+            [state[keep] for state, keep in zip(states, mask)],
+            return_dict=False,
+        )[0]
+        return -torch.stack(outputs).squeeze(2)  # the transformer predicts the negated velocity
