@@ -17,12 +17,12 @@ The std is held by a free parameter `rho`, in one of two parametrisations (`POST
   at fine-tuning learning rates the std barely moves. Kept so that adapters saved by 0.1.0 load unchanged.
 
 Either parametrisation can be bounded above by `std_max` (`bounded_std`): the std is unchanged up to its initial
-value, then bends smoothly towards `std_max` without reaching it, `std_max - headroom * (1 - x / sqrt(1 + x^2))` with
-`headroom = std_max - std_init` and `x` the unbounded std's excess over `std_init` in units of `headroom`. The slope is
-1 at `std_init` (where the std starts) and `(1 + x^2)^(-3/2)` above: never zero in float32 for any `rho` an optimiser
-reaches, so the std can always come back down, and Adam, which moves `rho` by about the learning rate per step
-whatever the gradient's size, cannot push the std past `std_max`. With `std_max=None` the std is the unbounded one,
-computed by exactly the same ops as before the bound existed.
+value, then bends smoothly towards `std_max`, `std_init + headroom * (1 - exp(-excess / headroom))` with
+`headroom = std_max - std_init` and `excess` the unbounded std's excess over `std_init`. The slope is 1 at `std_init`
+(where the std starts) and `exp(-excess / headroom)` above: no clamp cuts the gradient, it only fades (in float32 it
+underflows to 0 about 100 headrooms above the start, which Adam does not reach: its step shrinks with the gradient,
+tests/test_std_bound.py). For "exp_linear" this is one more ATen `elu` on the two the unbounded std takes. With
+`std_max=None` the std is the unbounded one, computed by exactly the same ops as before the bound existed.
 
 Three estimators turn the posterior into a forward pass during training:
 
@@ -35,6 +35,7 @@ Three estimators turn the posterior into a forward pass during training:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -97,7 +98,7 @@ def posterior_std(
     posterior_std_init: float = 1.0,
     posterior_std_max: float | None = None,
 ) -> torch.Tensor:
-    """The posterior standard deviation held by the free parameter `rho`, always >= 0 (and < `posterior_std_max`).
+    """The posterior standard deviation held by the free parameter `rho`, always >= 0 (and <= `posterior_std_max`).
 
     Args:
         rho: The free parameter.
@@ -105,11 +106,17 @@ def posterior_std(
         posterior_std_init: The initial std: the `std_init` of "exp_linear", and where a bound starts to bend.
         posterior_std_max: The smooth upper bound of the std (see `bounded_std`); None for none.
     """
-    std = _unbounded_std(rho, parametrisation, posterior_std_init)
     if posterior_std_max is None:
-        return std
-    _check_std_max(posterior_std_init, posterior_std_max)
-    return bounded_std(std, posterior_std_init, posterior_std_max)
+        return _unbounded_std(rho, parametrisation, posterior_std_init)
+    _check_parametrisation(parametrisation)
+    if parametrisation == "exp_linear":
+        # elu with scale -1 gives -(std - std_init) in one op; a second elu (scale -1) bends its positive side:
+        # `x` below 0, `headroom * (1 - exp(-x / headroom))` above. Exact below std_init (x * -1 * -1), and std_init
+        # at rho = 0. Three ATen ops in all: this runs on every layer's every forward (benchmarks/RESULTS.md).
+        headroom = _headroom(posterior_std_init, posterior_std_max, rho.dtype)
+        minus_excess = torch.ops.aten.elu(rho, posterior_std_init, -1.0, 1.0 / posterior_std_init)
+        return torch.ops.aten.elu(minus_excess, headroom, -1.0, 1.0 / headroom) + posterior_std_init
+    return bounded_std(_unbounded_std(rho, parametrisation, posterior_std_init), posterior_std_init, posterior_std_max)
 
 
 def posterior_std_and_log_std(
@@ -122,17 +129,16 @@ def posterior_std_and_log_std(
 
     Args: as `posterior_std`.
     """
-    std = _unbounded_std(rho, parametrisation, posterior_std_init)
     log_std = _unbounded_log_std(rho, parametrisation, posterior_std_init)
     if posterior_std_max is None:
-        return std, log_std
-    _check_std_max(posterior_std_init, posterior_std_max)
+        return _unbounded_std(rho, parametrisation, posterior_std_init), log_std
+    std = posterior_std(rho, parametrisation, posterior_std_init, posterior_std_max)
+    # Above std_init the bound bends the std (> 0: its log is finite); up to it the std is the unbounded one, whose
+    # log is computed directly (finite where the std underflows). The inner where keeps log's gradient finite at the
+    # entries it does not use.
     bent = std > posterior_std_init
-    bounded = bounded_std(std, posterior_std_init, posterior_std_max)
-    # Where the bound bends the std it is >= std_init > 0, so its log is finite; elsewhere the direct log is kept.
-    # The inner where keeps log's gradient finite at the unused entries (a std that underflowed to 0).
-    bounded_log = torch.where(bent, bounded, posterior_std_init).log()
-    return bounded, torch.where(bent, bounded_log, log_std)
+    bent_log = torch.where(bent, std, posterior_std_init).log()
+    return std, torch.where(bent, bent_log, log_std)
 
 
 def _unbounded_log_std(rho: torch.Tensor, parametrisation: str, posterior_std_init: float) -> torch.Tensor:
@@ -164,47 +170,34 @@ def _check_std_max(posterior_std_init: float, posterior_std_max: float) -> None:
         )
 
 
-class _SmoothUpperBound(torch.autograd.Function):
-    """`bounded_std` as one autograd node: its forward is about fifteen element-wise ops on every Bayesian factor of
-    every forward pass, and its backward needs only the slope, saved by the forward."""
-
-    @staticmethod
-    def forward(ctx, std: torch.Tensor, std_init: float, std_max: float) -> torch.Tensor:
-        # At least fp32: in half precision the slope (1 + x^2)^(-3/2) underflows to 0 within the range Adam reaches.
-        compute_dtype = torch.promote_types(std.dtype, torch.float32)
-        unbounded = std.to(compute_dtype)
-        headroom = std_max - std_init
-        bent = unbounded > std_init
-        x = (unbounded - std_init).clamp_(min=0).div_(headroom)
-        root = x.square().add_(1).sqrt_()
-        # headroom * (1 - x / root), written as headroom / (root * (root + x)): no cancellation, so the gap to the
-        # bound stays positive (the std < std_max, also in float) and exact as x grows.
-        gap = (root + x).mul_(root).reciprocal_().mul_(headroom)
-        bounded = torch.where(bent, gap.neg_().add_(std_max), unbounded)
-        ctx.save_for_backward(torch.where(bent, root.pow_(-3), 1.0))
-        ctx.std_dtype = std.dtype
-        return bounded.to(std.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (slope,) = ctx.saved_tensors
-        return (grad * slope).to(ctx.std_dtype), None, None
+@functools.lru_cache(maxsize=64)
+def _headroom(std_init: float, std_max: float, dtype: torch.dtype) -> float:
+    """`std_max - std_init`, lowered by an ulp or two of `dtype` where needed so that the largest bounded std,
+    `std_init + headroom` (where the exponential underflows to 0), rounds to at most `std_max` in `dtype`."""
+    _check_std_max(std_init, std_max)
+    headroom = std_max - std_init
+    top = torch.tensor(std_max, dtype=dtype)
+    saturated = torch.tensor([-math.inf], dtype=dtype)  # the ops of the bounded std at its limit, in `dtype`
+    while bool(torch.ops.aten.elu(saturated, headroom, -1.0, 1.0 / headroom) + std_init > top):
+        headroom -= torch.finfo(dtype).eps * headroom
+    return headroom
 
 
 def bounded_std(std: torch.Tensor, std_init: float, std_max: float) -> torch.Tensor:
-    """A std bounded smoothly by `std_max`: unchanged up to `std_init`, then approaching `std_max` without reaching it.
+    """A std bounded smoothly by `std_max`: unchanged up to `std_init`, then approaching `std_max`.
 
-    Above `std_init`, `std_max - headroom * (1 - x / sqrt(1 + x^2))`, `headroom = std_max - std_init`,
-    `x = (std - std_init) / headroom`: continuous with slope 1 at `std_init`, slope `(1 + x^2)^(-3/2)` > 0 above, and
-    `std_init + (std - std_init) * (1 - O(x^2))` while the std is well below the bound.
+    Above `std_init`, `std_init + headroom * (1 - exp(-(std - std_init) / headroom))`, `headroom = std_max -
+    std_init`: continuous with slope 1 at `std_init`, slope `exp(-(std - std_init) / headroom)` > 0 above, never
+    above `std_max`, also after rounding in `std`'s dtype.
 
     Args:
         std: The unbounded std (differentiable).
         std_init: Where the bound starts to bend (the initial std: a std that has not grown is left as it is).
         std_max: The bound, > `std_init`.
     """
-    _check_std_max(std_init, std_max)
-    return _SmoothUpperBound.apply(std, float(std_init), float(std_max))
+    headroom = _headroom(std_init, std_max, std.dtype)
+    bent = torch.ops.aten.elu(std_init - std, headroom, -1.0, 1.0 / headroom) + std_init
+    return torch.where(std > std_init, bent, std)
 
 
 def _check_parametrisation(parametrisation: str) -> None:

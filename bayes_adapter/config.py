@@ -134,8 +134,8 @@ class BayesLoraConfig(LoraConfig):
         metadata={
             "help": (
                 "Smooth upper bound of every posterior std: the std is unchanged up to posterior_std_init and then "
-                "approaches this value without reaching it (the gradient is never cut off, `bayes.bounded_std`); the "
-                "KL uses the same bounded std. It keeps a large learning rate from growing the stds without limit "
+                "approaches this value, never passing it (no clamp: the gradient only fades, `bayes.bounded_std`); "
+                "the KL uses the same bounded std. It keeps a large learning rate from growing the stds without limit "
                 "(with kl_weight=0 nothing else holds them, and large stds turn samples into noise). 'auto' (the "
                 f"default) is {DEFAULT_STD_MAX_FACTOR:g} x posterior_std_init, None is unbounded (the paper's and "
                 "bayes-adapter 0.1.0's and 0.2.0's: a config saved without this field loads as None). Must be > "

@@ -57,6 +57,11 @@ def test_two_thousand_adam_steps_at_lr_1e_2_keep_every_default_std_under_its_bou
     # float32: the bound as float32 rounds it (the std never reaches it before rho is ~1e4 past the start).
     assert (stds <= torch.tensor(bound)).all() and (stds > bound / 2).all(), stds
     assert posterior_std_stats(model)["near_bound_fraction"] > 0.5
+    # The bound fades the gradient but never cuts it: every std can still move (Adam's steps shrank with it).
+    layer = next(m for m in model.modules() if isinstance(m, BayesLoraLayer))
+    stds = [layer.posterior_std("default", f) for f in "AB"]
+    slopes = torch.autograd.grad(sum(s.sum() for s in stds), [layer.posterior_rho("default", f) for f in "AB"])
+    assert all((slope > 0).all() for slope in slopes)
 
 
 def test_without_the_bound_the_same_steps_take_the_std_far_past_it():
@@ -98,7 +103,7 @@ def test_posterior_std_stats_reports_the_fraction_near_each_adapters_bound():
         layer.posterior_rho("default", "A").fill_(100.0)  # std within 5% of 0.2: 12 of the 22
     stats = posterior_std_stats(model)
     assert stats["count"] == 22 and stats["near_bound_fraction"] == pytest.approx(12 / 22)
-    assert stats["max"] < 0.2 and stats["max"] > 0.19
+    assert 0.19 < stats["max"] <= torch.tensor(0.2).item()
 
 
 def test_loading_weights_saved_with_another_bound_is_refused(tmp_path):
