@@ -255,3 +255,18 @@ def test_dora_on_bnb_int8_is_refused():
     transformer = quantised_transformer("bnb_int8")
     with pytest.raises(ValueError, match="Bayesian DoRA is not available on Linear8bitLt layers"):
         transformer.add_adapter(BayesLoraConfig(r=4, target_modules=TARGETS, use_dora=True))
+
+
+@pytest.mark.parametrize("method", ["bnb_nf4", "bnb_int8", "torchao_int8"])
+def test_a_bfloat16_base_keeps_its_output_dtype_and_trains_a_float32_adapter(method):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).to(torch.bfloat16)
+    quantize_linears(model, method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchao: merging needs get_apply_tensor_subclass
+        peft_model = get_peft_model(model, BayesLoraConfig(r=2, target_modules=["0", "2"]))
+    layer = peft_model.base_model.model[0]
+    output = peft_model.train()(torch.randn(4, 64, dtype=torch.bfloat16))
+    output.float().sum().backward()
+    assert output.dtype == torch.bfloat16
+    assert layer.lora_A["default"].weight.dtype == layer.posterior_rho("default", "B").dtype == torch.float32
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
