@@ -28,8 +28,8 @@ from .layer import (  # noqa: E402
     BayesLinear,
     BayesLoraLayer,
 )
-from .model import (  # noqa: E402
-    BayesLoraModel,
+from .model import BayesLoraModel  # noqa: E402
+from .model_functions import (  # noqa: E402
     bayes_layers,
     cast_adapter_params,
     kl_divergence,
