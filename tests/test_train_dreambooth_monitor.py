@@ -107,3 +107,47 @@ def test_the_monitor_measures_the_newer_dit_families_in_their_denoisers_latent_s
     (record,) = bayes_adapter.read_monitor(out / "monitor.jsonl")
     assert record.step == 2 and record.loss > 0 and record.fidelity_ceiling <= 1
     assert record.noise_energy > 0 and 0 < record.noise_whiteness <= 1
+
+
+class _CopyingPipeline:
+    """Stands in for a pipeline whose samples are exact copies: it returns the VAE's decoding of the training latent,
+    which is what a denoiser that reproduces the training latent gives."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def to(self, device):
+        return self
+
+    def __call__(self, prompt, **kwargs):
+        return type("Output", (), {"images": self.images[: len(prompt)]})()
+
+
+def test_a_perfect_copy_has_no_latent_residual_despite_the_vae_round_trip(tmp_path, tiny_sd, instance_dir):
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL
+
+    from examples.dreambooth.settings import resolve_model
+    from examples.dreambooth.stage_monitor import StageMonitor, decode, encode
+
+    settings = resolve_model(
+        parse_args(dreambooth_args(tiny_sd, instance_dir, tmp_path / "run", "--monitor_images", "1"))
+    )
+    vae = AutoencoderKL.from_pretrained(str(tiny_sd), subfolder="vae")
+    reference = torch.stack([dreambooth_data.load_image(p, 32)[0] for p in sorted(instance_dir.iterdir())])[:1]
+    (tmp_path / "run").mkdir()
+    monitor = StageMonitor(settings, Accelerator(cpu=True), vae, torch.float32, reference, resumed_step=0)
+    with torch.no_grad():
+        raw, train_latents = encode(settings.family, vae, reference, "cpu", torch.float32)
+        copies = (decode(vae, raw).permute(0, 2, 3, 1).numpy() + 1) / 2
+    round_trip = bayes_adapter.latent_residuals(
+        encode(settings.family, vae, torch.from_numpy(copies * 2 - 1).permute(0, 3, 1, 2), "cpu", torch.float32)[1],
+        train_latents,
+    )
+    assert float(round_trip["energy"].max()) > 1e-4  # the tiny VAE's round trip is not the identity
+
+    measured = monitor.maybe_record(settings.monitor_steps, lambda: _CopyingPipeline(copies), trained=[])
+    assert measured["noise_energy"] < 1e-8  # against the round-tripped references, a copy has no residual
