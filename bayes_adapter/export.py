@@ -93,8 +93,9 @@ def export_lora(
         source: A `PeftModel`, a diffusers / transformers model with an added Bayesian adapter, or a folder saved by
             `save_pretrained` holding one. Or a `{component: model}` mapping (as diffusers' `save_lora_weights`
             takes `unet_lora_layers=..., text_encoder_lora_layers=...`): then `out_dir` holds every component in one
-            `pytorch_lora_weights.safetensors` and `export/<component>/` each (`export_components`; `format` and
-            `component` do not apply, `pipeline_cls` is needed).
+            `pytorch_lora_weights.safetensors` (so `format` must include "diffusers"), `export/<component>/` each in
+            the other formats asked for, and with "kohya" one `lora_kohya.safetensors` (`export_components`;
+            `pipeline_cls` is needed, `component` is refused: the mapping's keys name the components).
         out_dir: The folder to write; it must not exist unless `overwrite=True`. Written atomically.
         adapter_name: Which adapter to export.
         component: The pipeline component the adapter belongs to, which sets the diffusers key prefix: "unet",
@@ -118,10 +119,22 @@ def export_lora(
     out = Path(out_dir)
     stage = read_stage_verdict(monitor)
     if isinstance(source, Mapping):
+        formats = _check_formats(format)
+        if component is not None:
+            raise ValueError(
+                f"component={component!r} does not apply to a {{component: model}} mapping: its keys name the "
+                "components; drop component"
+            )
+        if "diffusers" not in formats:
+            raise ValueError(
+                f"format={format!r}: a {{component: model}} mapping is exported as one diffusers file for all "
+                "components; include 'diffusers' (and 'peft' or 'kohya' if wanted)"
+            )
         check_output_folder(out, overwrite)
         adapters = read_components(source, adapter_name, pipeline_cls)
+        per_component = tuple(f for f in formats if f != "kohya")
         with atomic_folder(out, overwrite) as tmp:
-            export_components(adapters, tmp, pipeline_cls)
+            export_components(adapters, tmp, pipeline_cls, kohya="kohya" in formats, formats=per_component)
             for name in adapters:
                 add_stage_to_summary(tmp / "export" / name, stage)
         return out
@@ -188,6 +201,7 @@ def export_components(
     adapter_name: str = "default",
     per_component: bool = True,
     kohya: bool = False,
+    formats: Sequence[str] = DEFAULT_FORMATS,
 ) -> Path:
     """Exports the means of several components' Bayesian adapters (UNet or transformer, text encoders) together.
 
@@ -207,6 +221,8 @@ def export_components(
             a training checkpoint, so that `pipe.load_lora_weights("out/checkpoint-N")` loads it).
         kohya: Also write `<out_dir>/lora_kohya.safetensors`, every component in the kohya layout ComfyUI and A1111
             load (UNet and CLIP text encoders only; checked before anything is written).
+        formats: The formats of each `export/<component>/` folder ("peft", "diffusers"; kohya is the combined
+            file above).
 
     Returns:
         The path of the combined diffusers file.
@@ -220,7 +236,7 @@ def export_components(
     for name, adapter in adapters.items():
         if per_component:
             with atomic_folder(out / "export" / name, overwrite=True) as tmp:
-                write_export(adapter, tmp)
+                write_export(adapter, tmp, formats)
         layers[f"{name}_lora_layers"] = adapter.mean_state_dict()
         layers[f"{name}_lora_adapter_metadata"] = diffusers_metadata(adapter)
     out.mkdir(parents=True, exist_ok=True)

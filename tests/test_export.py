@@ -490,3 +490,20 @@ def test_export_a_component_mapping_into_one_diffusers_file(tmp_path):
         assert_same_numerics(pipe.text_encoder(ids)[0], reference_text)
     with pytest.raises(FileExistsError, match="already exists"):
         export_lora({"unet": unet}, out, pipeline_cls=StableDiffusionPipeline)
+    # format and component apply to a mapping too: the formats asked for, component refused (the keys name them).
+    only_diffusers = export_lora(
+        {"unet": unet}, tmp_path / "d", format="diffusers", pipeline_cls=StableDiffusionPipeline
+    )
+    assert sorted(os.listdir(only_diffusers / "export" / "unet")) == [
+        "bayes_lora_export.json",
+        export_module.DIFFUSERS_WEIGHTS_NAME,
+    ]
+    kohya = export_lora(
+        {"unet": unet}, tmp_path / "k", format=["diffusers", "kohya"], pipeline_cls=StableDiffusionPipeline
+    )
+    assert "lora_kohya.safetensors" in os.listdir(kohya)
+    with pytest.raises(ValueError, match="component='unet' does not apply to a {component: model} mapping"):
+        export_lora({"unet": unet}, tmp_path / "c", component="unet", pipeline_cls=StableDiffusionPipeline)
+    with pytest.raises(ValueError, match="format='peft': a {component: model} mapping is exported as one diffusers"):
+        export_lora({"unet": unet}, tmp_path / "p", format="peft", pipeline_cls=StableDiffusionPipeline)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "p").exists()
