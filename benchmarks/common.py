@@ -116,8 +116,9 @@ def share_base_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def lora_config(arm: str, targets: Sequence[str], r: int = 4, kl_weight: float = 1.0):
-    """The adapter config of an arm: "plain" (PEFT LoraConfig) or "<estimator>_<factors>[-<parametrisation>]"
-    (BayesLoraConfig; the posterior-std parametrisation defaults to the library's, e.g. weight_B-softplus for 0.1.0's)."""
+    """The adapter config of an arm: "plain" (PEFT LoraConfig) or "<estimator>_<factors>[-<parametrisation>][+unbounded]"
+    (BayesLoraConfig; the posterior-std parametrisation defaults to the library's, e.g. weight_B-softplus for 0.1.0's;
+    "+unbounded": `posterior_std_max=None`, without the default std bound, as before it existed)."""
     common = dict(r=r, lora_alpha=r, target_modules=list(targets), init_lora_weights=True)
     if arm == PLAIN:
         from peft import LoraConfig
@@ -125,26 +126,31 @@ def lora_config(arm: str, targets: Sequence[str], r: int = 4, kl_weight: float =
         return LoraConfig(**common)
     from bayes_adapter import BayesLoraConfig
 
-    estimator, factors, parametrisation = parse_arm(arm)
+    estimator, factors, parametrisation, bounded = parse_arm(arm)
     extra = {"posterior_std_parametrisation": parametrisation} if parametrisation else {}
+    if not bounded:
+        extra["posterior_std_max"] = None
     return BayesLoraConfig(**common, estimator=estimator, bayesian_factors=factors, kl_weight=kl_weight, **extra)
 
 
-def parse_arm(arm: str) -> tuple[str, str, str | None]:
+def parse_arm(arm: str) -> tuple[str, str, str | None, bool]:
+    """`(estimator, factors, parametrisation or None, bounded)` of a Bayesian arm's name."""
     from bayes_adapter.bayes import POSTERIOR_STD_PARAMETRISATIONS
 
-    name, _, parametrisation = arm.partition("-")
+    spec, plus, suffix = arm.partition("+")
+    name, _, parametrisation = spec.partition("-")
     estimator, _, factors = name.partition("_")
     if (
         estimator not in ESTIMATORS
         or factors not in FACTORS
         or (parametrisation and parametrisation not in POSTERIOR_STD_PARAMETRISATIONS)
+        or (plus and suffix != "unbounded")
     ):
         raise ValueError(
-            f"unknown arm {arm!r}: 'plain' or '<estimator>_<factors>[-<parametrisation>]', e.g. weight_B or "
-            "weight_B-softplus"
+            f"unknown arm {arm!r}: 'plain' or '<estimator>_<factors>[-<parametrisation>][+unbounded]', e.g. weight_B, "
+            "weight_B-softplus or weight_B+unbounded"
         )
-    return estimator, factors, parametrisation or None
+    return estimator, factors, parametrisation or None, not plus
 
 
 def all_arms(estimators: Sequence[str] = ESTIMATORS, factors: Sequence[str] = FACTORS) -> list[str]:

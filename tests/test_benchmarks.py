@@ -134,3 +134,12 @@ def test_count_outputs(tmp_path):
     profile_step.main(["--size", "tiny", "--count-outputs", "--out", str(out)])
     data = _read(out)
     assert data["layers"] == 32 and data["elements"] > 0
+
+
+def test_an_arm_without_the_std_bound():
+    from benchmarks import common
+
+    assert common.lora_config("weight_B", ["to_q"]).posterior_std_max == pytest.approx(0.1)
+    assert common.lora_config("weight_B-softplus+unbounded", ["to_q"]).posterior_std_max is None
+    with pytest.raises(ValueError, match=r"unknown arm 'weight_B\+bounded'"):
+        common.parse_arm("weight_B+bounded")
