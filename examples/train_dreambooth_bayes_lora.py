@@ -11,7 +11,7 @@ without this package. The whole Bayesian adapter (means and standard deviations)
 The model family is read from the pipeline's `model_index.json` (`_class_name`), not from a flag: SD 1.x/2.x and
 SDXL UNets are trained by noise (or v) prediction, SD3 and Flux transformers by flow matching with the sigmas drawn by
 `--weighting_scheme`, as diffusers' `train_dreambooth_lora_sd3.py` / `_flux.py` do. The trainer lives in the package
-`examples/dreambooth/` beside this script (`dreambooth/families.py` holds what differs between the families).
+`examples/dreambooth/` beside this script (`dreambooth/families/` holds what differs between the families).
 
 Example (see examples/README.md for the paper's setting):
 

@@ -55,7 +55,7 @@ def test_a_new_family_is_one_class():
 
 
 def test_no_family_switches_and_no_sys_path_edits():
-    trainer = [ROOT / "examples" / "train_dreambooth_bayes_lora.py", *(ROOT / "examples" / "dreambooth").glob("*.py")]
+    trainer = [ROOT / "examples" / "train_dreambooth_bayes_lora.py", *(ROOT / "examples" / "dreambooth").rglob("*.py")]
     for path in trainer:
         assert not re.search(r"family\.name\s*(==|!=|in\b)", path.read_text()), path
     for path in [
