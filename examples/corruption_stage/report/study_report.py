@@ -1,0 +1,201 @@
+"""Reads a lab v3 study (PLAN_V3.md) off its run files: every verdict from the package's judge, then the plan's
+declared reading; writes ``summary.json``, ``summary.md`` and the study's figure.
+
+    python -m examples.corruption_stage report paper_recipe
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+from bayes_adapter.stage import judge, read_monitor, verdict_sentence
+
+from ..study.arms import ARM_LABELS
+from ..study.train import format_lr
+
+
+STAGE_SEEDS_NEEDED = 2  # of 3: "a stage appears" (PLAN_V3.md, study 1)
+MATCHED_FIDELITY = 0.9  # x ceiling, the arms study's frontier level
+FIT_FLOOR = 0.5  # issue 32's pass rule (a): no record after fit below this fidelity
+
+
+def judge_file(path: str) -> dict:
+    """The judge's verdict on one record file, with the plan's derived numbers (gap ratio, records between fit and
+    first clean copy, fidelity after fit)."""
+    records = read_monitor(path)
+    verdict = judge(records)
+    fit, copy = verdict.fit_step, verdict.first_copy_step
+    after_fit = [r for r in records if fit is not None and r.step > fit]
+    return {
+        "file": os.path.basename(path),
+        "verdict": verdict.to_dict(),
+        "sentence": verdict_sentence(verdict),
+        "gap_ratio": copy / fit if fit and copy is not None else None,
+        "records_between_fit_and_copy": (
+            sum(fit < r.step < copy for r in records) if fit is not None and copy is not None else None
+        ),
+        "max_fidelity": max(r.fidelity for r in records),
+        "final_fidelity": records[-1].fidelity,
+        "final_copy_rate": records[-1].copy_rate,
+        "records_after_fit_below_floor": sum(r.fidelity < FIT_FLOOR for r in after_fit),
+        "frontier_copy_rate": min(
+            (r.copy_rate for r in records if r.fidelity >= MATCHED_FIDELITY * (r.fidelity_ceiling or 1.0)),
+            default=None,
+        ),
+    }
+
+
+def load_runs(runs_dir: str) -> list[dict]:
+    """Every finished run in ``runs_dir`` (its ``<run>.json`` written), each guidance scale's file judged."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(runs_dir, "*.json"))):
+        if os.path.basename(path) == "plan.json":
+            continue
+        with open(path) as f:
+            run = json.load(f)
+        spec = run["spec"]
+        files = {}
+        for guidance, _ in spec["schedules"]:
+            files[f"{guidance:g}"] = judge_file(os.path.join(runs_dir, f"{run['name']}_g{guidance:g}.jsonl"))
+        runs.append({"name": run["name"], "spec": spec, "seconds": run.get("seconds"), "judged": files})
+    return runs
+
+
+def primary(run: dict) -> dict:
+    return run["judged"][f"{run['spec']['schedules'][0][0]:g}"]
+
+
+def mean_std(values: list[float]) -> dict[str, float] | None:
+    if not values or any(v is None for v in values):
+        return None
+    mean = sum(values) / len(values)
+    return {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), "n": len(values)}
+
+
+def read_paper_recipe(runs: list[dict], seeds: int = 3) -> dict:
+    """Study 1: per learning rate, the stage rate (primary records) and whether a stage appears (>= 2 of 3 seeds;
+    undecided while fewer seeds have finished and the count could still change the answer)."""
+    out = {}
+    for lr in sorted({r["spec"]["lr"] for r in runs if r["spec"]["arm"] == "lora"}):
+        group = [r for r in runs if r["spec"]["lr"] == lr and r["spec"]["arm"] == "lora"]
+        flagged = sum(primary(r)["verdict"]["stage"] for r in group)
+        if flagged >= STAGE_SEEDS_NEEDED:
+            appears = True
+        elif flagged + (seeds - len(group)) < STAGE_SEEDS_NEEDED:
+            appears = False
+        else:
+            appears = None
+        out[format_lr(lr)] = {"seeds_run": len(group), "seeds_with_stage": flagged, "stage_appears": appears}
+    return out
+
+
+def read_bounded_std(runs: list[dict]) -> dict:
+    """Study 3 (issue 32): rule (a) on every bounded run, rule (b) at lr 3e-3, and the same comparison at 1e-2."""
+    bounded = [r for r in runs if r["spec"]["arm"] == "bayes_default"]
+    rule_a = {
+        r["name"]: primary(r)["verdict"]["fit_step"] is not None and primary(r)["records_after_fit_below_floor"] == 0
+        for r in bounded
+    }
+    comparison = {}
+    for lr in sorted({r["spec"]["lr"] for r in runs}):
+        per_arm = {}
+        for arm in ("bayes_paper", "bayes_default"):
+            group = [primary(r) for r in runs if r["spec"]["lr"] == lr and r["spec"]["arm"] == arm]
+            per_arm[arm] = {
+                k: mean_std([g[k] for g in group]) for k in ("max_fidelity", "final_fidelity", "final_copy_rate")
+            }
+        within = {}
+        for key in ("max_fidelity", "final_fidelity", "final_copy_rate"):
+            a, b = per_arm["bayes_paper"][key], per_arm["bayes_default"][key]
+            within[key] = (
+                None
+                if a is None or b is None
+                else abs(a["mean"] - b["mean"]) < 2 * max(a["std"], b["std"]) or a["mean"] == b["mean"]
+            )
+        comparison[format_lr(lr)] = {"arms": per_arm, "within_2_std": within}
+    unbounded_low = {
+        r["name"]: primary(r)["records_after_fit_below_floor"] for r in runs if r["spec"]["arm"] == "bayes_paper"
+    }
+    passed_b = comparison.get("3e-3", {}).get("within_2_std", {})
+    return {
+        "rule_a_per_run": rule_a,
+        "rule_a": all(rule_a.values()) if len(rule_a) == 6 else None,
+        "rule_b": all(passed_b.values()) if passed_b and None not in passed_b.values() else None,
+        "comparison": comparison,
+        "unbounded_records_after_fit_below_0.5": unbounded_low,
+    }
+
+
+def summary_markdown(study: str, runs: list[dict], reading: dict) -> str:
+    lines = [f"# Study `{study}` (PLAN_V3.md): {len(runs)} runs finished", ""]
+    lines += [
+        "| run | guidance | stage | fit step | first clean copy | gap ratio | best step | max / final fidelity | final copy rate | verdict |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for guidance, j in run["judged"].items():
+            v = j["verdict"]
+            ratio = f"{j['gap_ratio']:.1f}" if j["gap_ratio"] is not None else "none"
+            lines.append(
+                f"| {run['name']} | {guidance} | {v['stage']} | {v['fit_step']} | {v['first_copy_step']} | {ratio} | "
+                f"{v['best_step']} | {j['max_fidelity']:.3f} / {j['final_fidelity']:.3f} | {j['final_copy_rate']:.2f} | "
+                f"{j['sentence']} |"
+            )
+    lines += ["", "Reading (PLAN_V3.md's rules):", "", "```json", json.dumps(reading, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def make_study_figure(runs: list[dict], runs_dir: str, path: str) -> None:
+    """Primary records of every run: fidelity against its ceiling, noise energy, whiteness and copy rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("fidelity", "fidelity (SSIM)"),
+        ("noise_energy", "noise energy"),
+        ("noise_whiteness", "whiteness"),
+        ("copy_rate", "clean-copy rate"),
+    )
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for i, run in enumerate(runs):
+        records = read_monitor(os.path.join(runs_dir, primary(run)["file"]))
+        steps = [r.step for r in records]
+        for ax, (key, title) in zip(axes, panels):
+            ax.plot(steps, [getattr(r, key) for r in records], color=f"C{i % 10}", lw=1, label=run["name"])
+            ax.set_title(title)
+            ax.set_xlabel("step")
+        ceiling = records[-1].fidelity_ceiling
+    if runs:
+        axes[0].axhline(ceiling, color="black", ls="--", lw=0.8, label="autoencoder ceiling")
+        axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_study_report(study: str, study_dir: str) -> dict:
+    runs_dir = os.path.join(study_dir, "runs")
+    runs = load_runs(runs_dir)
+    if study == "paper_recipe":
+        reading = read_paper_recipe(runs)
+    elif study == "bounded_std":
+        reading = read_bounded_std(runs)
+    else:
+        reading = {
+            "stage_rate_per_arm": {
+                arm: sum(primary(r)["verdict"]["stage"] for r in runs if r["spec"]["arm"] == arm) for arm in ARM_LABELS
+            }
+        }
+    summary = {"study": study, "runs": runs, "reading": reading}
+    with open(os.path.join(study_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(study_dir, "summary.md"), "w") as f:
+        f.write(summary_markdown(study, runs, reading))
+    if runs:
+        make_study_figure(runs, runs_dir, os.path.join(study_dir, f"{study}.png"))
+    return summary

@@ -1,0 +1,129 @@
+"""Lab v3's commands (PLAN_V3.md): ``run`` (the default), ``controls``, ``study`` and ``report``; dispatched by
+``python -m examples.corruption_stage``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from bayes_adapter.stage import judge, read_monitor, verdict_sentence
+
+from .model.models import load_model
+from .report.run_figure import make_run_figure
+from .report.study_report import write_study_report
+from .study.controls import run_controls
+from .study.driver import run_study
+from .study.plan import SEEDS, STUDIES, study_runs
+from .study.train import MODEL_DIR, RunSpec, train_run
+
+
+LAB_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(LAB_DIR, "results")
+
+
+def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _parser(name: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m examples.corruption_stage {name}", description=__doc__)
+    if name == "run":
+        p.description = (
+            "Plain LoRA on the v2f base model and the circle subject: records every --every steps (JSONL, the "
+            "package's monitor format), the package judge's verdict, and a figure."
+        )
+        p.add_argument("--out", default=os.path.join("outputs", "corruption_stage"), help="output folder")
+        p.add_argument("--steps", type=int, default=1200)
+        p.add_argument("--every", type=int, default=50, help="a record every N steps")
+        p.add_argument("--lr", type=float, default=1e-2)
+        p.add_argument("--batch", type=int, default=4)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance of the samples")
+        p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared machine more threads run slower)")
+    elif name == "controls":
+        p.add_argument("--out", default=os.path.join(RESULTS_DIR, "controls"))
+    elif name == "study":
+        p.add_argument("study", choices=STUDIES)
+        p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+        p.add_argument("--lr", type=float, help="paper_recipe_arms: the learning rate study 1's rule chose")
+        p.add_argument("--workers", type=int, default=2, help="runs at once, one thread each (default 2)")
+        p.add_argument("--out", help="the study's folder (default results/<study>); runs go to <out>/runs")
+        p.add_argument("--list", action="store_true", help="print the runs and whether each is finished, and stop")
+    elif name == "report":
+        p.add_argument("study", choices=(*STUDIES, "default"))
+        p.add_argument("--dir", help="the study's folder (default results/<study>)")
+    return p
+
+
+def main(name: str, argv: list[str]) -> dict:
+    parser = _parser(name)
+    args = parser.parse_args(argv)
+    command = f"python -m examples.corruption_stage {name} " + " ".join(shlex.quote(a) for a in argv)
+    if name == "run":
+        _positive(parser, args, "steps", "every", "lr", "batch", "threads")
+        if not args.guidance >= 1:
+            parser.error(f"--guidance must be >= 1, got {args.guidance}")
+        return default_run(args, command.strip())
+    if name == "controls":
+        summary = run_controls(load_model(MODEL_DIR), args.out, command.strip())
+        for control, result in summary["controls"].items():
+            print(
+                f"{control}: {result['sentence']} (declared stage {result['declared_stage']}; as declared: "
+                f"{result['as_declared']})"
+            )
+        return summary
+    if name == "study":
+        _positive(parser, args, "workers", "lr")
+        try:
+            specs = study_runs(args.study, tuple(args.seeds), args.lr)
+        except ValueError as error:
+            parser.error(str(error))
+        out = os.path.join(args.out or os.path.join(RESULTS_DIR, args.study), "runs")
+        if args.list:
+            for spec in specs:
+                done = os.path.exists(os.path.join(out, f"{spec.name}.json"))
+                print(f"{spec.name}: {'finished' if done else 'to run'}")
+            return {}
+        return {"sentences": run_study(specs, out, command.strip(), workers=args.workers)}
+    study_dir = args.dir or os.path.join(RESULTS_DIR, args.study)
+    if not os.path.isdir(os.path.join(study_dir, "runs")):
+        parser.error(f"--dir {study_dir!r} holds no runs/ folder (run `study {args.study}` first)")
+    summary = write_study_report(args.study, study_dir)
+    print(open(os.path.join(study_dir, "summary.md")).read())
+    return summary
+
+
+def default_run(args: argparse.Namespace, command: str) -> dict:
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    spec = RunSpec(
+        arm="lora",
+        lr=args.lr,
+        seed=args.seed,
+        steps=args.steps,
+        batch=args.batch,
+        schedules=((args.guidance, args.every),),
+    )
+    base = load_model(MODEL_DIR)
+    path = spec.record_path(args.out, args.guidance)
+    if os.path.exists(path):
+        os.remove(path)
+    with tqdm(total=spec.steps, desc="fine-tuning (plain LoRA, v2f circle)", mininterval=2.0) as bar:
+        result = train_run(base, spec, args.out, progress=bar.update, keep_samples=6)
+    records = read_monitor(path)
+    verdict = judge(records)
+    figure = os.path.join(args.out, "corruption_stage.png")
+    make_run_figure(records, verdict, result["samples"], figure, title=f"{command}")
+    print(verdict_sentence(verdict))
+    print(
+        f"records: {path} (read it with `bayes-adapter stage {path}`); figure: {figure}; {time.time() - start:.0f} s"
+    )
+    return {"records": path, "figure": figure, "verdict": verdict.to_dict(), "seconds": time.time() - start}

@@ -1,0 +1,79 @@
+"""Runs a study's runs two (``workers``) at a time, one file per run, so that a study spans sessions: a finished
+run (its ``<run>.json`` exists) is skipped, an unfinished one restarts from the start."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from bayes_adapter.stage import judge, read_monitor, verdict_sentence
+
+from ..model.models import load_model
+from .train import MODEL_DIR, RunSpec, train_run
+
+
+logger = logging.getLogger(__name__)
+
+
+def run_file(out_dir: str, spec: RunSpec) -> str:
+    return os.path.join(out_dir, f"{spec.name}.json")
+
+
+def is_finished(out_dir: str, spec: RunSpec) -> bool:
+    return os.path.exists(run_file(out_dir, spec))
+
+
+def run_one(spec: RunSpec, out_dir: str, command: str, model_dir: str = MODEL_DIR) -> str:
+    """Trains ``spec`` from the start (its partial record files removed first) and writes ``<run>.json`` last;
+    returns the primary records' verdict sentence."""
+    torch.set_num_threads(1)  # one thread per run: two runs share the two cores
+    for guidance, _ in spec.schedules:
+        path = spec.record_path(out_dir, guidance)
+        if os.path.exists(path):
+            os.remove(path)
+    start = time.time()
+    result = train_run(load_model(model_dir), spec, out_dir)
+    result.update(command=command, seconds=round(time.time() - start, 1), torch_threads=1)
+    tmp = run_file(out_dir, spec) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, run_file(out_dir, spec))
+    primary = read_monitor(spec.record_path(out_dir, spec.schedules[0][0]))
+    return f"{spec.name}: {verdict_sentence(judge(primary))}"
+
+
+def run_study(specs: list[RunSpec], out_dir: str, command: str, workers: int = 2) -> list[str]:
+    """Runs the unfinished ``specs`` (``workers`` at a time, in spawned one-thread processes) into ``out_dir``."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    os.makedirs(out_dir, exist_ok=True)
+    todo = [spec for spec in specs if not is_finished(out_dir, spec)]
+    skipped = len(specs) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(specs)} runs already finished in {out_dir}; skipped")
+    with open(os.path.join(out_dir, "plan.json"), "w") as f:
+        json.dump({"command": command, "runs": [asdict(spec) | {"name": spec.name} for spec in specs]}, f, indent=1)
+    sentences = []
+    context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
+    with (
+        concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool,
+        tqdm(total=len(todo), desc="runs", unit="run") as bar,
+    ):
+        futures = {pool.submit(run_one, spec, out_dir, command): spec for spec in todo}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                sentence = future.result()
+            except Exception as error:  # one failed run (e.g. an arm this package cannot build) stops no other
+                sentence = f"{futures[future].name}: failed: {type(error).__name__}: {error}"
+            sentences.append(sentence)
+            tqdm.write(sentence)
+            bar.update(1)
+    return sentences

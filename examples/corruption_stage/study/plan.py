@@ -1,0 +1,44 @@
+"""The studies PLAN_V3.md declares, as run lists in the declared order."""
+
+from __future__ import annotations
+
+from .train import RunSpec
+
+
+PAPER_LRS = (3e-3, 6e-3, 1.2e-2)
+BOUNDED_STD_LRS = (1e-2, 3e-3)
+SEEDS = (0, 1, 2)
+STUDIES = ("paper_recipe", "bounded_std", "paper_recipe_arms")
+PAPER_ARMS = ("bayes_paper", "bayes_default", "bayes_kl", "fixed_noise", "lora_dropout", "l2")
+
+
+def paper_recipe_run(arm: str, lr: float, seed: int) -> RunSpec:
+    """The paper's recipe: batch 1, prior preservation 1.0 with 32 class images, 4,000 steps; records at guidance 7.5
+    every 50 steps (primary) and at guidance 3 every 200."""
+    return RunSpec(
+        arm=arm, lr=lr, seed=seed, steps=4000, batch=1, prior_loss_weight=1.0, schedules=((7.5, 50), (3.0, 200))
+    )
+
+
+def bounded_std_run(arm: str, lr: float, seed: int) -> RunSpec:
+    """Lab v2's arms setting, where the unbounded std filled samples with noise: batch 4, 3,000 steps, guidance 3
+    every 100 steps, no prior preservation."""
+    return RunSpec(arm=arm, lr=lr, seed=seed, steps=3000, batch=4, schedules=((3.0, 100),))
+
+
+def study_runs(study: str, seeds: tuple[int, ...] = SEEDS, lr: float | None = None) -> list[RunSpec]:
+    """The runs of ``study`` for ``seeds``, in the plan's order (``lr``: the arms study's learning rate)."""
+    if study == "paper_recipe":
+        return [paper_recipe_run("lora", lr, seed) for seed in seeds for lr in PAPER_LRS]
+    if study == "bounded_std":
+        return [
+            bounded_std_run(arm, lr, seed)
+            for seed in seeds
+            for lr in BOUNDED_STD_LRS
+            for arm in ("bayes_paper", "bayes_default")
+        ]
+    if study == "paper_recipe_arms":
+        if lr is None:
+            raise ValueError("study paper_recipe_arms needs the learning rate study 1's rule chose (--lr)")
+        return [paper_recipe_run(arm, lr, seed) for seed in seeds for arm in PAPER_ARMS]
+    raise ValueError(f"study must be one of {STUDIES}, got {study!r}")

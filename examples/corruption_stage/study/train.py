@@ -1,0 +1,190 @@
+"""One lab v3 fine-tuning run (PLAN_V3.md): an arm on the v2f base model and the circle subject, with the package's
+stage records (`bayes_adapter.stage.MonitorRecord`, measured by `bayes_adapter.sample_measures.measure_samples`)
+written as it goes, one JSONL file per guidance scale."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+import bayes_adapter
+from bayes_adapter import kl_loss
+from bayes_adapter.sample_measures import measure_samples, structural_fidelity
+from bayes_adapter.stage import MonitorRecord, append_monitor_record
+
+from ..model import data
+from ..model.diffusion import condition_tokens, diffusion_loss, sample
+from ..model.models import LabModel
+from .arms import ARMS, BAYESIAN_ARMS, adapter_config
+
+
+MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "base_model_v2f")
+SUBJECT_SEED, EVAL_SEED, CLASS_SEED = 1234, 10_000, 30_000
+
+
+def format_lr(lr: float) -> str:
+    """``3e-3``, ``1.2e-2``: the learning rate as run names spell it."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a study: the arm, its learning rate and seed, the training recipe and the record schedules."""
+
+    arm: str
+    lr: float
+    seed: int
+    steps: int
+    batch: int
+    prior_loss_weight: float = 0.0
+    num_class_images: int = 32
+    class_guidance: float = 7.5
+    schedules: tuple[tuple[float, int], ...] = ((7.5, 50), (3.0, 200))  # (guidance, record every N steps)
+    rank: int = 4
+    sigma: float = 0.01
+    n_images: int = 1
+    n_samples: int = 12
+    sample_steps: int = 25
+    subject_kind: str = "circle"
+
+    def __post_init__(self) -> None:
+        if self.arm not in ARMS:
+            raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
+        if not (self.lr > 0 and self.steps >= 1 and self.batch >= 1 and self.n_samples >= 2):
+            raise ValueError(f"lr, steps, batch must be positive and n_samples >= 2, got {self}")
+        if not self.schedules or any(g < 1 or every < 1 for g, every in self.schedules):
+            raise ValueError(f"schedules must be (guidance >= 1, every >= 1) pairs, got {self.schedules}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}_lr{format_lr(self.lr)}_seed{self.seed}"
+
+    def record_path(self, out_dir: str, guidance: float) -> str:
+        return os.path.join(out_dir, f"{self.name}_g{guidance:g}.jsonl")
+
+
+def kl_weight_default(model: LabModel) -> float:
+    """``2 / (D * T)``, the ELBO weight of lab v2 (see `study.experiment.kl_weight_default`)."""
+    c = model.cfg
+    return 2.0 / (c.latent_channels * c.latent_size**2 * c.num_train_timesteps)
+
+
+def _record_steps(steps: int, every: int) -> set[int]:
+    return {0, steps, *range(every, steps + 1, every)}
+
+
+def train_run(
+    base: LabModel,
+    spec: RunSpec,
+    out_dir: str,
+    progress: Callable[[int], None] | None = None,
+    keep_samples: int = 0,
+) -> dict:
+    """Fine-tunes one adapter as ``spec`` says, appending a record to each guidance scale's JSONL file in ``out_dir``
+    at its steps; returns the run's settings, the ceiling, posterior-std statistics (Bayesian arms) and, with
+    ``keep_samples``, that many samples (uint8) of the first schedule at each of its records."""
+    size = base.cfg.image_size
+    subject = data.make_subject_set(spec.n_images, seed=SUBJECT_SEED, size=size, kind=spec.subject_kind)
+    with torch.no_grad():
+        train_latents = base.encode(subject)
+        ceiling = structural_fidelity(base.decode(train_latents), subject)
+    kl_w = kl_weight_default(base)
+    model = copy.copy(base)
+    model.unet = copy.deepcopy(base.unet)
+    torch.manual_seed(spec.seed)
+    model.unet.add_adapter(adapter_config(spec.arm, rank=spec.rank, sigma=spec.sigma, kl_weight=kl_w))
+    opt = torch.optim.AdamW(bayes_adapter.param_groups(model.unet), lr=spec.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(spec.seed)
+    prompt = data.v2_prompt(spec.subject_kind)
+    tokens = condition_tokens(prompt, spec.batch)
+    class_latents = None
+    if spec.prior_loss_weight:  # drawn by the base model before fine-tuning, as DreamBooth's class images are
+        class_token = data.class_token(spec.subject_kind)
+        _, class_latents = sample(
+            base,
+            class_token,
+            spec.num_class_images,
+            CLASS_SEED,
+            spec.sample_steps,
+            spec.class_guidance,
+            return_latents=True,
+        )
+        class_tokens = condition_tokens(class_token, spec.batch)
+    l2_coef = kl_w / (2 * spec.sigma**2 * spec.n_images)
+    bayesian = spec.arm in BAYESIAN_ARMS
+    schedules = [(guidance, _record_steps(spec.steps, every)) for guidance, every in spec.schedules]
+    loss_sums = {guidance: [0.0, 0] for guidance, _ in spec.schedules}
+    std_stats: list[dict] = []
+    kept: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def record(step: int, guidance: float) -> None:
+        images, latents = sample(
+            model, prompt, spec.n_samples, EVAL_SEED, spec.sample_steps, guidance, return_latents=True
+        )
+        measured = measure_samples(images, subject, latents, train_latents, fidelity_ceiling=ceiling)
+        total, n = loss_sums[guidance]
+        loss_sums[guidance] = [0.0, 0]
+        append_monitor_record(
+            spec.record_path(out_dir, guidance),
+            MonitorRecord(
+                step=step,
+                fidelity=float(measured["fidelity"]),
+                noise_energy=float(measured["noise_energy"]),
+                noise_whiteness=float(measured["noise_whiteness"]),
+                loss=total / n if n else None,
+                copy_rate=float(measured["copy_rate"]),
+                fidelity_ceiling=ceiling,
+            ),
+        )
+        if keep_samples and guidance == spec.schedules[0][0]:
+            kept.append(((images[:keep_samples].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+
+    def record_all(step: int) -> None:
+        if not any(step in steps for _, steps in schedules):
+            return
+        model.unet.eval()
+        for guidance, steps in schedules:
+            if step in steps:
+                record(step, guidance)
+        if bayesian:
+            std_stats.append({"step": step, **bayes_adapter.posterior_std_stats(model.unet)})
+        model.unet.train()
+
+    os.makedirs(out_dir, exist_ok=True)
+    record_all(0)
+    for step in range(1, spec.steps + 1):
+        idx = torch.randint(spec.n_images, (spec.batch,), generator=g)
+        loss = diffusion_loss(model, train_latents[idx], tokens, generator=g)
+        total = loss
+        if class_latents is not None:
+            class_idx = torch.randint(len(class_latents), (spec.batch,), generator=g)
+            total = total + spec.prior_loss_weight * diffusion_loss(
+                model, class_latents[class_idx], class_tokens, generator=g
+            )
+        if spec.arm == "bayes_kl":
+            total = total + kl_loss(model.unet, spec.n_images)  # the config carries kl_weight
+        elif spec.arm == "l2":
+            b = [p for n, p in model.unet.named_parameters() if "lora_B" in n and p.requires_grad]
+            total = total + l2_coef * sum(p.pow(2).sum() for p in b)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        value = float(loss.detach())
+        for sums in loss_sums.values():
+            sums[0] += value if math.isfinite(value) else float("nan")
+            sums[1] += 1
+        record_all(step)
+        if progress is not None:
+            progress(1)
+    out = {"spec": asdict(spec), "name": spec.name, "fidelity_ceiling": ceiling, "kl_weight": kl_w}
+    out["posterior_std"] = std_stats
+    if keep_samples:
+        out["samples"] = torch.stack(kept)
+    return out
