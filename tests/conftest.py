@@ -116,3 +116,13 @@ def instance_dir(tmp_path):
     from tiny_models import write_images
 
     return write_images(tmp_path / "instance", 2)
+
+
+@pytest.fixture(scope="session")
+def lab_v1_model_dir(tmp_path_factory) -> str:
+    """A saved lab v1 model (random weights; v1's own is no longer shipped): for the lab's refusals of a v1 model."""
+    from examples.corruption_stage.model import models
+
+    directory = str(tmp_path_factory.mktemp("lab_v1_model"))
+    models.save_model(models.new_model(seed=0), directory)
+    return directory

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from examples.corruption_stage import data, experiment, frontier, models
+from examples.corruption_stage.model import data, models
+from examples.corruption_stage.report import frontier
+from examples.corruption_stage.study import experiment
 
 
 def test_frontier_curve_takes_the_best_checkpoint_at_or_above_each_fidelity():
@@ -67,13 +69,13 @@ def test_frontier_command_draws_the_figure_beside_the_results(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(_result()))
     result = subprocess.run(
-        [sys.executable, "-m", "examples.corruption_stage.frontier", str(path)], capture_output=True, text=True
+        [sys.executable, "-m", "examples.corruption_stage", "frontier", str(path)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert "Bayesian B + KL (ours)" in result.stdout
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     missing = subprocess.run(
-        [sys.executable, "-m", "examples.corruption_stage.frontier", str(tmp_path / "nope.json")],
+        [sys.executable, "-m", "examples.corruption_stage", "frontier", str(tmp_path / "nope.json")],
         capture_output=True,
         text=True,
     )
@@ -100,7 +102,7 @@ def test_results_of_a_study_split_by_seed_merge_into_one(tmp_path):
     for name, result in (("a.json", first), ("b.json", second)):
         paths.append(str(tmp_path / name))
         (tmp_path / name).write_text(json.dumps(result))
-    command = [sys.executable, "-m", "examples.corruption_stage.frontier", *paths]
+    command = [sys.executable, "-m", "examples.corruption_stage", "frontier", *paths]
     refused = subprocess.run(command, capture_output=True, text=True)
     assert refused.returncode == 2 and "several results files need --out" in refused.stderr
     out = tmp_path / "merged" / "frontier.png"

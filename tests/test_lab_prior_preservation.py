@@ -2,8 +2,9 @@
 
 import pytest
 
-from examples.corruption_stage import data, experiment, models
-from examples.corruption_stage.__main__ import parse_args
+from examples.corruption_stage.experiment_cli import parse_args
+from examples.corruption_stage.model import data, models
+from examples.corruption_stage.study import experiment
 
 
 REAL_SAMPLE = experiment.sample  # captured once: a second monkeypatch must not wrap the first one's recorder

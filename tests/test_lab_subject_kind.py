@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from examples.corruption_stage import data, experiment, gate, models
-from examples.corruption_stage.__main__ import parse_args
+from examples.corruption_stage.experiment_cli import parse_args
+from examples.corruption_stage.model import data, models
+from examples.corruption_stage.study import experiment, gate
 
 
 def test_the_subject_kind_sets_the_images_the_prompt_and_the_clip_text():

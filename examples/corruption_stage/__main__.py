@@ -45,11 +45,14 @@ def main(argv: list[str] | None = None) -> object:
     if name not in SUBCOMMANDS:
         print(f"error: unknown subcommand {name!r}; expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
-    sys.argv = [f"python -m examples.corruption_stage {name}", *argv]  # argparse's prog, and modules reading argv
-    module = importlib.import_module(SUBCOMMANDS[name])
-    if name in V3_SUBCOMMANDS:
-        return module.main(name, argv)
-    return module.main() if name == "pretrain" else module.main(argv)
+    saved, sys.argv = sys.argv, [f"python -m examples.corruption_stage {name}", *argv]  # argparse's prog
+    try:
+        module = importlib.import_module(SUBCOMMANDS[name])
+        if name in V3_SUBCOMMANDS:
+            return module.main(name, argv)
+        return module.main() if name == "pretrain" else module.main(argv)  # pretrain reads sys.argv
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

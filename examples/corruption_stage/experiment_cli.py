@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    command = "python -m examples.corruption_stage experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m examples.corruption_stage experiment " + " ".join(
+        shlex.quote(a) for a in (argv or sys.argv[1:])
+    )
     t0 = time.time()
     if args.v2 and args.full:
         reproduce.main([])

@@ -71,7 +71,8 @@ V2_STEPS = (
     ),
     Step(f"gate --model-dir {MODELS}/base_model_v2c --seeds {T2} --out {RESULTS}/v2c_gate1.json", 15),
     Step(
-        f"gate --model-dir {MODELS}/base_model_v2c --classifier-steps 0 --workers 2 --out {RESULTS}/v2c_gate23.json", 25
+        f"gate --model-dir {MODELS}/base_model_v2c --classifier-steps 0 --workers 2 --out {RESULTS}/v2c_gate23.json",
+        25,
     ),
     Step(
         f"render-probe --model-dirs {MODELS}/base_model_v2 {MODELS}/base_model_v2b {MODELS}/base_model_v2c "
@@ -90,7 +91,8 @@ V2_STEPS = (
     ),
     Step(f"gate --model-dir {MODELS}/base_model_v2d --seeds {T2} --out {RESULTS}/v2d_gate1.json", 20),
     Step(
-        f"gate --model-dir {MODELS}/base_model_v2d --classifier-steps 0 --workers 2 --out {RESULTS}/v2d_gate23.json", 25
+        f"gate --model-dir {MODELS}/base_model_v2d --classifier-steps 0 --workers 2 --out {RESULTS}/v2d_gate23.json",
+        25,
     ),
     Step(
         f"render-probe --model-dirs {MODELS}/base_model_v2c {MODELS}/base_model_v2d --out {RESULTS}/v2d_render_probe.json",

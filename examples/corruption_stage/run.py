@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 import time
 
 import torch
@@ -15,7 +16,7 @@ from bayes_adapter.stage import judge, read_monitor, verdict_sentence
 
 from .model.models import load_model
 from .report.run_figure import make_run_figure
-from .report.study_report import write_study_report
+from .report.study_report import rejudge_v2, write_study_report
 from .study.controls import run_controls
 from .study.driver import run_study
 from .study.plan import SEEDS, STUDIES, study_runs
@@ -47,7 +48,15 @@ def _parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--batch", type=int, default=4)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance of the samples")
-        p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared machine more threads run slower)")
+        p.add_argument("--samples", type=int, default=12, help="fixed-seed samples per record (default 12)")
+        p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per sample (default 25)")
+        p.add_argument("--model-dir", default=MODEL_DIR, help="the base model (default: the shipped v2f)")
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=1,
+            help="torch threads (default 1: on a shared machine more threads run slower)",
+        )
     elif name == "controls":
         p.add_argument("--out", default=os.path.join(RESULTS_DIR, "controls"))
     elif name == "study":
@@ -58,7 +67,7 @@ def _parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--out", help="the study's folder (default results/<study>); runs go to <out>/runs")
         p.add_argument("--list", action="store_true", help="print the runs and whether each is finished, and stop")
     elif name == "report":
-        p.add_argument("study", choices=(*STUDIES, "default"))
+        p.add_argument("study", choices=(*STUDIES, "v2"), help="a v3 study, or v2: lab v2's runs judged again")
         p.add_argument("--dir", help="the study's folder (default results/<study>)")
     return p
 
@@ -68,7 +77,9 @@ def main(name: str, argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     command = f"python -m examples.corruption_stage {name} " + " ".join(shlex.quote(a) for a in argv)
     if name == "run":
-        _positive(parser, args, "steps", "every", "lr", "batch", "threads")
+        _positive(parser, args, "steps", "every", "lr", "batch", "threads", "sample_steps")
+        if args.samples < 2:
+            parser.error(f"--samples must be >= 2, got {args.samples}")
         if not args.guidance >= 1:
             parser.error(f"--guidance must be >= 1, got {args.guidance}")
         return default_run(args, command.strip())
@@ -94,6 +105,15 @@ def main(name: str, argv: list[str]) -> dict:
             return {}
         return {"sentences": run_study(specs, out, command.strip(), workers=args.workers)}
     study_dir = args.dir or os.path.join(RESULTS_DIR, args.study)
+    if args.study == "v2":
+        summary = rejudge_v2(study_dir)
+        for row in summary["judged"]:
+            print(f"{row['file']} {row['arm']} seed {row['seed']}: {row['sentence']}")
+        print(
+            f"{summary['with_stage']} of {summary['runs']} runs with a corruption stage; "
+            f"{summary['with_instability']} with an instability; {summary['with_clean_copy']} reach a clean copy"
+        )
+        return summary
     if not os.path.isdir(os.path.join(study_dir, "runs")):
         parser.error(f"--dir {study_dir!r} holds no runs/ folder (run `study {args.study}` first)")
     summary = write_study_report(args.study, study_dir)
@@ -111,8 +131,14 @@ def default_run(args: argparse.Namespace, command: str) -> dict:
         steps=args.steps,
         batch=args.batch,
         schedules=((args.guidance, args.every),),
+        n_samples=args.samples,
+        sample_steps=args.sample_steps,
     )
-    base = load_model(MODEL_DIR)
+    try:
+        base = load_model(args.model_dir)
+    except FileNotFoundError as error:
+        print(f"error: --model-dir {args.model_dir!r}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     path = spec.record_path(args.out, args.guidance)
     if os.path.exists(path):
         os.remove(path)

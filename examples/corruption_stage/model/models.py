@@ -177,7 +177,9 @@ def save_model(model: LabModel, directory: str, extra: dict | None = None) -> No
 def load_model(directory: str) -> LabModel:
     path = os.path.join(directory, WEIGHTS_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no lab model at {path}; run `python -m examples.corruption_stage experiment --pretrain`")
+        raise FileNotFoundError(
+            f"no lab model at {path}; run `python -m examples.corruption_stage experiment --pretrain`"
+        )
     with open(os.path.join(directory, CONFIG_FILE)) as f:
         meta = json.load(f)
     c = meta["config"]

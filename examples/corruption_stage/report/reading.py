@@ -1,5 +1,6 @@
 """The arms study's declared reading (PLAN_V2.md, seventh session), as code: per arm, the frontier at gate 2's
-fidelity level, the comparison with plain LoRA, early stopping, and the v2 stage rule on every seed.
+fidelity level, the comparison with plain LoRA, early stopping, and the package's stage judge on every seed
+(lab v3; the committed v2 reading holds v2's own rule's counts).
 
     python -m examples.corruption_stage reading results/a/results.json results/b/results.json --out reading.json
 
@@ -15,7 +16,7 @@ import json
 import math
 
 from ..study.experiment import ARM_LABELS
-from ..study.gate import FIDELITY_OF_CEILING, stage_rule
+from ..study.gate import FIDELITY_OF_CEILING, stage_verdict
 from .frontier import MEASURES, best_checkpoint, frontier_curve, load_results, mean_std
 
 
@@ -74,10 +75,10 @@ def read_arms(result: dict) -> dict:
                 frontier_curve(r["curves"][FIDELITY_KEY], r["curves"][measure], [level], better)[0] for r in rs
             ]
             entry[measure] = {**mean_std(per_seed), "per_seed": per_seed}
-        stages = [stage_rule(r["curves"]) for r in rs]
+        stages = [stage_verdict(r["curves"]) for r in rs]
         entry["stage_seeds"] = sum(s["stage"] for s in stages)
         entry["stage_appears"] = entry["stage_seeds"] >= STAGE_MIN_SEEDS if len(rs) >= STAGE_SEEDS else None
-        entry["first_copy_iterations"] = [s["first_copy_iteration"] for s in stages]
+        entry["first_copy_iterations"] = [s["first_copy_step"] for s in stages]
         entry["max_fidelity"] = mean_std([_highest(r["curves"][FIDELITY_KEY]) for r in rs])
         entry["final_copy_rate"] = mean_std([r["curves"]["latent_copy_rate"][-1] for r in rs])
         arms[arm] = entry

@@ -199,3 +199,35 @@ def write_study_report(study: str, study_dir: str) -> dict:
     if runs:
         make_study_figure(runs, runs_dir, os.path.join(study_dir, f"{study}.png"))
     return summary
+
+
+def rejudge_v2(v2_dir: str) -> dict:
+    """Lab v2's gate, pilot and arms runs (their committed curves) judged again by the package's judge: written to
+    ``<v2_dir>/rejudged_by_package_judge.json`` (`python -m examples.corruption_stage report v2`)."""
+    from ..study.gate import stage_verdict
+
+    rows = []
+    names = sorted(glob.glob(os.path.join(v2_dir, "*gate*.json")) + glob.glob(os.path.join(v2_dir, "*pilot_*.json")))
+    for path in names:
+        with open(path) as f:
+            result = json.load(f)
+        for run in result.get("runs") or []:
+            rows.append(
+                {"file": os.path.basename(path), "arm": "gate", "seed": run["seed"], **stage_verdict(run["curves"])}
+            )
+    for path in sorted(glob.glob(os.path.join(v2_dir, "*_arms_seed*", "results.json"))):
+        with open(path) as f:
+            result = json.load(f)
+        for run in result["runs"]:
+            name = os.path.relpath(path, v2_dir)
+            rows.append({"file": name, "arm": run["arm"], "seed": run["seed"], **stage_verdict(run["curves"])})
+    summary = {
+        "runs": len(rows),
+        "with_stage": sum(r["stage"] for r in rows),
+        "with_instability": sum(any(e["kind"] == "instability" for e in r["episodes"]) for r in rows),
+        "with_clean_copy": sum(r["first_copy_step"] is not None for r in rows),
+        "judged": rows,
+    }
+    with open(os.path.join(v2_dir, "rejudged_by_package_judge.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary

@@ -4,11 +4,12 @@ run (its ``<run>.json`` exists) is skipped, an unfinished one restarts from the 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
-import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -18,9 +19,6 @@ from bayes_adapter.stage import judge, read_monitor, verdict_sentence
 
 from ..model.models import load_model
 from .train import MODEL_DIR, RunSpec, train_run
-
-
-logger = logging.getLogger(__name__)
 
 
 def run_file(out_dir: str, spec: RunSpec) -> str:
@@ -50,8 +48,11 @@ def run_one(spec: RunSpec, out_dir: str, command: str, model_dir: str = MODEL_DI
     return f"{spec.name}: {verdict_sentence(judge(primary))}"
 
 
-def run_study(specs: list[RunSpec], out_dir: str, command: str, workers: int = 2) -> list[str]:
-    """Runs the unfinished ``specs`` (``workers`` at a time, in spawned one-thread processes) into ``out_dir``."""
+def run_study(
+    specs: list[RunSpec], out_dir: str, command: str, workers: int = 2, model_dir: str = MODEL_DIR
+) -> list[str]:
+    """Runs the unfinished ``specs`` into ``out_dir``: ``workers`` at a time in spawned one-thread processes, or in
+    this process with ``workers=1``; a failed run is reported and stops no other."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     os.makedirs(out_dir, exist_ok=True)
@@ -62,18 +63,24 @@ def run_study(specs: list[RunSpec], out_dir: str, command: str, workers: int = 2
     with open(os.path.join(out_dir, "plan.json"), "w") as f:
         json.dump({"command": command, "runs": [asdict(spec) | {"name": spec.name} for spec in specs]}, f, indent=1)
     sentences = []
-    context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
-    with (
-        concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool,
-        tqdm(total=len(todo), desc="runs", unit="run") as bar,
-    ):
-        futures = {pool.submit(run_one, spec, out_dir, command): spec for spec in todo}
-        for future in concurrent.futures.as_completed(futures):
+    with tqdm(total=len(todo), desc="runs", unit="run") as bar:
+
+        def finished(name: str, job: Callable[[], str]) -> None:
             try:
-                sentence = future.result()
+                sentence = job()
             except Exception as error:  # one failed run (e.g. an arm this package cannot build) stops no other
-                sentence = f"{futures[future].name}: failed: {type(error).__name__}: {error}"
+                sentence = f"{name}: failed: {type(error).__name__}: {error}"
             sentences.append(sentence)
             tqdm.write(sentence)
             bar.update(1)
+
+        if workers == 1:
+            for spec in todo:
+                finished(spec.name, functools.partial(run_one, spec, out_dir, command, model_dir))
+            return sentences
+        context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(run_one, spec, out_dir, command, model_dir): spec for spec in todo}
+            for future in concurrent.futures.as_completed(futures):
+                finished(futures[future].name, future.result)
     return sentences

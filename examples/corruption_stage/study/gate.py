@@ -1,6 +1,6 @@
 """Lab v2, step 2 (PLAN_V2.md): does plain fine-tuning of the v2 base model reach the regime where a corruption stage
 could show? Gate 1 (the class exists before fine-tuning), gate 2 (plain LoRA learns the subject), gate 3 (it ends in
-copies), with the step-3 stage rule applied to the same runs.
+copies), with the package's stage judge applied to the same runs.
 
     python -m examples.corruption_stage gate --model-dir examples/corruption_stage/model/base_model_v2 \\
         --out examples/corruption_stage/results/v2/v2_gate.json
@@ -12,6 +12,7 @@ import argparse
 import concurrent.futures
 import json
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -19,6 +20,8 @@ import time
 from dataclasses import asdict
 
 import torch
+
+from bayes_adapter.stage import MonitorRecord, judge, verdict_sentence
 
 from ..model import data
 from ..model.diffusion import sample
@@ -30,7 +33,6 @@ from .experiment import ExperimentConfig, run_arm
 # PLAN_V2.md's thresholds.
 CLASS_MIN_OF_12, FIDELITY_OF_CEILING, MIN_FINAL_COPY_RATE, SEEDS_NEEDED = 8, 0.9, 0.5, 2
 MIN_CLASSIFIER_ACCURACY = 0.9  # on held-out crosses and over all held-out kinds, or gate 1 is unmeasurable
-STAGE_FIDELITY_DROP, STAGE_WHITENESS_RISE, STAGE_MIN_ENERGY = 0.05, 0.1, 0.25
 ALL_KINDS = data.KINDS + (data.SUBJECT_KIND,)
 CLASSES = ALL_KINDS + ("photo",)
 CLASSIFIER = {"n_images": 14000, "steps": 5000, "width": 64, "cosine": False}
@@ -144,31 +146,32 @@ def class_gate(model: LabModel, cfg: ExperimentConfig, classifier: torch.nn.Modu
     }
 
 
-def stage_rule(curves: dict) -> dict:
-    """PLAN_V2.md step 3: two consecutive checkpoints after the structural-fidelity peak (of the checkpoints before
-    the first copy checkpoint) and before that copy checkpoint where fidelity is >= 0.05 below the peak, median
-    whiteness >= 0.1 above its value at the peak and median residual energy >= 0.25."""
-    fidelity, white, energy = curves["ssim_fidelity"], curves["whiteness"], curves["latent_energy"]
-    copies = curves["latent_copy_rate"]
-    first_copy = next((i for i, c in enumerate(copies) if c >= MIN_FINAL_COPY_RATE), len(copies))
-    # The peak before the copies: copies match the training images closely, so a recovery may exceed it.
-    peak = max(range(max(1, first_copy)), key=lambda i: fidelity[i])
-    corrupt = [
-        peak < i < first_copy
-        and fidelity[i] <= fidelity[peak] - STAGE_FIDELITY_DROP
-        and white[i] >= white[peak] + STAGE_WHITENESS_RISE
-        and energy[i] >= STAGE_MIN_ENERGY
-        for i in range(len(fidelity))
+def gate_records(curves: dict) -> list[MonitorRecord]:
+    """A gate run's curves as the package's stage records: SSIM fidelity, the median latent residual's energy and
+    whiteness, the mean training loss, and the autoencoder ceiling. Lab v2's copy rate (energy < 0.1) is left out:
+    the judge's clean-copy test (fidelity within 0.03 of the ceiling and energy < 0.02) decides copies."""
+    ceiling = curves["ssim_ceiling"][0]
+    losses = curves.get("loss", [None] * len(curves["iteration"]))
+    return [
+        MonitorRecord(
+            step=int(step),
+            fidelity=float(fidelity),
+            noise_energy=float(energy),
+            noise_whiteness=float(whiteness),
+            loss=float(loss) if loss is not None and math.isfinite(loss) else None,
+            fidelity_ceiling=float(ceiling),
+        )
+        for step, fidelity, energy, whiteness, loss in zip(
+            curves["iteration"], curves["ssim_fidelity"], curves["latent_energy"], curves["whiteness"], losses
+        )
     ]
-    start = next((i for i in range(len(corrupt) - 1) if corrupt[i] and corrupt[i + 1]), None)
-    its = curves["iteration"]
-    return {
-        "stage": start is not None,
-        "stage_from_iteration": its[start] if start is not None else None,
-        "recovers": start is not None and first_copy < len(copies),
-        "peak_iteration": its[peak],
-        "first_copy_iteration": its[first_copy] if first_copy < len(copies) else None,
-    }
+
+
+def stage_verdict(curves: dict) -> dict:
+    """The package's stage judge (`bayes_adapter.stage.judge`, default thresholds) on a gate run's curves. (Gate
+    results written before lab v3 hold lab v2's own stage rule's keys instead: PLAN_V2.md step 3.)"""
+    verdict = judge(gate_records(curves))
+    return {**verdict.to_dict(), "sentence": verdict_sentence(verdict)}
 
 
 def judge_run(curves: dict) -> dict:
@@ -183,7 +186,7 @@ def judge_run(curves: dict) -> dict:
         "learns_subject": best >= FIDELITY_OF_CEILING * ceiling,
         "final_latent_copy_rate": final_copy,
         "ends_in_copies": final_copy >= MIN_FINAL_COPY_RATE,
-        **stage_rule(curves),
+        "verdict": stage_verdict(curves),
     }
 
 
@@ -332,14 +335,14 @@ def _print_summary(gate1: dict | None, runs: list[dict], payload: dict) -> None:
             f"all kinds {gate1['classifier_accuracy_held_out_all_kinds']:.2f}; measurable: {gate1['measurable']})"
         )
     if runs:
-        print("| seed | SSIM ceiling | max SSIM (it) | final copy rate | learns | copies | stage | recovers |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| seed | SSIM ceiling | max SSIM (it) | final copy rate | learns | copies | stage judge |")
+        print("|---|---|---|---|---|---|---|")
     for r in runs:
         j = r["judged"]
         print(
             f"| {r['seed']} | {j['ssim_ceiling']:.3f} | {j['max_ssim_fidelity']:.3f} "
             f"({j['max_ssim_fidelity_iteration']}) | {j['final_latent_copy_rate']:.2f} | {j['learns_subject']} | "
-            f"{j['ends_in_copies']} | {j['stage']} | {j['recovers']} |"
+            f"{j['ends_in_copies']} | {j['verdict']['sentence']} |"
         )
     print(f"gates 2-3 passed: {payload['gates_2_and_3_passed']}; gate passed: {payload['passed']}")
 

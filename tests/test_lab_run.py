@@ -1,0 +1,132 @@
+"""Lab v3's commands (`python -m examples.corruption_stage [run|controls|study|report|...]`), the default run's
+figure, and a study's reading off its run files (examples/corruption_stage/report/study_report.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bayes_adapter.stage import MonitorRecord, append_monitor_record, read_monitor
+from examples.corruption_stage import __main__ as lab
+from examples.corruption_stage.report import study_report
+from examples.corruption_stage.report.run_figure import drawn_panels
+from examples.corruption_stage.study.train import RunSpec
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _lab(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "examples.corruption_stage", *argv], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+
+
+def test_the_lab_lists_its_subcommands_and_refuses_an_unknown_one():
+    listing = _lab("--help")
+    assert listing.returncode == 0
+    assert all(name in listing.stdout for name in ("run", "controls", "study", "report", "gate", "reproduce"))
+    unknown = _lab("frobnicate")
+    assert unknown.returncode == 2 and "error: unknown subcommand 'frobnicate'" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--steps", "0"], "--steps must be positive, got 0"),
+        (["--lr", "-1"], "--lr must be positive, got -1.0"),  # no subcommand: `run`
+        (["run", "--samples", "1"], "--samples must be >= 2, got 1"),
+        (["run", "--guidance", "0.5"], "--guidance must be >= 1, got 0.5"),
+        (["run", "--model-dir", "nowhere"], "error: --model-dir 'nowhere'"),
+        (["study", "nope"], "invalid choice: 'nope'"),
+        (["study", "paper_recipe_arms"], "needs the learning rate study 1's rule chose"),
+        (["study", "paper_recipe", "--workers", "0"], "--workers must be positive, got 0"),
+        (["report", "paper_recipe", "--dir", "nowhere"], "holds no runs/ folder"),
+    ],
+)
+def test_the_commands_refuse_bad_arguments_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:  # in process: a subprocess per case would cost seconds of imports
+        lab.main([*argv, *(["--out", str(tmp_path / "out")] if argv[0] in ("run", "--lr") else [])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert message in err and "error:" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_run_writes_records_the_verdict_and_a_figure(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--steps", "2", "--every", "1", "--samples", "2", "--sample-steps", "2"]
+    result = lab.main([*argv, "--out", str(out)])
+    records = read_monitor(result["records"])
+    assert [r.step for r in records] == [0, 1, 2] and result["records"].endswith("lora_lr1e-2_seed0_g3.jsonl")
+    printed = capsys.readouterr().out
+    assert "best samples at step" in printed and "bayes-adapter stage" in printed
+    assert os.path.getsize(result["figure"]) > 10_000
+    assert result["verdict"]["num_records"] == 3
+
+
+def test_the_figure_names_a_measure_that_never_moves_instead_of_drawing_it():
+    records = [MonitorRecord(step=s, fidelity=0.1 * s, noise_energy=1.0 - 0.1 * s, noise_whiteness=0.3, copy_rate=0.0)
+               for s in range(4)]  # fmt: skip
+    drawn, dropped = drawn_panels(records)
+    assert [key for key, _ in drawn] == ["fidelity", "noise_energy"]
+    assert dropped == ["noise_whiteness constant at 0.3", "copy_rate constant at 0", "loss not measured"]
+
+
+def _write_run(runs_dir, spec: RunSpec, fidelity: list[float], energy=None, whiteness=None, copies=None):
+    """A finished run: its primary record file (one record per 100 steps) and its run file."""
+    n = len(fidelity)
+    energy, whiteness, copies = energy or [0.01] * n, whiteness or [0.3] * n, copies or [0.0] * n
+    guidance = spec.schedules[0][0]
+    for i in range(n):
+        record = MonitorRecord(
+            i * 100, fidelity[i], energy[i], whiteness[i], copy_rate=copies[i], fidelity_ceiling=1.0
+        )
+        append_monitor_record(spec.record_path(str(runs_dir), guidance), record)
+    (runs_dir / f"{spec.name}.json").write_text(json.dumps({"name": spec.name, "spec": {**spec.__dict__}}))
+
+
+STAGE = dict(
+    fidelity=[0.0, 0.9, 0.5, 0.5, 0.5, 0.99, 0.99, 0.99],
+    energy=[2.0, 0.2, 0.5, 0.5, 0.5, 0.01, 0.01, 0.01],
+    whiteness=[0.3, 0.3, 0.55, 0.55, 0.55, 0.3, 0.3, 0.3],
+    copies=[0.0] * 5 + [1.0] * 3,
+)
+
+
+def test_the_paper_recipe_reading_counts_seeds_per_learning_rate(tmp_path):
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    spec = dict(arm="lora", steps=700, batch=1, schedules=((7.5, 100),))
+    _write_run(runs_dir, RunSpec(lr=3e-3, seed=0, **spec), **STAGE)
+    _write_run(runs_dir, RunSpec(lr=3e-3, seed=1, **spec), **STAGE)
+    _write_run(runs_dir, RunSpec(lr=6e-3, seed=0, **spec), [0.0, 0.8, 0.9, 0.99], copies=[0, 0, 0, 1.0])
+    summary = study_report.write_study_report("paper_recipe", str(tmp_path))
+    reading = summary["reading"]
+    assert reading["3e-3"] == {"seeds_run": 2, "seeds_with_stage": 2, "stage_appears": True}
+    assert reading["6e-3"] == {"seeds_run": 1, "seeds_with_stage": 0, "stage_appears": None}  # 2 seeds to come
+    run = next(r for r in summary["runs"] if r["name"] == "lora_lr3e-3_seed0")
+    judged = study_report.primary(run)
+    assert judged["verdict"]["fit_step"] == 100 and judged["verdict"]["first_copy_step"] == 500
+    assert judged["gap_ratio"] == 5.0 and judged["records_between_fit_and_copy"] == 3
+    assert "| lora_lr3e-3_seed0 | 7.5 | True | 100 | 500 | 5.0 |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "paper_recipe.png").stat().st_size > 10_000
+
+
+def test_the_bounded_std_reading_applies_issue_32s_pass_rule(tmp_path):
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    spec = dict(steps=300, batch=4, schedules=((3.0, 100),))
+    for seed in range(3):
+        for lr in (1e-2, 3e-3):
+            _write_run(runs_dir, RunSpec("bayes_default", lr, seed, **spec), [0.0, 0.8, 0.8 + 0.01 * seed, 0.8])
+            collapse = [0.0, 0.8, 0.3, 0.8] if lr == 1e-2 else [0.0, 0.8, 0.8 + 0.01 * seed, 0.8]
+            _write_run(runs_dir, RunSpec("bayes_paper", lr, seed, **spec), collapse)
+    reading = study_report.write_study_report("bounded_std", str(tmp_path))["reading"]
+    assert reading["rule_a"] is True and reading["rule_b"] is True  # equal means at 3e-3 pass
+    assert reading["unbounded_records_after_fit_below_0.5"]["bayes_paper_lr1e-2_seed0"] == 1
+    assert reading["comparison"]["1e-2"]["within_2_std"]["final_fidelity"] is True
+    assert reading["comparison"]["1e-2"]["arms"]["bayes_paper"]["max_fidelity"]["mean"] == pytest.approx(0.8)
