@@ -111,7 +111,7 @@ def test_measure_samples_returns_the_record_fields():
 
 
 def test_the_lab_measures_are_the_package_functions():
-    from examples.corruption_stage import measures
+    from examples.corruption_stage.study import measures
 
     for name in ("ssim_matrix", "structural_fidelity", "spectral_flatness", "latent_residuals"):
         assert getattr(measures, name) is getattr(sample_measures, name)

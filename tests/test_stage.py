@@ -164,9 +164,9 @@ def test_verdict_sentence_says_what_to_do():
 
 @pytest.fixture(scope="module")
 def lab_model_v2f():
-    from examples.corruption_stage import data, models
+    from examples.corruption_stage.model import data, models
 
-    return models.load_model("examples/corruption_stage/base_model_v2f"), data.make_subject_set(1, kind="circle")
+    return models.load_model("examples/corruption_stage/model/base_model_v2f"), data.make_subject_set(1, kind="circle")
 
 
 def test_real_samples_with_rising_then_falling_latent_noise_are_judged_a_recovered_stage(lab_model_v2f):
