@@ -1,8 +1,8 @@
 """The DreamBooth trainer behind `examples/train_dreambooth_bayes_lora.py`, one module per job.
 
-- `arguments`: the command line (every option, its help and default).
+- `arguments`, `training_arguments`: the command line (every option, its help and default).
 - `settings`: the options checked before any model loads, resolved into read-only `Settings`.
-- `families`: what differs between SD 1.x/2.x, SDXL, SD3 and Flux.1, one class per family.
+- `families/`: what differs between the model families, one class per family.
 - `data`: instance and class images, prompts, batches.
 - `adapters`: the Bayesian LoRA config, checkpoints, the exported mean LoRA.
 - `training`: `main()` step by step (setup, models, data, optimizer); `loop`: the loop and the final save/export.
