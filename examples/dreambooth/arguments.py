@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from .families import DDPMFamily
 
@@ -56,6 +57,34 @@ def posterior_std_max_arg(value: str) -> float | str | None:
         raise argparse.ArgumentTypeError(
             f"expected a number > --posterior_std_init, 'auto' or 'none', got {value!r}"
         ) from None
+
+
+# BayesLoraConfig's fields as this script's flags name them, for its error messages.
+_CONFIG_FLAGS = {
+    "train_posterior_std": "--fixed_posterior_std",
+    **{
+        field: f"--{field}"
+        for field in (
+            "lora_alpha",
+            "lora_dropout",
+            "bayesian_factors",
+            "embedding_bayesian_factors",
+            "posterior_std_init",
+            "prior_std",
+            "estimator",
+            "kl_weight",
+            "posterior_std_parametrisation",
+            "posterior_std_max",
+            "sample_at_inference",
+        )
+    },
+}
+
+
+def config_error_with_flags(message: str) -> str:
+    """A BayesLoraConfig message with its field names replaced by the flags that set them."""
+    pattern = r"(?<![\w.-])(" + "|".join(sorted(map(re.escape, _CONFIG_FLAGS), key=len, reverse=True)) + r")(?![\w])"
+    return re.sub(pattern, lambda match: _CONFIG_FLAGS[match.group(1)], message)
 
 
 def build_parser() -> argparse.ArgumentParser:

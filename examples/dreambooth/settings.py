@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from . import families, targets
 from .adapters import lora_config
-from .arguments import QUANTISATION_PACKAGES, build_parser
+from .arguments import QUANTISATION_PACKAGES, build_parser, config_error_with_flags
 from .data import caption_suffix, instance_images_and_captions, list_images
 from .errors import ArgumentsError
 from .outputs import check_output_dir
@@ -81,34 +80,6 @@ def _check_number(settings: Settings, name: str, minimum: float, integer: bool =
     if value is not None and not (math.isfinite(value) and value >= minimum):
         kind = "an integer" if integer else "a finite number"
         raise ValueError(f"--{name}={value!r} is invalid; expected {kind} >= {minimum}.")
-
-
-# BayesLoraConfig's fields as this script's flags name them, for its error messages.
-_CONFIG_FLAGS = {
-    "train_posterior_std": "--fixed_posterior_std",
-    **{
-        field: f"--{field}"
-        for field in (
-            "lora_alpha",
-            "lora_dropout",
-            "bayesian_factors",
-            "embedding_bayesian_factors",
-            "posterior_std_init",
-            "prior_std",
-            "estimator",
-            "kl_weight",
-            "posterior_std_parametrisation",
-            "posterior_std_max",
-            "sample_at_inference",
-        )
-    },
-}
-
-
-def _with_flags(message: str) -> str:
-    """A BayesLoraConfig message with its field names replaced by the flags that set them."""
-    pattern = r"(?<![\w.-])(" + "|".join(sorted(map(re.escape, _CONFIG_FLAGS), key=len, reverse=True)) + r")(?![\w])"
-    return re.sub(pattern, lambda match: _CONFIG_FLAGS[match.group(1)], message)
 
 
 def _check_trackers(settings: Settings) -> None:
@@ -319,7 +290,7 @@ def check_settings(settings: Settings) -> Settings:
             kl_weight=0.0 if settings.kl_weight == "elbo" else settings.kl_weight,
         )
     except (ValueError, TypeError) as error:
-        raise ValueError(f"Invalid Bayesian LoRA settings: {_with_flags(str(error))}") from None
+        raise ValueError(f"Invalid Bayesian LoRA settings: {config_error_with_flags(str(error))}") from None
     # A local pipeline's family is checked now; a Hub id's when main() has read its model_index.json, still before
     # any model loads.
     if Path(settings.pretrained_model_name_or_path).is_dir():
@@ -401,21 +372,7 @@ def resolve_model(settings: Settings) -> Settings:
         )
     settings = settings.replace(family=family, model_index=model_index, **family.resolved_defaults(settings))
     try:
-        check_model_targets(settings)
+        targets.check_model_targets(settings)
     except ValueError as error:
         raise ArgumentsError(str(error)) from None
     return settings
-
-
-def check_model_targets(settings: Settings) -> None:
-    """Every LoRA target name against the layers of the denoiser and of the trained text encoders, built empty from
-    their configs (no weights are read); raises `ValueError` naming the flag and the closest valid names."""
-    family, path = settings.family, settings.pretrained_model_name_or_path
-    components = [(family.denoiser, family.target_modules_flag, family.denoiser_targets(settings))]
-    if settings.train_text_encoder:
-        flag, text_targets = "--text_encoder_target_modules", settings.text_encoder_target_modules
-        components += [(name, flag, text_targets) for name in family.trainable_text_encoders]
-    for name, flag, target_list in components:
-        model = targets.empty_component(path, settings.model_index, name, settings.revision)
-        layers = targets.adaptable_layer_names(model)
-        targets.check_targets(flag, target_list, layers, f"the {name} of {family.label}")

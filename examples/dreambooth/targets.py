@@ -68,3 +68,17 @@ def check_targets(flag: str, targets: str, layer_names: list[str], component: st
                 f"{flag}: {name!r} names no layer of {component} that LoRA can adapt (Linear, Conv, Embedding); "
                 f"{hint}."
             )
+
+
+def check_model_targets(settings) -> None:
+    """Every LoRA target name against the layers of the denoiser and of the trained text encoders, built empty from
+    their configs (no weights are read); raises `ValueError` naming the flag and the closest valid names."""
+    family, path = settings.family, settings.pretrained_model_name_or_path
+    components = [(family.denoiser, family.target_modules_flag, family.denoiser_targets(settings))]
+    if settings.train_text_encoder:
+        flag, text_targets = "--text_encoder_target_modules", settings.text_encoder_target_modules
+        components += [(name, flag, text_targets) for name in family.trainable_text_encoders]
+    for name, flag, target_list in components:
+        model = empty_component(path, settings.model_index, name, settings.revision)
+        layers = adaptable_layer_names(model)
+        check_targets(flag, target_list, layers, f"the {name} of {family.label}")
