@@ -126,3 +126,24 @@ def lab_v1_model_dir(tmp_path_factory) -> str:
     directory = str(tmp_path_factory.mktemp("lab_v1_model"))
     models.save_model(models.new_model(seed=0), directory)
     return directory
+
+
+@pytest.fixture
+def run_lab(capsys):
+    """Runs ``python -m examples.corruption_stage ARGS`` in this process (a subprocess costs seconds of imports per
+    call on 2 cores); returns a `subprocess.CompletedProcess` with the exit code and the captured output."""
+    import subprocess
+
+    from examples.corruption_stage.__main__ import main
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as error:
+            code = error.code if isinstance(error.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(argv), code, out, err)
+
+    return run

@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -65,20 +63,14 @@ def test_early_stopping_is_plain_loras_checkpoint_of_highest_fidelity():
     assert frontier.early_stopping([r for r in _result()["runs"] if r["arm"] != "lora"]) is None
 
 
-def test_frontier_command_draws_the_figure_beside_the_results(tmp_path):
+def test_frontier_command_draws_the_figure_beside_the_results(tmp_path, run_lab):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(_result()))
-    result = subprocess.run(
-        [sys.executable, "-m", "examples.corruption_stage", "frontier", str(path)], capture_output=True, text=True
-    )
+    result = run_lab("frontier", str(path))
     assert result.returncode == 0, result.stderr
     assert "Bayesian B + KL (ours)" in result.stdout
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
-    missing = subprocess.run(
-        [sys.executable, "-m", "examples.corruption_stage", "frontier", str(tmp_path / "nope.json")],
-        capture_output=True,
-        text=True,
-    )
+    missing = run_lab("frontier", str(tmp_path / "nope.json"))
     assert missing.returncode == 2 and "is not a file" in missing.stderr and "Traceback" not in missing.stderr
 
 
@@ -86,7 +78,7 @@ def _with_config(result: dict, **config) -> dict:
     return {**result, "config": {"lr": 3e-3, "steps": 2, "seeds": [], "arms": [], **config}}
 
 
-def test_results_of_a_study_split_by_seed_merge_into_one(tmp_path):
+def test_results_of_a_study_split_by_seed_merge_into_one(tmp_path, run_lab):
     runs = _result()["runs"]
     first = _with_config({"runs": runs[:1]}, seeds=[0], arms=["lora"])
     second = _with_config({"runs": runs[1:]}, seeds=[1, 0], arms=["lora", "bayes_kl"])
@@ -102,12 +94,12 @@ def test_results_of_a_study_split_by_seed_merge_into_one(tmp_path):
     for name, result in (("a.json", first), ("b.json", second)):
         paths.append(str(tmp_path / name))
         (tmp_path / name).write_text(json.dumps(result))
-    command = [sys.executable, "-m", "examples.corruption_stage", "frontier", *paths]
-    refused = subprocess.run(command, capture_output=True, text=True)
+    command = ["frontier", *paths]
+    refused = run_lab(*command)
     assert refused.returncode == 2 and "several results files need --out" in refused.stderr
     out = tmp_path / "merged" / "frontier.png"
     out.parent.mkdir()
-    drawn = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True)
+    drawn = run_lab(*command, "--out", str(out))
     assert drawn.returncode == 0, drawn.stderr
     assert "Bayesian B + KL (ours)" in drawn.stdout and out.stat().st_size > 10_000
 
@@ -137,6 +129,7 @@ def _flat(curves: dict) -> list[float]:
     return out
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
 def test_runs_in_worker_processes_match_runs_in_one_process():
     base = models.new_model(models.LabModelConfig(extra_tokens=data.V2_EXTRA_TOKENS))
     cfg = experiment.ExperimentConfig(

@@ -3,8 +3,6 @@ probes' figures."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -117,27 +115,17 @@ def test_gate_measures_its_parts_alone_and_tunes_the_classifier_on_its_own_seed(
         (["--prior-loss-weight", "-1"], "prior_loss_weight must be >= 0 and num_class_images >= 1, got -1.0"),
     ],
 )
-def test_gate_refuses_bad_arguments_before_any_work(tmp_path, extra, message):
+def test_gate_refuses_bad_arguments_before_any_work(tmp_path, extra, message, run_lab):
     out = str(tmp_path / "gate.json")
-    result = subprocess.run(
-        [sys.executable, "-m", "examples.corruption_stage", "gate", "--model-dir", "nowhere", "--out", out, *extra],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = run_lab("gate", "--model-dir", "nowhere", "--out", out, *extra)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(out)
 
 
-def test_gate_refuses_a_v1_model(tmp_path, lab_v1_model_dir):
+def test_gate_refuses_a_v1_model(tmp_path, lab_v1_model_dir, run_lab):
     shipped_v1 = lab_v1_model_dir
     out = str(tmp_path / "gate.json")
-    result = subprocess.run(
-        [sys.executable, "-m", "examples.corruption_stage", "gate", "--model-dir", shipped_v1, "--out", out],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = run_lab("gate", "--model-dir", shipped_v1, "--out", out)
     assert result.returncode == 2
     assert "not a lab v2 model" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(out)
@@ -151,6 +139,7 @@ def test_gate_figure_shows_the_early_checkpoints_where_fine_tuning_changes_faste
     assert doubling_checkpoints([0, 2, 4], 7) == [0, 1, 2]  # fewer checkpoints than asked: each once
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
 def test_render_rates_score_each_kind_against_its_own_prompt():
     from examples.corruption_stage.model import render_probe
 
@@ -168,7 +157,8 @@ def test_render_rates_score_each_kind_against_its_own_prompt():
     assert render_probe.render_rates(model, always("cross"), n=2, steps=2)["cross"] == 1.0  # the class prompt
 
 
-def test_render_probe_scores_every_kind_of_every_model(tmp_path):
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
+def test_render_probe_scores_every_kind_of_every_model(tmp_path, run_lab):
     from examples.corruption_stage.model import render_probe
 
     model_dir = str(tmp_path / "v2")
@@ -182,8 +172,5 @@ def test_render_probe_scores_every_kind_of_every_model(tmp_path):
         0.0 <= r <= 1.0 and r * 12 == round(r * 12) for r in rates.values()
     )
     assert json.loads(out.read_text())["render_rates"] == payload["render_rates"]
-    result = subprocess.run(
-        [sys.executable, "-m", "examples.corruption_stage", "render-probe", "--model-dirs", "nowhere", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+    result = run_lab("render-probe", "--model-dirs", "nowhere", "--out", str(out))  # fmt: skip
     assert result.returncode == 2 and "--model-dirs 'nowhere' holds no lab model" in result.stderr

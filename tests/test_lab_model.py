@@ -4,8 +4,6 @@ the probes."""
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import peft
 import pytest
@@ -76,6 +74,7 @@ def test_natural_crops_come_from_bundled_photographs_deterministically():
         data.make_natural_crops(0)
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
 def test_autoencoder_pilot_scores_candidates_and_applies_its_rule(tmp_path):
     from examples.corruption_stage.model import autoencoder_pilot
 
@@ -144,6 +143,7 @@ def test_pretrain_v2_trains_the_autoencoder_pilot_2b_measured(tmp_path):
     assert meta["autoencoder_recipe"]["steps"] == 2 and "pretrain_v2" in meta["how_made"]
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
 def test_autoencoder_pilot_scores_a_saved_model_against_the_rule(tmp_path):
     out = tmp_path / "score.json"
     payload = autoencoder_pilot.main(["--score-model", V2F, "--out", str(out)])
@@ -183,6 +183,7 @@ def test_v_prediction_loss_target_and_clean_latent_estimate():
         models.LabModelConfig(prediction_type="x0")
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
 def test_pretrain_v2_reuses_an_autoencoder_and_records_the_prediction_type(tmp_path, lab_v1_model_dir):
     first = pretrain.pretrain_v2(
         str(tmp_path / "a"), n_images=16, unet_steps=1, unet_batch=4, autoencoder={"steps": 1, "n_images": 16}
@@ -219,6 +220,7 @@ def _saved_v_prediction_model(directory: str) -> tuple[str, models.LabModel]:
     return directory, models.load_model(directory)
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
 def test_pretrain_v2_continues_a_saved_denoiser_with_everything_else_kept(tmp_path, lab_v1_model_dir):
     source, before = _saved_v_prediction_model(str(tmp_path / "a"))
     pretrain.pretrain_v2(str(tmp_path / "b"), n_images=16, unet_steps=2, unet_batch=4, denoiser_from=source)
@@ -242,6 +244,7 @@ def _tiny_v2_model(seed: int = 0) -> models.LabModel:
     )
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
 def test_the_pooled_condition_path_starts_as_the_model_it_extends_and_then_learns():
     base = _tiny_v2_model()
     for p in base.unet.parameters():  # a trained-looking denoiser: no weight at a special value
@@ -270,6 +273,7 @@ def test_the_pooled_condition_path_starts_as_the_model_it_extends_and_then_learn
         models.add_pooled_condition(pooled)
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
 def test_lora_fine_tuning_of_a_pooled_model_leaves_the_new_path_to_the_base(tmp_path):
     base = models.add_pooled_condition(_tiny_v2_model())
     models.save_model(base, str(tmp_path / "m"))
@@ -290,6 +294,7 @@ def test_lora_fine_tuning_of_a_pooled_model_leaves_the_new_path_to_the_base(tmp_
     assert not [n for n, _ in unet.named_modules() if n.startswith("add_embedding") and "lora" in n]
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores (pretraining, classifier or worker processes)
 def test_pretrain_v2_adds_the_pooled_condition_to_a_continued_denoiser(tmp_path):
     source, before = _saved_v_prediction_model(str(tmp_path / "a"))
     pretrain.pretrain_v2(
@@ -323,15 +328,10 @@ def test_pretrain_v2_adds_the_pooled_condition_to_a_continued_denoiser(tmp_path)
         (["--v2", "--unet-steps", "-1"], "--unet-steps must be positive, got -1"),
     ],
 )
-def test_pretrain_command_refuses_bad_arguments(tmp_path, lab_v1_model_dir, extra, message):
+def test_pretrain_command_refuses_bad_arguments(tmp_path, lab_v1_model_dir, extra, message, run_lab):
     extra = [lab_v1_model_dir if a == "V1" else a for a in extra]  # a v1 model
     out = tmp_path / "model"
-    result = subprocess.run(
-        [sys.executable, "-m", "examples.corruption_stage", "pretrain", "--out", str(out), *extra],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = run_lab("pretrain", "--out", str(out), *extra)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
 
