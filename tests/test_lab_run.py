@@ -130,3 +130,21 @@ def test_the_bounded_std_reading_applies_issue_32s_pass_rule(tmp_path):
     assert reading["unbounded_records_after_fit_below_0.5"]["bayes_paper_lr1e-2_seed0"] == 1
     assert reading["comparison"]["1e-2"]["within_2_std"]["final_fidelity"] is True
     assert reading["comparison"]["1e-2"]["arms"]["bayes_paper"]["max_fidelity"]["mean"] == pytest.approx(0.8)
+
+
+def test_the_arms_reading_compares_each_arm_with_plain_lora_of_study_one(tmp_path):
+    spec = dict(steps=700, batch=1, schedules=((7.5, 100),))
+    for study in ("paper_recipe", "paper_recipe_arms"):
+        (tmp_path / study / "runs").mkdir(parents=True)
+    for seed in range(3):
+        _write_run(tmp_path / "paper_recipe" / "runs", RunSpec("lora", 6e-3, seed, **spec), **STAGE)
+        _write_run(tmp_path / "paper_recipe_arms" / "runs", RunSpec("l2", 6e-3, seed, **spec), [0.0, 0.8, 0.92, 0.93])
+        never = [0.0, 0.8, 0.85 if seed == 1 else 0.92, 0.85]  # seed 1 never reaches 0.9 x the ceiling
+        _write_run(tmp_path / "paper_recipe_arms" / "runs", RunSpec("bayes_paper", 6e-3, seed, **spec), never)
+    reading = study_report.write_study_report("paper_recipe_arms", str(tmp_path / "paper_recipe_arms"))["reading"]
+    assert reading["lora"]["seeds_with_stage"] == 3 and reading["lora"]["seeds"] == [0, 1, 2]
+    assert reading["l2"]["removes_the_stage"] and reading["l2"]["copies_less_at_matched_fidelity"] is False
+    assert reading["l2"]["fidelity_at_best"]["mean"] == pytest.approx(0.93)
+    assert not reading["bayes_paper"]["reaches_matched_fidelity"]
+    assert reading["bayes_paper"]["copies_less_at_matched_fidelity"] is None
+    assert reading["early_stopping"]["fidelity_at_best"]["mean"] == pytest.approx(0.9)  # plain LoRA's best record

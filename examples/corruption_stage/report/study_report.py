@@ -13,7 +13,6 @@ import os
 
 from bayes_adapter.stage import judge, read_monitor, verdict_sentence
 
-from ..study.arms import ARM_LABELS
 from ..study.train import format_lr
 
 
@@ -41,6 +40,9 @@ def judge_file(path: str) -> dict:
         "final_fidelity": records[-1].fidelity,
         "final_copy_rate": records[-1].copy_rate,
         "records_after_fit_below_floor": sum(r.fidelity < FIT_FLOOR for r in after_fit),
+        "at_best": next(
+            ({"fidelity": r.fidelity, "copy_rate": r.copy_rate} for r in records if r.step == verdict.best_step), None
+        ),
         "frontier_copy_rate": min(
             (r.copy_rate for r in records if r.fidelity >= MATCHED_FIDELITY * (r.fidelity_ceiling or 1.0)),
             default=None,
@@ -129,6 +131,44 @@ def read_bounded_std(runs: list[dict]) -> dict:
     }
 
 
+def read_paper_recipe_arms(runs: list[dict], plain_runs: list[dict]) -> dict:
+    """Study 2: per arm (plain LoRA's runs from study 1 at the same rate), the stage rate, the frontier copy rate at
+    0.9 x ceiling and the fidelity and copy rate at the judge's best step (mean and population std over seeds);
+    whether the arm removes the stage and whether it copies less at matched fidelity (PLAN_V3.md's rules)."""
+    lrs = {r["spec"]["lr"] for r in runs}
+    groups = {"lora": [r for r in plain_runs if r["spec"]["arm"] == "lora" and r["spec"]["lr"] in lrs]}
+    for run in runs:
+        groups.setdefault(run["spec"]["arm"], []).append(run)
+    out = {}
+    for arm, group in groups.items():
+        judged = [primary(r) for r in sorted(group, key=lambda r: r["spec"]["seed"])]
+        frontier = [j["frontier_copy_rate"] for j in judged]
+        out[arm] = {
+            "seeds": [r["spec"]["seed"] for r in sorted(group, key=lambda r: r["spec"]["seed"])],
+            "seeds_with_stage": sum(j["verdict"]["stage"] for j in judged),
+            "frontier_copy_rate": mean_std(frontier),
+            "reaches_matched_fidelity": all(f is not None for f in frontier),
+            "fidelity_at_best": mean_std([j["at_best"]["fidelity"] for j in judged if j["at_best"]]),
+            "copy_rate_at_best": mean_std([j["at_best"]["copy_rate"] for j in judged if j["at_best"]]),
+        }
+    out["early_stopping"] = {  # plain LoRA's record at the judge's best step, no training of its own
+        "fidelity_at_best": out["lora"]["fidelity_at_best"],
+        "copy_rate_at_best": out["lora"]["copy_rate_at_best"],
+    }
+    plain = out["lora"]
+    plain_rate = plain["seeds_with_stage"] / len(plain["seeds"]) if plain["seeds"] else None
+    for arm, entry in out.items():
+        if arm in ("lora", "early_stopping"):
+            continue
+        rate = entry["seeds_with_stage"] / len(entry["seeds"])
+        entry["removes_the_stage"] = plain_rate is not None and plain_rate >= 2 / 3 and rate <= 1 / 3
+        a, b = entry["frontier_copy_rate"], plain["frontier_copy_rate"]
+        entry["copies_less_at_matched_fidelity"] = (
+            None if a is None or b is None else b["mean"] - a["mean"] > max(a["std"], b["std"])
+        )
+    return out
+
+
 def summary_markdown(study: str, runs: list[dict], reading: dict) -> str:
     lines = [f"# Study `{study}` (PLAN_V3.md): {len(runs)} runs finished", ""]
     lines += [
@@ -186,11 +226,9 @@ def write_study_report(study: str, study_dir: str) -> dict:
     elif study == "bounded_std":
         reading = read_bounded_std(runs)
     else:
-        reading = {
-            "stage_rate_per_arm": {
-                arm: sum(primary(r)["verdict"]["stage"] for r in runs if r["spec"]["arm"] == arm) for arm in ARM_LABELS
-            }
-        }
+        plain_dir = os.path.join(os.path.dirname(os.path.abspath(study_dir)), "paper_recipe", "runs")
+        plain_runs = load_runs(plain_dir) if os.path.isdir(plain_dir) else []
+        reading = read_paper_recipe_arms(runs, plain_runs)
     summary = {"study": study, "runs": runs, "reading": reading}
     with open(os.path.join(study_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
