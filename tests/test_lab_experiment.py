@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -104,16 +102,9 @@ def test_lab_records_the_papers_metrics_with_models_given_by_path(tmp_path):
         (["--clip-model", "no/such-model-here"], "--clip-model 'no/such-model-here' / --dino-model None did not load"),
     ],
 )
-def test_lab_command_refuses_bad_arguments_before_any_work(tmp_path, extra, message):
+def test_lab_command_refuses_bad_arguments_before_any_work(tmp_path, extra, message, run_lab):
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "examples.corruption_stage", "experiment", "--out", str(out), *extra],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = run_lab("experiment", "--out", str(out), *extra)  # conftest keeps the Hub offline
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "error:" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
