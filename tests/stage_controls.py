@@ -1,7 +1,7 @@
 """The stage judge's controls (issue 31, item 5): trajectories whose answer is known, with that answer, declared
 before the judge's thresholds were tuned. Shared by the judge's and the console command's tests.
 
-Numbers are shaped on the lab model's positive control (/work/shared/README.md, "Added for the third round"): SSIM
+Numbers are shaped on the lab model's positive control (the team's shared notes, "Added for the third round"): SSIM
 ceiling 0.92; white latent noise has whiteness ~0.55 at every level, energy 0.04 at SSIM 0.77 and 0.09 at 0.65 (a
 grainy near-copy), 0.25 at 0.46; learning the subject moves the latent smoothly (whiteness well below 0.45).
 """
