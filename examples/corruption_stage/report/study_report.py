@@ -189,7 +189,8 @@ def summary_markdown(study: str, runs: list[dict], reading: dict) -> str:
 
 
 def make_study_figure(runs: list[dict], runs_dir: str, path: str) -> None:
-    """Primary records of every run: fidelity against its ceiling, noise energy, whiteness and copy rate."""
+    """Primary records of every run: fidelity against its ceiling, noise energy, whiteness and copy rate; a measure
+    constant over every run is named in the title, not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,18 +202,23 @@ def make_study_figure(runs: list[dict], runs_dir: str, path: str) -> None:
         ("noise_whiteness", "whiteness"),
         ("copy_rate", "clean-copy rate"),
     )
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for i, run in enumerate(runs):
-        records = read_monitor(os.path.join(runs_dir, primary(run)["file"]))
-        steps = [r.step for r in records]
-        for ax, (key, title) in zip(axes, panels):
-            ax.plot(steps, [getattr(r, key) for r in records], color=f"C{i % 10}", lw=1, label=run["name"])
+    records = {run["name"]: read_monitor(os.path.join(runs_dir, primary(run)["file"])) for run in runs}
+    values = {key: {getattr(r, key) for rs in records.values() for r in rs} for key, _ in panels}
+    drawn = [(key, title) for key, title in panels if len(values[key]) > 1]
+    dropped = [f"{key} constant at {next(iter(values[key])):.3g}" for key, _ in panels if len(values[key]) == 1]
+    fig, axes = plt.subplots(1, len(drawn), figsize=(4.5 * len(drawn), 4), squeeze=False)
+    for i, (name, rs) in enumerate(records.items()):
+        steps = [r.step for r in rs]
+        for ax, (key, title) in zip(axes[0], drawn):
+            ax.plot(steps, [getattr(r, key) for r in rs], color=f"C{i % 10}", lw=1, label=name)
             ax.set_title(title)
             ax.set_xlabel("step")
-        ceiling = records[-1].fidelity_ceiling
-    if runs:
-        axes[0].axhline(ceiling, color="black", ls="--", lw=0.8, label="autoencoder ceiling")
-        axes[0].legend(fontsize=6)
+    ceiling = next(iter(records.values()))[-1].fidelity_ceiling
+    if ceiling is not None and drawn and drawn[0][0] == "fidelity":
+        axes[0][0].axhline(ceiling, color="black", ls="--", lw=0.8, label="autoencoder ceiling")
+    axes[0][0].legend(fontsize=6)
+    if dropped:
+        fig.suptitle("not drawn: " + ", ".join(dropped), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
