@@ -125,7 +125,10 @@ def test_unknown_arm_is_refused():
         common.parse_arm("weights_C")
     with pytest.raises(ValueError, match="unknown arm"):
         common.parse_arm("weight_B-cubic")
-    assert common.parse_arm("weight_B-softplus") == ("weight", "B", "softplus")
+    with pytest.raises(ValueError, match="unknown arm"):
+        common.parse_arm("weight_B+bounded")
+    assert common.parse_arm("weight_B-softplus") == ("weight", "B", "softplus", False)
+    assert common.parse_arm("weight_B-softplus+unbounded") == ("weight", "B", "softplus", True)
     assert common.lora_config("weight_AB-softplus", ["to_q"]).posterior_std_parametrisation == "softplus"
 
 
