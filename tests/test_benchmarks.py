@@ -127,8 +127,8 @@ def test_unknown_arm_is_refused():
         common.parse_arm("weight_B-cubic")
     with pytest.raises(ValueError, match="unknown arm"):
         common.parse_arm("weight_B+bounded")
-    assert common.parse_arm("weight_B-softplus") == ("weight", "B", "softplus", False)
-    assert common.parse_arm("weight_B-softplus+unbounded") == ("weight", "B", "softplus", True)
+    assert common.parse_arm("weight_B-softplus") == ("weight", "B", "softplus", True)  # bounded
+    assert common.parse_arm("weight_B-softplus+unbounded") == ("weight", "B", "softplus", False)  # bounded
     assert common.lora_config("weight_AB-softplus", ["to_q"]).posterior_std_parametrisation == "softplus"
 
 
