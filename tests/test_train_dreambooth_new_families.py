@@ -30,6 +30,19 @@ def pipeline_image(pipe, **kwargs) -> torch.Tensor:
         ).images
 
 
+def assert_lora_loads_into_the_vanilla_pipeline(pipeline_dir, lora_dir, transformer_output, trained, **image_kwargs):
+    """The exported LoRA in `lora_dir` loads into the family's plain pipeline with `load_lora_weights`: no Bayesian
+    layer, the transformer's output equals the trained adapter's eval output, and the image changes."""
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir))
+    pipe.set_progress_bar_config(disable=True)
+    before = pipeline_image(pipe, **image_kwargs)
+    pipe.load_lora_weights(str(lora_dir))
+    assert not list(bayes_adapter.bayes_layers(pipe.transformer))
+    with torch.no_grad():
+        assert_same_numerics(transformer_output(pipe.transformer), trained)
+    assert (pipeline_image(pipe, **image_kwargs) - before).abs().max() > 1e-3
+
+
 def flux2_transformer_inputs() -> dict[str, torch.Tensor]:
     """Fixed inputs of the tiny Flux.2 transformer: 8x8 tokens of 16 channels, 5 text tokens."""
     generator = torch.Generator().manual_seed(0)
@@ -58,17 +71,10 @@ def test_flux2_trains_and_its_lora_loads_into_the_vanilla_pipeline(tiny_flux2, t
     assert isinstance(
         transformer.get_submodule("single_transformer_blocks.0.attn.to_qkv_mlp_proj"), bayes_adapter.BayesLoraLayer
     )
+    output = lambda model: model(**flux2_transformer_inputs(), return_dict=False)[0]  # noqa: E731
     with torch.no_grad():
-        trained = transformer(**flux2_transformer_inputs(), return_dict=False)[0]
-
-    pipe = DiffusionPipeline.from_pretrained(str(tiny_flux2))
-    pipe.set_progress_bar_config(disable=True)
-    before = pipeline_image(pipe)
-    pipe.load_lora_weights(str(out))
-    assert not list(bayes_adapter.bayes_layers(pipe.transformer))
-    with torch.no_grad():
-        assert_same_numerics(pipe.transformer(**flux2_transformer_inputs(), return_dict=False)[0], trained)
-    assert (pipeline_image(pipe) - before).abs().max() > 1e-3
+        trained = output(transformer)
+    assert_lora_loads_into_the_vanilla_pipeline(tiny_flux2, out, output, trained)
 
 
 def test_flux2_refuses_to_train_its_text_encoder(tiny_flux2, tmp_path, instance_dir):
@@ -104,17 +110,10 @@ def test_qwenimage_trains_with_batch_2_and_its_lora_loads_into_the_vanilla_pipel
     assert result["family"] == "qwenimage" and result["global_step"] == 2
     transformer = result["transformer"].eval()
     assert isinstance(transformer.get_submodule("transformer_blocks.0.attn.add_q_proj"), bayes_adapter.BayesLoraLayer)
+    output = lambda model: model(**qwenimage_transformer_inputs(), return_dict=False)[0]  # noqa: E731
     with torch.no_grad():
-        trained = transformer(**qwenimage_transformer_inputs(), return_dict=False)[0]
-
-    pipe = DiffusionPipeline.from_pretrained(str(tiny_qwenimage))
-    pipe.set_progress_bar_config(disable=True)
-    before = pipeline_image(pipe)
-    pipe.load_lora_weights(str(out))
-    assert not list(bayes_adapter.bayes_layers(pipe.transformer))
-    with torch.no_grad():
-        assert_same_numerics(pipe.transformer(**qwenimage_transformer_inputs(), return_dict=False)[0], trained)
-    assert (pipeline_image(pipe) - before).abs().max() > 1e-3
+        trained = output(transformer)
+    assert_lora_loads_into_the_vanilla_pipeline(tiny_qwenimage, out, output, trained)
 
 
 def zimage_transformer_output(transformer) -> torch.Tensor:
@@ -138,11 +137,6 @@ def test_zimage_trains_with_batch_2_and_its_lora_loads_into_the_vanilla_pipeline
     transformer = result["transformer"].eval()
     assert isinstance(transformer.get_submodule("layers.0.attention.to_q"), bayes_adapter.BayesLoraLayer)
     trained = zimage_transformer_output(transformer)
-
-    pipe = DiffusionPipeline.from_pretrained(str(tiny_zimage))
-    pipe.set_progress_bar_config(disable=True)
-    before = pipeline_image(pipe, max_sequence_length=64)
-    pipe.load_lora_weights(str(out))
-    assert not list(bayes_adapter.bayes_layers(pipe.transformer))
-    assert_same_numerics(zimage_transformer_output(pipe.transformer), trained)
-    assert (pipeline_image(pipe, max_sequence_length=64) - before).abs().max() > 1e-3
+    assert_lora_loads_into_the_vanilla_pipeline(
+        tiny_zimage, out, zimage_transformer_output, trained, max_sequence_length=64
+    )
