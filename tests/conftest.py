@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,54 +61,51 @@ def tiny_sd(tmp_path_factory):
     return path
 
 
+def _saved_pipeline(tmp_path_factory, name: str, build) -> Path:
+    """A pipeline built by `build()` and saved to a fresh session folder named `name`."""
+    path = tmp_path_factory.mktemp(name)
+    build().save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
     """A tiny Flux.1 pipeline saved to a folder (read only)."""
-    from tiny_models import tiny_flux_pipeline
+    import tiny_models
 
-    path = tmp_path_factory.mktemp("tiny-flux")
-    tiny_flux_pipeline().save_pretrained(str(path))
-    return path
+    return _saved_pipeline(tmp_path_factory, "tiny-flux", tiny_models.tiny_flux_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     """A tiny SD3 pipeline saved to a folder (read only)."""
-    from tiny_models import tiny_sd3_pipeline
+    import tiny_models
 
-    path = tmp_path_factory.mktemp("tiny-sd3")
-    tiny_sd3_pipeline().save_pretrained(str(path))
-    return path
+    return _saved_pipeline(tmp_path_factory, "tiny-sd3", tiny_models.tiny_sd3_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux2(tmp_path_factory):
     """A tiny Flux.2 pipeline saved to a folder (read only)."""
-    from tiny_models import tiny_flux2_pipeline
+    import tiny_models
 
-    path = tmp_path_factory.mktemp("tiny-flux2")
-    tiny_flux2_pipeline().save_pretrained(str(path))
-    return path
+    return _saved_pipeline(tmp_path_factory, "tiny-flux2", tiny_models.tiny_flux2_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwenimage(tmp_path_factory):
     """A tiny Qwen-Image pipeline saved to a folder (read only)."""
-    from tiny_models import tiny_qwenimage_pipeline
+    import tiny_models
 
-    path = tmp_path_factory.mktemp("tiny-qwenimage")
-    tiny_qwenimage_pipeline().save_pretrained(str(path))
-    return path
+    return _saved_pipeline(tmp_path_factory, "tiny-qwenimage", tiny_models.tiny_qwenimage_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_zimage(tmp_path_factory):
     """A tiny Z-Image pipeline saved to a folder (read only)."""
-    from tiny_models import tiny_zimage_pipeline
+    import tiny_models
 
-    path = tmp_path_factory.mktemp("tiny-zimage")
-    tiny_zimage_pipeline().save_pretrained(str(path))
-    return path
+    return _saved_pipeline(tmp_path_factory, "tiny-zimage", tiny_models.tiny_zimage_pipeline)
 
 
 @pytest.fixture
