@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_dit_models import sd3_transformer_inputs, tiny_sd3_transformer
 from tiny_models import (
     assert_same_numerics,
     bayesian_unet,
@@ -21,9 +22,7 @@ from tiny_models import (
     read_safetensors_metadata,
     run_unet,
     save_tiny_pipeline,
-    sd3_transformer_inputs,
     tiny_pipeline,
-    tiny_sd3_transformer,
     tiny_text_encoder,
     tiny_unet,
     unet_config,

@@ -19,7 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import StableDiffusion3Pipeline  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from tiny_models import T5_WIDTH, assert_same_numerics, tiny_sd3_pipeline  # noqa: E402
+from tiny_dit_models import T5_WIDTH, tiny_sd3_pipeline  # noqa: E402
+from tiny_models import assert_same_numerics  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bayes_adapter  # noqa: E402

@@ -12,12 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import (
-    DREAMBOOTH_SCRIPT,
-    assert_same_numerics,
-    dreambooth_args,
-    reset_accelerate_state,
-)
+from tiny_models import DREAMBOOTH_SCRIPT, assert_same_numerics, dreambooth_args, reset_accelerate_state
 
 import bayes_adapter
 from examples.dreambooth import training

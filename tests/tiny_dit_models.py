@@ -1,0 +1,334 @@
+"""Tiny DiT pipelines (Flux.1, Flux.2, Qwen-Image, Z-Image, SD3) built from configs in code, with their text encoders
+and tokenizers, so that no test touches the Hub. The UNet pipelines and shared helpers are in `tiny_models`."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from tiny_models import (
+    CROSS_ATTENTION_DIM,
+    byte_level_codepoints,
+    tiny_text_config,
+    tiny_text_encoder,
+    tiny_tokenizer,
+    tiny_vae,
+)
+from transformers import CLIPTextModelWithProjection
+
+
+# --- tiny DiT pipelines (Flux.1, SD3): T5 + CLIP text encoders, flow matching -------------------------------------
+
+T5_WIDTH = 32  # the T5 encoder's d_model: the DiTs' joint_attention_dim
+
+
+def tiny_t5_tokenizer():
+    """A SentencePiece-free T5 tokenizer built in memory: the special tokens, letters, digits and space pieces."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=32)
+
+
+def tiny_t5_encoder(seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        d_model=T5_WIDTH,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        vocab_size=len(tiny_t5_tokenizer()),
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def _dit_vae(seed: int) -> AutoencoderKL:
+    # The DiTs' VAEs shift their latents before scaling them: a non-zero shift_factor exercises that path.
+    return tiny_vae(seed, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A whole FluxPipeline (32 px images, 16 px latents packed into 8x8 tokens) with random weights.
+
+    `joint_attention_dim` is the T5 width and `pooled_projection_dim` the CLIP width, as in Flux.1.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=CROSS_ATTENTION_DIM,
+        axes_dims_rope=[4, 4, 8],
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_dit_vae(seed),
+        text_encoder=tiny_text_encoder(seed),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(seed),
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def tiny_chat_tokenizer():
+    """A character-level fast tokenizer with a chat template, built in memory: what Flux.2's and Z-Image's pipelines
+    need of their tokenizer (message contents as a string or as a list of text parts)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = ["<pad>", "<unk>", "<s>", "</s>", "[SYS]", "[USER]"] + [chr(c) for c in range(32, 127)]
+    backend = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}[SYS]{% else %}[USER]{% endif %}"
+        "{% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}"
+    )
+    return tokenizer
+
+
+def tiny_flux2_pipeline(seed: int = 0):
+    """A whole Flux2Pipeline (32 px images, 16 px latents patchified to 8x8 tokens of 16 channels) with random weights.
+
+    The Mistral-3 text encoder has 30 tiny layers, so that the pipeline's default hidden-state layers (10, 20, 30)
+    exist; the transformer's `joint_attention_dim` is three times its width.
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text_config = dict(
+        model_type="mistral",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=30,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+    )
+    vision_config = dict(
+        model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    text_encoder = Mistral3ForConditionalGeneration(
+        Mistral3Config(text_config=text_config, vision_config={**vision_config, "head_dim": 8, "image_size": 32})
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    return Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_chat_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def tiny_qwen2_tokenizer():
+    """A byte-level Qwen2 tokenizer built in memory: the 256 bytes and Qwen's chat special tokens, no merges."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {chr(code): i for i, code in enumerate(byte_level_codepoints())}
+    for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", eos_token="<|im_end|>", bos_token=None)
+
+
+def tiny_qwenimage_pipeline(seed: int = 0):
+    """A whole QwenImagePipeline (32 px images, 16 px latents packed into 8x8 tokens) with random weights.
+
+    The Qwen2.5-VL text encoder's rope `mrope_section` sums to half its head size; the VAE has one spatial
+    downsampling and no temporal one.
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen2_tokenizer()
+    text_config = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+    )
+    vision_config = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=16,
+        patch_size=8,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config)
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    )
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+def tiny_zimage_pipeline(seed: int = 0):
+    """A whole ZImagePipeline (32 px images, 16 px latents patched 2x2) with random weights: a tiny Qwen3 text
+    encoder, the DiTs' shifted VAE, a static-shift flow-matching scheduler as Z-Image's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=128,
+        )
+    )
+    transformer = ZImageTransformer2DModel(
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 32, 32],  # caption positions come first: room for a 512-token prompt
+    )
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_dit_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tiny_chat_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A whole StableDiffusion3Pipeline (32 px images, 16 px latents): two CLIPs (their states padded to the T5
+    width) and a T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,  # the last block is context_pre_only (no to_add_out): the first is a full joint block
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=2 * 8,  # the two CLIPs' projections side by side
+        out_channels=4,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(tiny_text_config(projection_dim=8))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(projection_dim=8))
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_dit_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed),
+        tokenizer_3=tiny_t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """A tiny DiT: `SD3Transformer2DModel` with one joint block (as in diffusers' own SD3 LoRA tests)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+
+
+def sd3_transformer_inputs(seed: int = 0) -> dict:
+    """Inputs for `tiny_sd3_transformer`: 8x8 latents, 5 text tokens, one timestep."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(1, 4, 8, 8, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 5, 32, generator=generator),
+        "pooled_projections": torch.randn(1, 64, generator=generator),
+        "timestep": torch.tensor([10]),
+    }
