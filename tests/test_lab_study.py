@@ -6,6 +6,7 @@ import os
 
 import peft
 import pytest
+import torch
 
 from bayes_adapter import BayesLoraConfig
 from bayes_adapter.stage import read_monitor
@@ -51,6 +52,9 @@ def test_the_declared_studies_list_their_runs_in_the_plans_order():
     with pytest.raises(ValueError, match="needs the learning rate"):
         plan.study_runs("paper_recipe_arms")
     assert len(plan.study_runs("paper_recipe_arms", lr=6e-3)) == 18
+    probe = plan.study_runs("memorise_probe")
+    assert [s.name for s in probe] == ["full_lr1e-3_seed0", "lora_noprior_lr6e-3_seed0"]
+    assert [s.prior_loss_weight for s in probe] == [1.0, 0.0] and all(s.steps == 4000 for s in probe)
 
 
 def test_each_arm_builds_its_adapter_config():
@@ -83,6 +87,18 @@ def test_a_run_writes_one_record_file_per_guidance_that_the_package_reads(v2f_mo
     bayes = train_run(base, _tiny_spec("bayes_paper", schedules=((3.0, 2),)), str(tmp_path / "b"))
     assert [s["step"] for s in bayes["posterior_std"]] == [0, 2]
     assert bayes["posterior_std"][0]["max"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_the_full_fine_tuning_arm_trains_every_unet_weight_and_no_adapter(v2f_model_dir, tmp_path):
+    base = models.load_model(v2f_model_dir)
+    before = {n: p.detach().clone() for n, p in base.unet.named_parameters()}
+    spec = _tiny_spec("full", lr=1e-3, schedules=((3.0, 2),))
+    train_run(base, spec, str(tmp_path))
+    assert all(torch.equal(p, before[n]) for n, p in base.unet.named_parameters())  # the base model is untouched
+    records = read_monitor(spec.record_path(str(tmp_path), 3.0))
+    assert records[0].fidelity != records[-1].fidelity
+    with pytest.raises(ValueError, match="adapter arms"):
+        arms.adapter_config("full")
 
 
 def test_the_driver_skips_finished_runs_and_restarts_unfinished_ones(v2f_model_dir, tmp_path):

@@ -37,6 +37,7 @@ def judge_file(path: str) -> dict:
             sum(fit < r.step < copy for r in records) if fit is not None and copy is not None else None
         ),
         "max_fidelity": max(r.fidelity for r in records),
+        "min_noise_energy": min(r.noise_energy for r in records),
         "final_fidelity": records[-1].fidelity,
         "final_copy_rate": records[-1].copy_rate,
         "records_after_fit_below_floor": sum(r.fidelity < FIT_FLOOR for r in after_fit),
@@ -128,6 +129,25 @@ def read_bounded_std(runs: list[dict]) -> dict:
         "rule_b": all(passed_b.values()) if passed_b and None not in passed_b.values() else None,
         "comparison": comparison,
         "unbounded_records_after_fit_below_0.5": unbounded_low,
+    }
+
+
+def read_memorise_probe(runs: list[dict]) -> dict:
+    """The memorisation probe (PLAN_V3.md, amendment of 7 December): per run and guidance, whether the judge ever
+    sees a clean copy, the first one, the fit step and the lowest latent residual energy (a clean copy needs < 0.02)."""
+    return {
+        run["name"]: {
+            guidance: {
+                "reaches_clean_copy": j["verdict"]["first_copy_step"] is not None,
+                "first_copy_step": j["verdict"]["first_copy_step"],
+                "fit_step": j["verdict"]["fit_step"],
+                "gap_ratio": j["gap_ratio"],
+                "min_noise_energy": j["min_noise_energy"],
+                "stage": j["verdict"]["stage"],
+            }
+            for guidance, j in run["judged"].items()
+        }
+        for run in runs
     }
 
 
@@ -231,6 +251,8 @@ def write_study_report(study: str, study_dir: str) -> dict:
         reading = read_paper_recipe(runs)
     elif study == "bounded_std":
         reading = read_bounded_std(runs)
+    elif study == "memorise_probe":
+        reading = read_memorise_probe(runs)
     else:
         plain_dir = os.path.join(os.path.dirname(os.path.abspath(study_dir)), "paper_recipe", "runs")
         plain_runs = load_runs(plain_dir) if os.path.isdir(plain_dir) else []

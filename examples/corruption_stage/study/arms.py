@@ -10,7 +10,7 @@ from bayes_adapter import BayesLoraConfig
 
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-ARMS = ("lora", "bayes_paper", "bayes_default", "bayes_kl", "fixed_noise", "lora_dropout", "l2")
+ARMS = ("lora", "bayes_paper", "bayes_default", "bayes_kl", "fixed_noise", "lora_dropout", "l2", "full")
 ARM_LABELS = {
     "lora": "plain LoRA",
     "bayes_paper": "Bayesian, KL 0, no std bound (paper)",
@@ -19,6 +19,7 @@ ARM_LABELS = {
     "fixed_noise": "fixed-sigma weight noise",
     "lora_dropout": "LoRA dropout 0.1",
     "l2": "L2 pull to pretrained",
+    "full": "full fine-tuning of the UNet (no adapter)",
 }
 BAYESIAN_ARMS = ("bayes_paper", "bayes_default", "bayes_kl", "fixed_noise")
 
@@ -39,8 +40,8 @@ def adapter_config(
         return peft.LoraConfig(**common)
     if arm == "lora_dropout":
         return peft.LoraConfig(lora_dropout=dropout, **common)
-    if arm not in ARMS:
-        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    if arm not in ARMS or arm == "full":
+        raise ValueError(f"arm must be one of the adapter arms {ARMS[:-1]}, got {arm!r}")
     bayes = {
         "bayesian_factors": "B",
         "posterior_std_init": sigma,

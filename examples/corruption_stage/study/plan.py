@@ -8,16 +8,33 @@ from .train import RunSpec
 PAPER_LRS = (3e-3, 6e-3, 1.2e-2)
 BOUNDED_STD_LRS = (1e-2, 3e-3)
 SEEDS = (0, 1, 2)
-STUDIES = ("paper_recipe", "bounded_std", "paper_recipe_arms")
+STUDIES = ("paper_recipe", "bounded_std", "paper_recipe_arms", "memorise_probe")
 PAPER_ARMS = ("bayes_paper", "bayes_default", "bayes_kl", "fixed_noise", "lora_dropout", "l2")
 
 
-def paper_recipe_run(arm: str, lr: float, seed: int) -> RunSpec:
+def paper_recipe_run(arm: str, lr: float, seed: int, prior_loss_weight: float = 1.0, variant: str = "") -> RunSpec:
     """The paper's recipe: batch 1, prior preservation 1.0 with 32 class images, 4,000 steps; records at guidance 7.5
     every 50 steps (primary) and at guidance 3 every 200."""
     return RunSpec(
-        arm=arm, lr=lr, seed=seed, steps=4000, batch=1, prior_loss_weight=1.0, schedules=((7.5, 50), (3.0, 200))
+        arm=arm,
+        lr=lr,
+        seed=seed,
+        steps=4000,
+        batch=1,
+        prior_loss_weight=prior_loss_weight,
+        schedules=((7.5, 50), (3.0, 200)),
+        variant=variant,
     )
+
+
+def memorise_probe_runs() -> list[RunSpec]:
+    """PLAN_V3.md's amendment of 7 December: can anything reach a clean copy on v2f within the paper's 4,000 steps?
+    Full fine-tuning (the adapter's capacity removed) and plain LoRA without prior preservation (the class term
+    removed), seed 0, otherwise the paper's recipe."""
+    return [
+        paper_recipe_run("full", 1e-3, 0),
+        paper_recipe_run("lora", 6e-3, 0, prior_loss_weight=0.0, variant="noprior"),
+    ]
 
 
 def bounded_std_run(arm: str, lr: float, seed: int) -> RunSpec:
@@ -41,4 +58,6 @@ def study_runs(study: str, seeds: tuple[int, ...] = SEEDS, lr: float | None = No
         if lr is None:
             raise ValueError("study paper_recipe_arms needs the learning rate study 1's rule chose (--lr)")
         return [paper_recipe_run(arm, lr, seed) for seed in seeds for arm in PAPER_ARMS]
+    if study == "memorise_probe":
+        return memorise_probe_runs()
     raise ValueError(f"study must be one of {STUDIES}, got {study!r}")

@@ -52,6 +52,7 @@ class RunSpec:
     n_samples: int = 12
     sample_steps: int = 25
     subject_kind: str = "circle"
+    variant: str = ""  # a name tag for a run that departs from its study's recipe, e.g. "noprior"
 
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
@@ -63,7 +64,8 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.arm}_lr{format_lr(self.lr)}_seed{self.seed}"
+        tag = f"_{self.variant}" if self.variant else ""
+        return f"{self.arm}{tag}_lr{format_lr(self.lr)}_seed{self.seed}"
 
     def record_path(self, out_dir: str, guidance: float) -> str:
         return os.path.join(out_dir, f"{self.name}_g{guidance:g}.jsonl")
@@ -98,8 +100,12 @@ def train_run(
     model = copy.copy(base)
     model.unet = copy.deepcopy(base.unet)
     torch.manual_seed(spec.seed)
-    model.unet.add_adapter(adapter_config(spec.arm, rank=spec.rank, sigma=spec.sigma, kl_weight=kl_w))
-    opt = torch.optim.AdamW(bayes_adapter.param_groups(model.unet), lr=spec.lr, weight_decay=0.0)
+    if spec.arm == "full":  # every UNet weight trains, as in the paper's DreamBooth runs
+        model.unet.requires_grad_(True)
+        opt = torch.optim.AdamW(model.unet.parameters(), lr=spec.lr, weight_decay=0.0)
+    else:
+        model.unet.add_adapter(adapter_config(spec.arm, rank=spec.rank, sigma=spec.sigma, kl_weight=kl_w))
+        opt = torch.optim.AdamW(bayes_adapter.param_groups(model.unet), lr=spec.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(spec.seed)
     prompt = data.v2_prompt(spec.subject_kind)
     tokens = condition_tokens(prompt, spec.batch)
