@@ -1,6 +1,9 @@
 """Quantising a base model's Linear layers in place, for QLoRA-style training on a small memory budget.
 
-diffusers' `BitsAndBytesConfig` needs a GPU; on any device (CPU included) `quantize_linears` swaps the chosen
+Two ways to the same quantised layers: `load_time_quantization_config` builds the diffusers config
+(`quantization_config=` of `from_pretrained`) that quantises the chosen Linears while the weights load (peak memory:
+the quantised model; diffusers' bitsandbytes quantiser needs a GPU, its torchao one loads on any device), and
+`quantize_linears` quantises them in a model already loaded, on any device (CPU included): it swaps the chosen
 `nn.Linear` layers for bitsandbytes' `Linear4bit` (NF4 / FP4) or `Linear8bitLt`, or quantises their weights with
 torchao's int8 weight-only scheme. A Bayesian (or plain PEFT) LoRA added afterwards dispatches to the quantised
 layer classes (`bayes_adapter.bnb`, `bayes_adapter.torchao`). The library (bitsandbytes or torchao) is imported only
@@ -11,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 
-__all__ = ["QUANTISATION_METHODS", "quantize_linears"]
+__all__ = ["QUANTISATION_METHODS", "load_time_quantization_config", "quantized_linear_names", "quantize_linears"]
 
 QUANTISATION_METHODS = ("bnb_nf4", "bnb_fp4", "bnb_int8", "torchao_int8")
 
@@ -38,6 +42,71 @@ def _bnb_layer(linear: nn.Linear, method: str) -> nn.Module:
     return layer.to(device)
 
 
+def _check_method(method: str) -> None:
+    if method not in QUANTISATION_METHODS:
+        raise ValueError(f"method must be one of {QUANTISATION_METHODS}, got {method!r}")
+
+
+def quantized_linear_names(
+    model: nn.Module, module_filter: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None
+) -> list[str]:
+    """The names of the `nn.Linear` layers of `model` that `module_filter` chooses (see `quantize_linears`).
+
+    Raises:
+        ValueError: when no Linear matches.
+    """
+    if module_filter is None or callable(module_filter):
+        accept = module_filter or (lambda name, module: True)
+    else:
+        suffixes = tuple(module_filter)
+        accept = lambda name, module: any(name == s or name.endswith("." + s) for s in suffixes)  # noqa: E731
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear and accept(name, module)]
+    if not names:
+        raise ValueError(f"No torch.nn.Linear layer of {type(model).__name__} matches module_filter={module_filter!r}")
+    return names
+
+
+def load_time_quantization_config(
+    model: nn.Module,
+    method: str,
+    module_filter: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """The diffusers quantisation config that quantises, while `from_pretrained` loads the weights, the Linears that
+    `quantize_linears(model, method, module_filter)` would quantise after loading, and only those.
+
+    Args:
+        model: The model's layers, e.g. built from its config on the meta device (no weights are read).
+        method: One of `QUANTISATION_METHODS`.
+        module_filter: Which Linears, as in `quantize_linears`.
+        compute_dtype: The compute dtype of bitsandbytes' 4-bit layers (pass the `torch_dtype` of the load).
+
+    Returns:
+        A `diffusers.BitsAndBytesConfig` (the other Linears in `llm_int8_skip_modules`; diffusers loads it on a GPU
+        only) or a `diffusers.TorchAoConfig` whose `FqnToConfig` names each chosen Linear (any device).
+    """
+    _check_method(method)
+    names = quantized_linear_names(model, module_filter)
+    if method == "torchao_int8":
+        from diffusers import TorchAoConfig
+        from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig
+
+        return TorchAoConfig(FqnToConfig({name: Int8WeightOnlyConfig() for name in names}))
+    from diffusers import BitsAndBytesConfig
+
+    selected = set(names)
+    # diffusers' bitsandbytes quantiser converts every Linear it is not told to skip.
+    others = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in selected]
+    if method == "bnb_int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=others)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method[4:],
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=others,
+    )
+
+
 def quantize_linears(
     model: nn.Module, method: str, module_filter: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None
 ) -> list[str]:
@@ -59,16 +128,8 @@ def quantize_linears(
     Raises:
         ValueError: for an unknown method, or when no Linear matches (before anything is changed).
     """
-    if method not in QUANTISATION_METHODS:
-        raise ValueError(f"method must be one of {QUANTISATION_METHODS}, got {method!r}")
-    if module_filter is None or callable(module_filter):
-        accept = module_filter or (lambda name, module: True)
-    else:
-        suffixes = tuple(module_filter)
-        accept = lambda name, module: any(name == s or name.endswith("." + s) for s in suffixes)  # noqa: E731
-    names = [name for name, module in model.named_modules() if type(module) is nn.Linear and accept(name, module)]
-    if not names:
-        raise ValueError(f"No torch.nn.Linear layer of {type(model).__name__} matches module_filter={module_filter!r}")
+    _check_method(method)
+    names = quantized_linear_names(model, module_filter)
     if method == "torchao_int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

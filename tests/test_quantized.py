@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 import bayes_adapter  # noqa: E402
 from bayes_adapter import BayesLoraConfig, export_lora  # noqa: E402
 from bayes_adapter.bnb import BayesLinear4bit, BayesLinear8bitLt  # noqa: E402
-from bayes_adapter.quantization import quantize_linears  # noqa: E402
+from bayes_adapter.quantization import load_time_quantization_config, quantize_linears  # noqa: E402
 from bayes_adapter.torchao import BayesTorchaoLinear  # noqa: E402
 
 
@@ -271,3 +271,64 @@ def test_a_bfloat16_base_keeps_its_output_dtype_and_trains_a_float32_adapter(met
     assert output.dtype == torch.bfloat16
     assert layer.lora_A["default"].weight.dtype == layer.posterior_rho("default", "B").dtype == torch.float32
     assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["bnb_nf4", "bnb_int8"])
+def test_bitsandbytes_load_time_config_converts_exactly_the_layers_quantize_linears_swaps(method):
+    """diffusers loads a BitsAndBytesConfig on a GPU only; its layer replacement (which runs on the meta device) is
+    what decides which Linears the config quantises."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+    config = tiny_sd3_pipeline().transformer.config
+    with init_empty_weights():
+        layers = SD3Transformer2DModel.from_config(config)
+    quantization_config = load_time_quantization_config(layers, method, TARGETS, compute_dtype=torch.bfloat16)
+    with init_empty_weights():
+        replaced = replace_with_bnb_linear(
+            SD3Transformer2DModel.from_config(config),
+            modules_to_not_convert=quantization_config.llm_int8_skip_modules,
+            quantization_config=quantization_config,
+        )
+    bnb_class = bnb.nn.Linear8bitLt if method == "bnb_int8" else bnb.nn.Linear4bit
+    converted = [name for name, module in replaced.named_modules() if isinstance(module, bnb_class)]
+    swapped = quantize_linears(tiny_sd3_pipeline().transformer, method, TARGETS)
+    assert len(converted) == 8 and converted == swapped
+    if method == "bnb_nf4":
+        assert quantization_config.bnb_4bit_quant_type == "nf4"
+        assert quantization_config.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_torchao_load_time_config_quantises_exactly_the_layers_quantize_linears_does(tmp_path):
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+    from torchao.utils import TorchAOBaseTensor
+
+    transformer = tiny_sd3_pipeline().transformer
+    transformer.save_pretrained(tmp_path)
+    with init_empty_weights():
+        layers = SD3Transformer2DModel.from_config(transformer.config)
+    quantization_config = load_time_quantization_config(layers, "torchao_int8", TARGETS)
+    loaded = SD3Transformer2DModel.from_pretrained(
+        tmp_path, quantization_config=quantization_config, torch_dtype=torch.float32
+    )
+    swapped = quantize_linears(transformer, "torchao_int8", TARGETS)
+    quantised = [
+        name
+        for name, module in loaded.named_modules()
+        if isinstance(getattr(module, "weight", None), TorchAOBaseTensor)
+    ]
+    assert len(quantised) == 8 and quantised == swapped
+    for name in swapped:  # the same int8 weights, whichever path quantised them
+        assert torch.equal(
+            loaded.get_submodule(name).weight.dequantize(), transformer.get_submodule(name).weight.dequantize()
+        )
+
+
+def test_load_time_quantization_config_refuses_an_unknown_method_or_no_match():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="method must be one of"):
+        load_time_quantization_config(model, "nf4")
+    with pytest.raises(ValueError, match="No torch.nn.Linear layer of Sequential matches"):
+        load_time_quantization_config(model, "torchao_int8", ["to_q"])

@@ -1,20 +1,27 @@
 """The DreamBooth script's `--quantize_base {nf4,int8}` (Bayesian LoRA over a quantised denoiser) and `--use_dora`, on
-the tiny SD3 pipeline."""
+the tiny SD3 pipeline.
+
+On this CPU the int8 choice loads through diffusers' TorchAoConfig and nf4 is quantised after loading; the nf4 load
+through diffusers' BitsAndBytesConfig needs CUDA, so only its choice (`quantisation_path`) is tested here.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from tiny_models import dreambooth_args
+from tiny_dit_models import T5_WIDTH
+from tiny_models import assert_same_numerics, dreambooth_args
 
 import bayes_adapter
 from bayes_adapter.bnb import BayesLinear4bit
 from bayes_adapter.torchao import BayesTorchaoLinear
-from examples.dreambooth import training
-from examples.dreambooth.settings import ArgumentsError, parse_args
+from examples.dreambooth import quantized_base, training
+from examples.dreambooth.quantized_base import AFTER_LOADING, LOAD_TIME, load_denoiser, quantisation_path
+from examples.dreambooth.settings import ArgumentsError, parse_args, resolve_model
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -36,18 +43,37 @@ def pipeline_image(pipe) -> torch.Tensor:
         ).images
 
 
-@pytest.mark.parametrize("choice, layer_cls", [("nf4", BayesLinear4bit), ("int8", BayesTorchaoLinear)])
+def test_quantisation_path_uses_diffusers_config_where_it_loads():
+    assert quantisation_path("nf4", "cuda") == LOAD_TIME  # BitsAndBytesConfig
+    for device_type in ("cpu", "mps", "xpu"):
+        assert quantisation_path("nf4", device_type) == AFTER_LOADING
+    for device_type in ("cuda", "cpu", "mps"):
+        assert quantisation_path("int8", device_type) == LOAD_TIME  # TorchAoConfig
+    with pytest.raises(ValueError, match="--quantize_base must be one of"):
+        quantisation_path("fp8", "cuda")
+
+
+@pytest.mark.parametrize(
+    "choice, layer_cls, path_logged",
+    [("nf4", BayesLinear4bit, "quantised after loading"), ("int8", BayesTorchaoLinear, "quantised while loading")],
+)
 def test_quantize_base_trains_and_the_export_loads_into_the_unquantised_pipeline(
-    tiny_sd3, tmp_path, instance_dir, choice, layer_cls
+    tiny_sd3, tmp_path, instance_dir, caplog, choice, layer_cls, path_logged
 ):
     out = tmp_path / "out"
     validation = ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
     validation += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
     extra = ["--max_train_steps", "2", "--learning_rate", "1e-2", "--quantize_base", choice, *T5_TOKENS, *validation]
-    result = training.main(parse_args(dreambooth_args(tiny_sd3, instance_dir, out, *extra)))
+    with caplog.at_level(logging.INFO, logger=quantized_base.__name__):
+        result = training.main(parse_args(dreambooth_args(tiny_sd3, instance_dir, out, *extra)))
     transformer = result["transformer"]
     layers = list(bayes_adapter.bayes_layers(transformer))
     assert layers and all(type(layer) is layer_cls for layer in layers)
+    logged = [record.getMessage() for record in caplog.records if record.name == quantized_base.__name__]
+    assert len(logged) == 1  # the path taken, said once
+    assert f"--quantize_base {choice}: {len(layers)} Linear layers of the transformer {path_logged}" in logged[0]
+    # diffusers marks a model it quantised while loading; the swap after loading leaves no such mark.
+    assert getattr(transformer, "is_quantized", False) == (choice == "int8")
     assert bayes_adapter.posterior_std_stats(transformer)["max"] > 0.01  # the stds trained
 
     pipe = DiffusionPipeline.from_pretrained(str(tiny_sd3))
@@ -55,6 +81,49 @@ def test_quantize_base_trains_and_the_export_loads_into_the_unquantised_pipeline
     before = pipeline_image(pipe)
     pipe.load_lora_weights(str(out))
     assert (pipeline_image(pipe) - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_load_time_and_after_loading_quantise_the_same_layers_alike(
+    tiny_sd3, tmp_path, instance_dir, monkeypatch, dtype
+):
+    from accelerate import PartialState
+    from torchao.utils import TorchAOBaseTensor
+
+    PartialState()  # the script's logger needs it
+    settings = resolve_model(
+        parse_args(dreambooth_args(tiny_sd3, instance_dir, tmp_path / "out", "--quantize_base", "int8"))
+    )
+    load_time = load_denoiser(settings, torch.device("cpu"), dtype)
+    monkeypatch.setattr(quantized_base, "quantisation_path", lambda choice, device_type: AFTER_LOADING)
+    after_loading = load_denoiser(settings, torch.device("cpu"), dtype)
+    assert load_time.is_quantized and not getattr(after_loading, "is_quantized", False)
+
+    def quantised(model) -> list[str]:
+        return [
+            name
+            for name, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), TorchAOBaseTensor)
+        ]
+
+    linears = [module for module in after_loading.modules() if isinstance(module, torch.nn.Linear)]
+    assert 0 < len(quantised(load_time)) < len(linears)  # the targeted Linears only
+    assert quantised(load_time) == quantised(after_loading)
+    assert all(p.dtype == dtype and not p.requires_grad for p in load_time.parameters() if p.is_floating_point())
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 16, 16, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 8, T5_WIDTH, generator=generator),
+        "pooled_projections": torch.randn(1, load_time.config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([500.0]),
+    }
+    inputs = {key: value.to(dtype) if key != "timestep" else value for key, value in inputs.items()}
+    with torch.no_grad():
+        outputs = [model(**inputs).sample.float() for model in (load_time, after_loading)]
+    if dtype == torch.float32:
+        assert_same_numerics(*outputs)
+    else:
+        torch.testing.assert_close(*outputs, rtol=0, atol=1e-2)
 
 
 def test_quantize_base_without_its_package_is_refused_before_any_work(tiny_sd3, tmp_path, instance_dir, monkeypatch):

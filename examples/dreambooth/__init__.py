@@ -8,6 +8,8 @@
 - `adapters`: the Bayesian LoRA config, checkpoints, the exported mean LoRA; `targets`: the LoRA target names checked
   against the model before any weights load.
 - `outputs`: what a run writes into `--output_dir`, and the guard against mixing with a previous run.
+- `quantized_base`: the denoiser loaded, quantised with `--quantize_base` (at load time through diffusers' config
+  where it loads, else after loading).
 - `training`: `main()` step by step (setup, models, data, optimizer); `loop`: the loop and the final save/export.
 - `losses`, `validation`: the denoising losses; validation images, the corruption monitor and the metrics.
 - `stage_monitor`: `<output_dir>/monitor.jsonl`, the records `bayes-adapter stage` judges for the corruption stage.

@@ -24,13 +24,12 @@ from .adapters import (
     resume_checkpoint,
     unwrap,
 )
-from .arguments import QUANTISATION_METHODS
 from .buckets import BucketBatchSampler, bucket_sizes
 from .loop import save_and_export, train
 from .outputs import remove_previous_run
+from .quantized_base import load_denoiser
 from .settings import ArgumentsError, Settings, parse_args, resolve_model
 from .stage_monitor import StageMonitor
-from .targets import split_targets
 
 
 logger = get_logger(__name__)
@@ -144,18 +143,20 @@ def setup(settings: Settings):
 
 
 def load_models(settings: Settings, accelerator) -> Models:
-    """Every component, each loaded with the class model_index.json records for it, frozen, on the device.
+    """Every component, each loaded with the class model_index.json records for it, frozen, on the device (the
+    denoiser quantised with `--quantize_base`).
 
-    With prior preservation, the missing class images are generated (with the base pipeline) in between.
+    With prior preservation, the missing class images are generated first (with the base pipeline).
     """
     import diffusers
 
     family, model_index = settings.family, settings.model_index
     path, load = settings.pretrained_model_name_or_path, {"revision": settings.revision}
     pipeline_cls = getattr(diffusers, family.pipeline_class)
-    denoiser = families.load_component(path, model_index, family.denoiser, variant=settings.variant, **load)
     if settings.with_prior_preservation:
         dreambooth_data.generate_class_images(settings, accelerator, pipeline_cls)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    denoiser = load_denoiser(settings, accelerator.device, weight_dtype)
     tokenizers = [
         families.load_component(path, model_index, family.tokenizer_of(name), **load) for name in family.text_encoders
     ]
@@ -169,19 +170,10 @@ def load_models(settings: Settings, accelerator) -> Models:
         vae = families.load_component(path, model_index, "vae", variant=settings.variant, **load)
     noise_scheduler = family.noise_scheduler_class().from_pretrained(path, subfolder="scheduler", **load)
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae_dtype = family.vae_dtype(vae, weight_dtype, separate_vae=bool(settings.pretrained_vae_model_name_or_path))
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
-    for model in [denoiser, *text_encoders]:
+    for model in text_encoders:
         model.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
-    if settings.quantize_base is not None:
-        from bayes_adapter.quantization import quantize_linears
-
-        targets = split_targets(family.denoiser_targets(settings))
-        quantised = quantize_linears(denoiser, QUANTISATION_METHODS[settings.quantize_base], targets)
-        logger.info(
-            f"--quantize_base {settings.quantize_base}: {len(quantised)} Linear layers of the {family.denoiser}"
-        )
     return Models(pipeline_cls, denoiser, text_encoders, tokenizers, vae, noise_scheduler, weight_dtype, vae_dtype)
 
 

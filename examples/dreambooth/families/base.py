@@ -129,8 +129,11 @@ def read_model_index(path: str, revision: str | None = None) -> dict:
     return dict(DiffusionPipeline.load_config(path, revision=revision))
 
 
-def load_component(path: str, model_index: dict, name: str, **load):
+def load_component(path: str, model_index: dict, name: str, options: dict | None = None, **load):
     """Loads component `name` with the class `model_index.json` records for it (e.g. CLIPTextModelWithProjection).
+
+    `load` holds the loading flags (`revision`, `variant`: named in the error message); `options` more keyword
+    arguments of `from_pretrained` that are not flags (e.g. `quantization_config`, `torch_dtype`).
 
     Raises:
         `ArgumentsError`: it cannot be loaded; the message names the flags to check.
@@ -140,7 +143,7 @@ def load_component(path: str, model_index: dict, name: str, **load):
     library, class_name = model_index[name]
     cls = getattr(importlib.import_module(library), class_name)
     try:
-        return cls.from_pretrained(path, subfolder=name, **load)
+        return cls.from_pretrained(path, subfolder=name, **load, **(options or {}))
     except (OSError, ValueError) as error:  # missing files (e.g. of a variant), a bad revision, a broken download
         flags = [f"--{key}={value!r}" for key, value in load.items() if value is not None]
         hint = f"check {', '.join(flags)} (the files they name may not exist)" if flags else "download it again"
