@@ -108,6 +108,14 @@ def tiny_zimage(tmp_path_factory):
     return _saved_pipeline(tmp_path_factory, "tiny-zimage", tiny_dit_models.tiny_zimage_pipeline)
 
 
+@pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory):
+    """A tiny SANA pipeline saved to a folder (read only)."""
+    import tiny_dit_models
+
+    return _saved_pipeline(tmp_path_factory, "tiny-sana", tiny_dit_models.tiny_sana_pipeline)
+
+
 @pytest.fixture
 def instance_dir(tmp_path):
     """Two random 40x48 instance images."""

@@ -1,5 +1,6 @@
-"""The DreamBooth script on the newer DiT families (Flux.2, Qwen-Image, Z-Image), on tiny pipelines saved to disk: the run trains, and its
-LoRA loads into the family's vanilla pipeline with `load_lora_weights` and changes the image."""
+"""The DreamBooth script on the newer DiT families (Flux.2, Qwen-Image, Z-Image, SANA), on tiny pipelines saved to
+disk: the run trains, and its LoRA loads into the family's vanilla pipeline with `load_lora_weights` and changes the
+image."""
 
 from __future__ import annotations
 
@@ -140,3 +141,68 @@ def test_zimage_trains_with_batch_2_and_its_lora_loads_into_the_vanilla_pipeline
     assert_lora_loads_into_the_vanilla_pipeline(
         tiny_zimage, out, zimage_transformer_output, trained, max_sequence_length=64
     )
+
+
+def sana_transformer_output(transformer) -> torch.Tensor:
+    """The tiny SANA transformer on fixed inputs: one 16x16 latent, 5 prompt tokens."""
+    generator = torch.Generator().manual_seed(0)
+    latent, text = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 5, 16, generator=generator)
+    with torch.no_grad():
+        return transformer(latent, encoder_hidden_states=text, timestep=torch.tensor([500.0]), return_dict=False)[0]
+
+
+def test_sana_trains_with_batch_2_and_its_lora_loads_into_the_vanilla_pipeline(tiny_sana, tmp_path, instance_dir):
+    out = tmp_path / "out"
+    (instance_dir / "0.txt").write_text("a photo of sks dog", encoding="utf-8")
+    (instance_dir / "1.txt").write_text("a photo of sks dog on a red sofa in the sun", encoding="utf-8")
+    validation = ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
+    validation += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
+    validation += ["--monitor_steps", "2", "--monitor_images", "1"]
+    extra = ["--max_train_steps", "2", "--learning_rate", "1e-2", "--train_batch_size", "2", "--cache_latents"]
+    result = training.main(parse_args(dreambooth_args(tiny_sana, instance_dir, out, *extra, *validation)))
+    assert result["family"] == "sana" and result["global_step"] == 2
+    assert (out / "monitor.jsonl").read_text(encoding="utf-8").count("\n") == 1
+    transformer = result["transformer"].eval()
+    for target in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn2.to_v"):
+        assert isinstance(transformer.get_submodule(target), bayes_adapter.BayesLoraLayer), target
+    trained = sana_transformer_output(transformer)
+    assert_lora_loads_into_the_vanilla_pipeline(
+        tiny_sana, out, sana_transformer_output, trained, use_resolution_binning=False
+    )
+
+
+def test_sana_prompts_are_conditioned_as_the_pipeline_conditions_them(tiny_sana):
+    """The prompt with the pipeline's complex human instruction, the empty prompt (caption dropout) without it: what
+    the transformer sees from `pipe(prompt)` with classifier-free guidance (the negative prompt first)."""
+    from examples.dreambooth.families import Sana
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_sana))
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"])),
+        with_kwargs=True,
+    )
+    pipeline_image(pipe, use_resolution_binning=False, guidance_scale=4.5)
+    states, mask = seen[0]
+    cond = Sana().encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["", "a photo of sks dog"], "cpu")
+    assert torch.equal(cond["mask"], mask)
+    assert_same_numerics(cond["encoder_hidden_states"], states)
+    without_instruction = pipe.encode_prompt("a photo of sks dog", do_classifier_free_guidance=False)[0]
+    assert (without_instruction - states[1:]).abs().max() > 1e-3  # the instruction changes the prompt's states
+
+
+def test_sana_validation_generates_at_the_training_resolution(tiny_sana, tmp_path, instance_dir):
+    """SanaPipeline bins the asked size to its aspect-ratio table by default; validation turns that off."""
+    from accelerate import Accelerator
+
+    from examples.dreambooth.settings import resolve_model
+    from examples.dreambooth.validation import generate
+
+    settings = resolve_model(parse_args(dreambooth_args(tiny_sana, instance_dir, tmp_path / "out")))
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_sana))
+    sizes = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: sizes.append(tuple(args[0].shape[-2:])))
+    settings = settings.replace(validation_inference_steps=1, num_validation_images=1)
+    images = generate(settings, Accelerator(cpu=True), pipe, "a photo of sks dog")
+    assert images.shape == (1, 32, 32, 3) and sizes == [(16, 16)]  # 32 px over the autoencoder's factor 2

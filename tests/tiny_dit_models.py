@@ -1,5 +1,6 @@
-"""Tiny DiT pipelines (Flux.1, Flux.2, Qwen-Image, Z-Image, SD3) built from configs in code, with their text encoders
-and tokenizers, so that no test touches the Hub. The UNet pipelines and shared helpers are in `tiny_models`."""
+"""Tiny DiT pipelines (Flux.1, Flux.2, Qwen-Image, Z-Image, SANA, SD3) built from configs in code, with their text
+encoders and tokenizers, so that no test touches the Hub. The UNet pipelines and shared helpers are in
+`tiny_models`."""
 
 from __future__ import annotations
 
@@ -267,6 +268,63 @@ def tiny_zimage_pipeline(seed: int = 0):
         text_encoder=text_encoder,
         tokenizer=tiny_chat_tokenizer(),
         transformer=transformer,
+    )
+
+
+def tiny_sana_pipeline(seed: int = 0):
+    """A whole SanaPipeline (32 px images, 16 px latents) with random weights: a tiny Gemma-2 text encoder (room for
+    the pipeline's ~1,100-token complex human instruction in the character-level tokenizer), a two-block
+    AutoencoderDC (downsampling by 2, not SANA's 32), a one-layer SanaTransformer2DModel, a flow-matching scheduler."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=128,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=2048,
+        )
+    )
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        scaling_factor=0.41407,
+    )
+    transformer = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=16,
+        sample_size=16,
+    )
+    return SanaPipeline(
+        tokenizer=tiny_chat_tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
 
 

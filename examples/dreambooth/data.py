@@ -325,11 +325,11 @@ def collate(examples: list[dict], with_prior_preservation: bool) -> dict:
     }
 
 
-def cache_latents(vae, images: list[Path], size, random_flip: bool, device, dtype, vae_input=None) -> dict:
+def cache_latents(vae, images: list[Path], size, random_flip: bool, device, dtype, family) -> dict:
     """`--cache_latents`: each image's VAE posterior (mean and std) at the centre crop, and mirrored with `--random_flip`.
 
-    `size` is a square side or, with aspect-ratio buckets, `{image: (height, width)}`. `vae_input` turns a batch of
-    images into what the VAE encodes (the family's `vae_input`), if given.
+    `size` is a square side or, with aspect-ratio buckets, `{image: (height, width)}`. `family` (a `ModelFamily`)
+    says how its VAE takes images (`vae_input`) and what its posterior is (`encode_images`).
 
     Returns:
         `dict`: `{(image, mirrored): (mean, std, time_ids)}`, on the CPU.
@@ -343,8 +343,8 @@ def cache_latents(vae, images: list[Path], size, random_flip: bool, device, dtyp
             for mirrored in (False, True) if random_flip else (False,):
                 view = pixels.flip(-1) if mirrored else pixels
                 view = view[None].to(device, dtype)
-                posterior = vae.encode(vae_input(view) if vae_input else view).latent_dist
-                cache[(image, mirrored)] = (posterior.mean[0].cpu(), posterior.std[0].cpu(), time_ids)
+                mean, std = family.encode_images(vae, family.vae_input(view))
+                cache[(image, mirrored)] = (mean[0].cpu(), std[0].cpu(), time_ids)
     return cache
 
 
@@ -379,6 +379,7 @@ def generate_class_images(settings, accelerator, pipeline_cls) -> None:
                     num_inference_steps=settings.num_class_inference_steps,
                     height=settings.resolution,
                     width=settings.resolution,
+                    **settings.family.pipeline_call_kwargs,
                 ).images
                 for offset, image in enumerate(images):
                     digest = hashlib.sha1(image.tobytes()).hexdigest()

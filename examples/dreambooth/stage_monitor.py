@@ -25,7 +25,7 @@ def encode(family, vae, images: torch.Tensor, device, dtype) -> tuple[list[torch
     """Images in [-1, 1], one at a time, through the family's VAE: the raw latent means (for `decode`) and the
     latents as the denoiser sees them (`family.to_latents`: scaled, for some families patchified), float32 on the
     CPU, where the residuals are measured."""
-    raw = [vae.encode(family.vae_input(image[None].to(device, dtype))).latent_dist.mode() for image in images]
+    raw = [family.encode_images(vae, family.vae_input(image[None].to(device, dtype)))[0] for image in images]
     latents = torch.cat([family.to_latents(vae, sample) for sample in raw]).float().cpu()
     return raw, latents
 

@@ -209,7 +209,7 @@ def load_data(settings: Settings, accelerator, models: Models) -> TrainingData:
             settings.random_flip,
             accelerator.device,
             models.vae_dtype,
-            vae_input=settings.family.vae_input,
+            settings.family,
         )
     dataset = dreambooth_data.DreamBoothDataset(
         instance_images,

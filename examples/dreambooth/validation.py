@@ -23,7 +23,7 @@ def generate(settings, accelerator, pipeline, prompt: str, seeds: Sequence[int] 
     else:
         generator = [torch.Generator(device=accelerator.device).manual_seed(seed) for seed in seeds]
         num_images = len(generator)
-    extra = {}
+    extra = dict(settings.family.pipeline_call_kwargs)
     if settings.max_sequence_length is not None:  # the DiTs' T5 prompt length, as in training
         extra["max_sequence_length"] = settings.max_sequence_length
     with torch.no_grad(), torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):

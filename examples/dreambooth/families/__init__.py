@@ -1,4 +1,5 @@
-"""The model families the DreamBooth script trains: SD 1.x/2.x, SDXL, SD3, Flux.1, Flux.2, Qwen-Image and Z-Image.
+"""The model families the DreamBooth script trains: SD 1.x/2.x, SDXL, SD3, Flux.1, Flux.2, Qwen-Image, Z-Image and
+SANA.
 
 A family is told by the pipeline's `model_index.json` (`_class_name`), as diffusers' own loaders tell it. It fixes
 which components are loaded (by the classes `model_index.json` names), which text encoders may carry a Bayesian
@@ -8,13 +9,13 @@ are noised (DDPM noise prediction, or flow matching for the DiTs) and what the d
 Adding a family is adding one subclass of `DDPMFamily` or `FlowMatchingFamily` with a `name`: it registers itself.
 
 One module per kind: `base` (the interface, the registry, the DDPM and flow-matching bases, shared helpers),
-`stable_diffusion`, `flux`, `qwen_image`, `z_image`. A new family is one class in one of them (or a new module
+`stable_diffusion`, `flux`, `qwen_image`, `z_image`, `sana`. A new family is one class in one of them (or a new module
 imported below).
 """
 
 from __future__ import annotations
 
-from . import flux, qwen_image, stable_diffusion, z_image  # noqa: F401  (each module registers its families)
+from . import flux, qwen_image, sana, stable_diffusion, z_image  # noqa: F401  (each module registers its families)
 from .base import (
     FAMILIES,
     DDPMFamily,
@@ -29,6 +30,7 @@ from .base import (
 )
 from .flux import Flux, Flux2
 from .qwen_image import QwenImage
+from .sana import Sana
 from .stable_diffusion import StableDiffusion, StableDiffusion3, StableDiffusionXL
 from .z_image import ZImage
 
@@ -43,6 +45,7 @@ __all__ = [
     "NoisedLatents",
     "PromptCache",
     "QwenImage",
+    "Sana",
     "StableDiffusion",
     "StableDiffusion3",
     "StableDiffusionXL",

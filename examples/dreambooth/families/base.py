@@ -45,6 +45,9 @@ class ModelFamily:
     writes_kohya_layout: ClassVar[bool] = False  # --output_kohya_format
     accepts_precondition_outputs: ClassVar[bool] = False  # --precondition_outputs
     other_kind: ClassVar[str]  # the models that the flags of `refused_flags` apply to, as messages name them
+    # Extra keyword arguments of the pipeline's __call__ wherever the script generates (validation, monitor, class
+    # images), e.g. to keep an image at the asked --resolution.
+    pipeline_call_kwargs: ClassVar[dict[str, Any]] = {}
     target_modules_flag: ClassVar[str]  # the flag of the denoiser's LoRA targets
 
     def __init_subclass__(cls, **kwargs):
@@ -82,6 +85,12 @@ class ModelFamily:
     def vae_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images `(B, 3, H, W)` as the family's VAE encodes them."""
         return pixels
+
+    def encode_images(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior of images (as `vae_input` gives them): the `(mean, std)` of the raw latents, whose
+        sample `mean + std * noise` the denoiser learns from (after `to_latents`)."""
+        posterior = vae.encode(pixels).latent_dist
+        return posterior.mean, posterior.std
 
     def to_latents(self, vae, sample: torch.Tensor) -> torch.Tensor:
         """A VAE sample as the denoiser's latents `(B, C, H, W)` (scaled, and for some families patchified)."""
