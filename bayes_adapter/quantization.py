@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 
-__all__ = ["QUANTISATION_METHODS", "load_time_quantization_config", "quantized_linear_names", "quantize_linears"]
+__all__ = [
+    "QUANTISATION_METHODS",
+    "load_time_quantization_config",
+    "quantize_linears",
+    "quantized_layer_names",
+    "linears_to_quantize",
+]
 
 QUANTISATION_METHODS = ("bnb_nf4", "bnb_fp4", "bnb_int8", "torchao_int8")
 
@@ -47,7 +53,7 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be one of {QUANTISATION_METHODS}, got {method!r}")
 
 
-def quantized_linear_names(
+def linears_to_quantize(
     model: nn.Module, module_filter: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None
 ) -> list[str]:
     """The names of the `nn.Linear` layers of `model` that `module_filter` chooses (see `quantize_linears`).
@@ -66,6 +72,28 @@ def quantized_linear_names(
     return names
 
 
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    """The names of the layers of `model` whose weights are quantised: bitsandbytes layers, and Linears with a
+    torchao tensor as weight (bitsandbytes and torchao are looked at only if already imported)."""
+    import sys
+
+    kinds = []
+    if "bitsandbytes" in sys.modules:
+        import bitsandbytes as bnb
+
+        kinds += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    is_torchao = lambda weight: False  # noqa: E731
+    if "torchao" in sys.modules:
+        from torchao.utils import TorchAOBaseTensor
+
+        is_torchao = lambda weight: isinstance(weight, TorchAOBaseTensor)  # noqa: E731
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, tuple(kinds)) or is_torchao(getattr(module, "weight", None))
+    ]
+
+
 def load_time_quantization_config(
     model: nn.Module,
     method: str,
@@ -82,21 +110,22 @@ def load_time_quantization_config(
         compute_dtype: The compute dtype of bitsandbytes' 4-bit layers (pass the `torch_dtype` of the load).
 
     Returns:
-        A `diffusers.BitsAndBytesConfig` (the other Linears in `llm_int8_skip_modules`; diffusers loads it on a GPU
-        only) or a `diffusers.TorchAoConfig` whose `FqnToConfig` names each chosen Linear (any device).
+        A `diffusers.BitsAndBytesConfig` (diffusers loads it on a GPU only) or a `diffusers.TorchAoConfig` with
+        torchao's `Int8WeightOnlyConfig` (any device), the other Linears of `model` named as the modules not to
+        convert. (A torchao `FqnToConfig` naming the chosen Linears would choose them as well, but a layer cannot
+        be quantised again with it, which merging an adapter does.) Check what loaded with `quantized_layer_names`.
     """
     _check_method(method)
-    names = quantized_linear_names(model, module_filter)
+    selected = set(linears_to_quantize(model, module_filter))
+    # diffusers' quantisers convert every Linear they are not told to leave alone.
+    others = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in selected]
     if method == "torchao_int8":
         from diffusers import TorchAoConfig
-        from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig
+        from torchao.quantization import Int8WeightOnlyConfig
 
-        return TorchAoConfig(FqnToConfig({name: Int8WeightOnlyConfig() for name in names}))
+        return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=others)
     from diffusers import BitsAndBytesConfig
 
-    selected = set(names)
-    # diffusers' bitsandbytes quantiser converts every Linear it is not told to skip.
-    others = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in selected]
     if method == "bnb_int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=others)
     return BitsAndBytesConfig(
@@ -129,7 +158,7 @@ def quantize_linears(
         ValueError: for an unknown method, or when no Linear matches (before anything is changed).
     """
     _check_method(method)
-    names = quantized_linear_names(model, module_filter)
+    names = linears_to_quantize(model, module_filter)
     if method == "torchao_int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

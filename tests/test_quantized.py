@@ -26,7 +26,11 @@ from torch import nn  # noqa: E402
 import bayes_adapter  # noqa: E402
 from bayes_adapter import BayesLoraConfig, export_lora  # noqa: E402
 from bayes_adapter.bnb import BayesLinear4bit, BayesLinear8bitLt  # noqa: E402
-from bayes_adapter.quantization import load_time_quantization_config, quantize_linears  # noqa: E402
+from bayes_adapter.quantization import (  # noqa: E402
+    load_time_quantization_config,
+    quantize_linears,
+    quantized_layer_names,
+)
 from bayes_adapter.torchao import BayesTorchaoLinear  # noqa: E402
 
 
@@ -300,7 +304,7 @@ def test_bitsandbytes_load_time_config_converts_exactly_the_layers_quantize_line
         assert quantization_config.bnb_4bit_compute_dtype == torch.bfloat16
 
 
-def test_torchao_load_time_config_quantises_exactly_the_layers_quantize_linears_does(tmp_path):
+def test_torchao_load_time_config_quantises_exactly_the_layers_quantize_linears_does_and_merges(tmp_path):
     from accelerate import init_empty_weights
     from diffusers import SD3Transformer2DModel
     from torchao.utils import TorchAOBaseTensor
@@ -314,16 +318,16 @@ def test_torchao_load_time_config_quantises_exactly_the_layers_quantize_linears_
         tmp_path, quantization_config=quantization_config, torch_dtype=torch.float32
     )
     swapped = quantize_linears(transformer, "torchao_int8", TARGETS)
-    quantised = [
-        name
-        for name, module in loaded.named_modules()
-        if isinstance(getattr(module, "weight", None), TorchAOBaseTensor)
-    ]
-    assert len(quantised) == 8 and quantised == swapped
+    assert len(swapped) == 8 and quantized_layer_names(loaded) == swapped == quantized_layer_names(transformer)
     for name in swapped:  # the same int8 weights, whichever path quantised them
         assert torch.equal(
             loaded.get_submodule(name).weight.dequantize(), transformer.get_submodule(name).weight.dequantize()
         )
+    # The config quantises a lone layer again after a merge (a torchao FqnToConfig of the layers' names would not).
+    train_bayesian(loaded)
+    merge_error, adapter_effect = merge_distances(loaded)
+    assert isinstance(loaded.transformer_blocks[0].attn.to_q.get_base_layer().weight, TorchAOBaseTensor)
+    assert merge_error < 0.1 * adapter_effect
 
 
 def test_load_time_quantization_config_refuses_an_unknown_method_or_no_match():

@@ -17,6 +17,7 @@ from tiny_dit_models import T5_WIDTH
 from tiny_models import assert_same_numerics, dreambooth_args
 
 import bayes_adapter
+import bayes_adapter.quantization
 from bayes_adapter.bnb import BayesLinear4bit
 from bayes_adapter.torchao import BayesTorchaoLinear
 from examples.dreambooth import quantized_base, training
@@ -124,6 +125,25 @@ def test_int8_load_time_and_after_loading_quantise_the_same_layers_alike(
         assert_same_numerics(*outputs)
     else:
         torch.testing.assert_close(*outputs, rtol=0, atol=1e-2)
+
+
+def test_a_load_time_quantisation_of_other_layers_than_the_targets_is_refused(
+    tiny_sd3, tmp_path, instance_dir, monkeypatch
+):
+    from accelerate import PartialState
+    from diffusers import TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    PartialState()  # the script's logger needs it
+    # A config that quantises every Linear, as a clash of diffusers' name matching with the targets would.
+    monkeypatch.setattr(
+        bayes_adapter.quantization,
+        "load_time_quantization_config",
+        lambda *a, **k: TorchAoConfig(Int8WeightOnlyConfig()),
+    )
+    argv = dreambooth_args(tiny_sd3, instance_dir, tmp_path / "out", "--quantize_base", "int8")
+    with pytest.raises(ArgumentsError, match=r"--quantize_base int8: diffusers' TorchAoConfig quantised other layers"):
+        load_denoiser(resolve_model(parse_args(argv)), torch.device("cpu"), torch.float32)
 
 
 def test_quantize_base_without_its_package_is_refused_before_any_work(tiny_sd3, tmp_path, instance_dir, monkeypatch):

@@ -14,7 +14,7 @@ from accelerate.logging import get_logger
 
 from . import families
 from .arguments import QUANTISATION_METHODS
-from .settings import Settings
+from .settings import ArgumentsError, Settings
 from .targets import empty_component, split_targets
 
 
@@ -46,7 +46,12 @@ def quantisation_path(choice: str, device_type: str) -> str:
 def load_denoiser(settings: Settings, device: torch.device, weight_dtype: torch.dtype) -> torch.nn.Module:
     """The denoiser, frozen, on `device` in `weight_dtype`; its targeted Linears quantised with `--quantize_base`
     (the path taken is logged once)."""
-    from bayes_adapter.quantization import load_time_quantization_config, quantize_linears, quantized_linear_names
+    from bayes_adapter.quantization import (
+        linears_to_quantize,
+        load_time_quantization_config,
+        quantize_linears,
+        quantized_layer_names,
+    )
 
     family, path = settings.family, settings.pretrained_model_name_or_path
     load = {"variant": settings.variant, "revision": settings.revision}
@@ -71,8 +76,16 @@ def load_denoiser(settings: Settings, device: torch.device, weight_dtype: torch.
     denoiser = families.load_component(path, settings.model_index, family.denoiser, options, **load)
     # diffusers refuses to cast a quantised model to another dtype: it was loaded in weight_dtype.
     denoiser.requires_grad_(False).to(device)
+    expected, quantised = linears_to_quantize(layers, targets), quantized_layer_names(denoiser)
+    if quantised != expected:  # diffusers matches the modules not to convert by name: a clash would show here
+        differ = sorted(set(expected) ^ set(quantised))
+        raise ArgumentsError(
+            f"--quantize_base {choice}: diffusers' {LOAD_TIME_CONFIGS[choice]} quantised other layers of the "
+            f"{family.denoiser} than its targeted Linears ({len(quantised)} instead of {len(expected)}; e.g. "
+            f"{', '.join(differ[:3])}); choose --{family.target_modules_flag.lstrip('-')} that name other layers."
+        )
     logger.info(
-        f"--quantize_base {choice}: {len(quantized_linear_names(layers, targets))} Linear layers of the "
-        f"{family.denoiser} quantised while loading, through diffusers' {LOAD_TIME_CONFIGS[choice]} ({method})."
+        f"--quantize_base {choice}: {len(quantised)} Linear layers of the {family.denoiser} quantised while loading, "
+        f"through diffusers' {LOAD_TIME_CONFIGS[choice]} ({method})."
     )
     return denoiser
