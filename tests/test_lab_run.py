@@ -130,6 +130,8 @@ def test_the_bounded_std_reading_applies_issue_32s_pass_rule(tmp_path):
     assert reading["unbounded_records_after_fit_below_0.5"]["bayes_paper_lr1e-2_seed0"] == 1
     assert reading["comparison"]["1e-2"]["within_2_std"]["final_fidelity"] is True
     assert reading["comparison"]["1e-2"]["arms"]["bayes_paper"]["max_fidelity"]["mean"] == pytest.approx(0.8)
+    (runs_dir / "bayes_paper_lr3e-3_seed2.json").unlink()  # one seed short: rule (b) is undecided, not failed
+    assert study_report.write_study_report("bounded_std", str(tmp_path))["reading"]["rule_b"] is None
 
 
 def test_the_arms_reading_compares_each_arm_with_plain_lora_of_study_one(tmp_path):

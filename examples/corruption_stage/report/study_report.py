@@ -19,6 +19,7 @@ from ..study.train import format_lr
 STAGE_SEEDS_NEEDED = 2  # of 3: "a stage appears" (PLAN_V3.md, study 1)
 MATCHED_FIDELITY = 0.9  # x ceiling, the arms study's frontier level
 FIT_FLOOR = 0.5  # issue 32's pass rule (a): no record after fit below this fidelity
+SEEDS_PER_ARM = (0, 1, 2)  # study 3's seeds
 
 
 def judge_file(path: str) -> dict:
@@ -122,11 +123,17 @@ def read_bounded_std(runs: list[dict]) -> dict:
     unbounded_low = {
         r["name"]: primary(r)["records_after_fit_below_floor"] for r in runs if r["spec"]["arm"] == "bayes_paper"
     }
-    passed_b = comparison.get("3e-3", {}).get("within_2_std", {})
+    at_3e3 = comparison.get("3e-3", {})
+    passed_b = at_3e3.get("within_2_std", {})
+    complete_b = bool(at_3e3) and all(  # rule (b) compares three seeds per arm; undecided before
+        stats is not None and stats["n"] == len(SEEDS_PER_ARM)
+        for arm in at_3e3["arms"].values()
+        for stats in arm.values()
+    )
     return {
         "rule_a_per_run": rule_a,
         "rule_a": all(rule_a.values()) if len(rule_a) == 6 else None,
-        "rule_b": all(passed_b.values()) if passed_b and None not in passed_b.values() else None,
+        "rule_b": all(passed_b.values()) if complete_b and None not in passed_b.values() else None,
         "comparison": comparison,
         "unbounded_records_after_fit_below_0.5": unbounded_low,
     }
