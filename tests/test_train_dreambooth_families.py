@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ("QwenImagePipeline", "qwenimage"),
         ("QwenImageEditPipeline", None),
         ("ZImagePipeline", "zimage"),  # a Qwen3 text encoder and no guidance embedding: not trained here
+        ("SanaPipeline", "sana"),
+        ("SanaSprintPipeline", None),
+        ("SanaPAGPipeline", None),
         ("KandinskyV22Pipeline", None),
     ],
 )
@@ -77,3 +80,20 @@ def test_settings_are_read_only(tmp_path, instance_dir):
     assert settings.family is None  # a Hub id's family is resolved by main(), which reads its model_index.json
     assert "rank" in settings.tracker_config() and "evaluators" not in settings.tracker_config()
     assert Settings({"rank": 1}).rank == 1
+
+
+def test_a_family_samples_latents_as_diffusers_latent_dist_sample():
+    """The loop's draw of the VAE posterior (`sample_latents`, from the family's `encode_images`): for a VAE with a
+    posterior, the same draw as diffusers' `latent_dist.sample()` from the same random state."""
+    import torch
+    from tiny_models import tiny_vae
+
+    vae, pixels = tiny_vae(), torch.rand(2, 3, 32, 32) * 2 - 1
+    family = families.FAMILIES["sd"]
+    with torch.no_grad():
+        torch.manual_seed(3)
+        ours = family.sample_latents(vae, pixels)
+        std = family.encode_images(vae, pixels)[1]
+        torch.manual_seed(3)
+        theirs = vae.encode(pixels).latent_dist.sample()
+    assert bool((std > 0).all()) and torch.equal(ours, theirs)

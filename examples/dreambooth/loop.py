@@ -67,8 +67,7 @@ def training_step(settings: Settings, accelerator, models: Models, data: Trainin
         sample = batch["latents"].to(accelerator.device, dtype=models.vae_dtype)
     else:
         pixels = family.vae_input(batch["pixels"].to(accelerator.device, dtype=models.vae_dtype))
-        mean, std = family.encode_images(vae, pixels)
-        sample = mean + std * torch.randn_like(mean)  # a draw of the posterior, as diffusers' latent_dist.sample()
+        sample = family.sample_latents(vae, pixels)
     latents = family.to_latents(vae, sample).to(models.weight_dtype)
     noise = torch.randn_like(latents)
     if data.prompt_cache is not None:

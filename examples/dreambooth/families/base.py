@@ -92,6 +92,14 @@ class ModelFamily:
         posterior = vae.encode(pixels).latent_dist
         return posterior.mean, posterior.std
 
+    def sample_latents(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """A draw of the VAE posterior of images (raw latents, before `to_latents`), as diffusers'
+        `latent_dist.sample()` draws it from the same random state."""
+        mean, std = self.encode_images(vae, pixels)
+        # randn, not randn_like: a convolution may leave the mean channels-last, and randn_like would follow that
+        # layout (other values from the same seed).
+        return mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+
     def to_latents(self, vae, sample: torch.Tensor) -> torch.Tensor:
         """A VAE sample as the denoiser's latents `(B, C, H, W)` (scaled, and for some families patchified)."""
         return to_latents(vae, sample)
