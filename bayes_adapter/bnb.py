@@ -16,7 +16,8 @@ import bitsandbytes as bnb
 from torch import nn
 
 from . import _peft_compat
-from .layer import BayesDoraLinearVariant, BayesLoraLayer
+from .layer import BayesLoraLayer
+from .variants import BayesDoraLinearVariant
 
 
 _PeftLinear8bitLt, _PeftLinear4bit = _peft_compat.bnb_lora_layers()

@@ -18,7 +18,8 @@ from torch import nn
 from torchao.utils import TorchAOBaseTensor
 
 from . import _peft_compat
-from .layer import BayesDoraLinearVariant, BayesLoraLayer
+from .layer import BayesLoraLayer
+from .variants import BayesDoraLinearVariant
 
 
 _PeftTorchaoLinear = _peft_compat.torchao_lora_layer()
