@@ -1,5 +1,5 @@
-"""Bayesian DoRA (`use_dora=True`, `variants.BayesDoraLinearVariant`): the magnitude deterministic, the low-rank direction
-Bayesian; the weight norm over the sampled weight in training and over the mean in eval, merge and export."""
+"""Bayesian DoRA (`use_dora=True`, `variants.BayesDoraLinearVariant`): the magnitude deterministic, the low-rank
+direction Bayesian; the weight norm over the sampled weight in training and over the mean in eval, merge and export."""
 
 from __future__ import annotations
 

@@ -134,6 +134,27 @@ def test_the_bounded_std_reading_applies_issue_32s_pass_rule(tmp_path):
     assert study_report.write_study_report("bounded_std", str(tmp_path))["reading"]["rule_b"] is None
 
 
+def test_the_memorise_probe_reading_derives_the_declared_outcome(tmp_path):
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    spec = dict(lr=1e-3, seed=0, steps=700, batch=1, schedules=((7.5, 100),))
+    never = [0.0, 0.8, 0.85, 0.85]
+    _write_run(runs_dir, RunSpec("full", **spec), **STAGE)  # reaches a clean copy at 500
+    reading = study_report.write_study_report("memorise_probe", str(tmp_path))["reading"]
+    assert reading["outcome"] is None  # the LoRA run has not finished
+    assert reading["runs"]["full_lr1e-3_seed0"]["7.5"]["first_copy_step"] == 500
+    no_prior = RunSpec("lora", variant="noprior", **spec)
+    _write_run(runs_dir, no_prior, never, energy=[2.0, 0.2, 0.1, 0.1])
+    assert study_report.write_study_report("memorise_probe", str(tmp_path))["reading"]["outcome"] == "A"
+    (runs_dir / "full_lr1e-3_seed0.json").unlink()
+    _write_run(runs_dir, RunSpec("full", **{**spec, "seed": 1}), never)
+    assert study_report.write_study_report("memorise_probe", str(tmp_path))["reading"]["outcome"] == "C"
+    for path in runs_dir.glob(f"{no_prior.name}*"):
+        path.unlink()
+    _write_run(runs_dir, no_prior, **STAGE)
+    assert study_report.write_study_report("memorise_probe", str(tmp_path))["reading"]["outcome"] == "B"
+
+
 def test_the_arms_reading_compares_each_arm_with_plain_lora_of_study_one(tmp_path):
     spec = dict(steps=700, batch=1, schedules=((7.5, 100),))
     for study in ("paper_recipe", "paper_recipe_arms"):

@@ -55,6 +55,10 @@ def test_the_declared_studies_list_their_runs_in_the_plans_order():
     probe = plan.study_runs("memorise_probe")
     assert [s.name for s in probe] == ["full_lr1e-3_seed0", "lora_noprior_lr6e-3_seed0"]
     assert [s.prior_loss_weight for s in probe] == [1.0, 0.0] and all(s.steps == 4000 for s in probe)
+    with pytest.raises(ValueError, match="--seeds does not apply"):
+        plan.study_runs("memorise_probe", seeds=(1,))
+    with pytest.raises(ValueError, match="--lr applies to study paper_recipe_arms only"):
+        plan.study_runs("paper_recipe", lr=6e-3)
 
 
 def test_each_arm_builds_its_adapter_config():

@@ -13,13 +13,13 @@ import os
 
 from bayes_adapter.stage import judge, read_monitor, verdict_sentence
 
+from ..study.plan import SEEDS
 from ..study.train import format_lr
 
 
 STAGE_SEEDS_NEEDED = 2  # of 3: "a stage appears" (PLAN_V3.md, study 1)
 MATCHED_FIDELITY = 0.9  # x ceiling, the arms study's frontier level
 FIT_FLOOR = 0.5  # issue 32's pass rule (a): no record after fit below this fidelity
-SEEDS_PER_ARM = (0, 1, 2)  # study 3's seeds
 
 
 def judge_file(path: str) -> dict:
@@ -39,6 +39,7 @@ def judge_file(path: str) -> dict:
         ),
         "max_fidelity": max(r.fidelity for r in records),
         "min_noise_energy": min(r.noise_energy for r in records),
+        "loss_last_quarter": _mean_loss(r for r in records if r.step > 0.75 * records[-1].step),
         "final_fidelity": records[-1].fidelity,
         "final_copy_rate": records[-1].copy_rate,
         "records_after_fit_below_floor": sum(r.fidelity < FIT_FLOOR for r in after_fit),
@@ -50,6 +51,12 @@ def judge_file(path: str) -> dict:
             default=None,
         ),
     }
+
+
+def _mean_loss(records) -> float | None:
+    """The mean of the records' losses (each the mean training loss since the file's previous record)."""
+    losses = [r.loss for r in records if r.loss is not None]
+    return sum(losses) / len(losses) if losses else None
 
 
 def load_runs(runs_dir: str) -> list[dict]:
@@ -126,9 +133,7 @@ def read_bounded_std(runs: list[dict]) -> dict:
     at_3e3 = comparison.get("3e-3", {})
     passed_b = at_3e3.get("within_2_std", {})
     complete_b = bool(at_3e3) and all(  # rule (b) compares three seeds per arm; undecided before
-        stats is not None and stats["n"] == len(SEEDS_PER_ARM)
-        for arm in at_3e3["arms"].values()
-        for stats in arm.values()
+        stats is not None and stats["n"] == len(SEEDS) for arm in at_3e3["arms"].values() for stats in arm.values()
     )
     return {
         "rule_a_per_run": rule_a,
@@ -141,8 +146,10 @@ def read_bounded_std(runs: list[dict]) -> dict:
 
 def read_memorise_probe(runs: list[dict]) -> dict:
     """The memorisation probe (PLAN_V3.md, amendment of 7 December): per run and guidance, whether the judge ever
-    sees a clean copy, the first one, the fit step and the lowest latent residual energy (a clean copy needs < 0.02)."""
-    return {
+    sees a clean copy, the first one, the fit step and the lowest latent residual energy (a clean copy needs < 0.02);
+    then the declared outcome: "A" full fine-tuning reaches a clean copy and LoRA without prior preservation does
+    not, "B" LoRA without prior preservation does, "C" neither does; None until both runs have finished."""
+    per_run = {
         run["name"]: {
             guidance: {
                 "reaches_clean_copy": j["verdict"]["first_copy_step"] is not None,
@@ -156,6 +163,18 @@ def read_memorise_probe(runs: list[dict]) -> dict:
         }
         for run in runs
     }
+
+    def copies(match) -> bool | None:
+        found = [r for r in runs if match(r["spec"])]
+        return any(g["reaches_clean_copy"] for g in per_run[found[0]["name"]].values()) if found else None
+
+    full = copies(lambda spec: spec["arm"] == "full")
+    no_prior = copies(lambda spec: spec["arm"] == "lora" and spec.get("variant") == "noprior")
+    if full is None or no_prior is None:
+        outcome = None
+    else:
+        outcome = "B" if no_prior else ("A" if full else "C")
+    return {"runs": per_run, "outcome": outcome}
 
 
 def read_paper_recipe_arms(runs: list[dict], plain_runs: list[dict]) -> dict:

@@ -45,6 +45,10 @@ def bounded_std_run(arm: str, lr: float, seed: int) -> RunSpec:
 
 def study_runs(study: str, seeds: tuple[int, ...] = SEEDS, lr: float | None = None) -> list[RunSpec]:
     """The runs of ``study`` for ``seeds``, in the plan's order (``lr``: the arms study's learning rate)."""
+    if lr is not None and study != "paper_recipe_arms":
+        raise ValueError(f"--lr applies to study paper_recipe_arms only, got --lr {lr:g} for study {study}")
+    if study == "memorise_probe" and tuple(seeds) != SEEDS:
+        raise ValueError(f"study memorise_probe runs its declared runs (seed 0); --seeds does not apply, got {seeds}")
     if study == "paper_recipe":
         return [paper_recipe_run("lora", lr, seed) for seed in seeds for lr in PAPER_LRS]
     if study == "bounded_std":
