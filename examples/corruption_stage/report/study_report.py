@@ -11,7 +11,7 @@ import json
 import math
 import os
 
-from bayes_adapter.stage import judge, read_monitor, verdict_sentence
+from bayes_adapter.stage import THRESHOLDS, judge, read_monitor, verdict_sentence
 
 from ..study.plan import SEEDS
 from ..study.train import format_lr
@@ -259,6 +259,11 @@ def make_study_figure(runs: list[dict], runs_dir: str, path: str) -> None:
             ax.plot(steps, [getattr(r, key) for r in rs], color=f"C{i % 10}", lw=1, label=name)
             ax.set_title(title)
             ax.set_xlabel("step")
+            if key == "noise_energy":  # spans a clean copy's < 0.02 to tens at a divergence
+                ax.set_yscale("log")
+                if i == 0:
+                    copy_line = ax.axhline(THRESHOLDS["copy_energy"][0], color="black", ls=":", lw=0.8)
+                    ax.legend([copy_line], ["clean copy below"], fontsize=6)
     ceiling = next(iter(records.values()))[-1].fidelity_ceiling
     if ceiling is not None and drawn and drawn[0][0] == "fidelity":
         axes[0][0].axhline(ceiling, color="black", ls="--", lw=0.8, label="autoencoder ceiling")
