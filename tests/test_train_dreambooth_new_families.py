@@ -206,3 +206,57 @@ def test_sana_validation_generates_at_the_training_resolution(tiny_sana, tmp_pat
     settings = settings.replace(validation_inference_steps=1, num_validation_images=1)
     images = generate(settings, Accelerator(cpu=True), pipe, "a photo of sks dog")
     assert images.shape == (1, 32, 32, 3) and sizes == [(16, 16)]  # 32 px over the autoencoder's factor 2
+
+
+def test_sana_keeps_its_autoencoder_in_float32_and_gemma_out_of_float16(tiny_sana, tmp_path, instance_dir):
+    """--mixed_precision fp16: the transformer in float16, the autoencoder in float32 and Gemma-2 in bfloat16, as
+    diffusers' SANA script loads them; Gemma-2 also stays out of validation's float16 autocast."""
+    from types import SimpleNamespace
+
+    from examples.dreambooth.settings import resolve_model
+
+    args = dreambooth_args(tiny_sana, instance_dir, tmp_path / "out", "--mixed_precision", "fp16")
+    settings = resolve_model(parse_args(args))
+    models = training.load_models(settings, SimpleNamespace(mixed_precision="fp16", device=torch.device("cpu")))
+    assert models.denoiser.dtype == torch.float16
+    assert models.vae.dtype == models.vae_dtype == torch.float32
+    (encoder,) = models.text_encoders
+    assert encoder.dtype == torch.bfloat16
+    ids = models.tokenizers[0](["a photo of sks dog"], return_tensors="pt").input_ids
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert encoder(ids)[0].dtype == torch.bfloat16
+
+
+def test_sana_class_images_keep_the_autoencoder_in_float32_and_gemma_out_of_float16(tiny_sana, tmp_path, instance_dir):
+    """--prior_generation_precision fp16 generates with the transformer in float16 but, as diffusers' SANA script,
+    Gemma-2 in bfloat16 and the autoencoder in float32."""
+    from accelerate import Accelerator
+    from diffusers import SanaPipeline
+
+    from examples.dreambooth.data import generate_class_images
+    from examples.dreambooth.settings import resolve_model
+
+    seen = []
+
+    class RecordingSanaPipeline(SanaPipeline):
+        def __call__(self, *args, **kwargs):
+            seen.append((self.transformer.dtype, self.vae.dtype, self.text_encoder.dtype))
+            return super().__call__(*args, **kwargs)
+
+    class_dir = tmp_path / "class"
+    extra = ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a dog"]
+    extra += ["--num_class_images", "1", "--num_class_inference_steps", "1", "--prior_generation_precision", "fp16"]
+    settings = resolve_model(parse_args(dreambooth_args(tiny_sana, instance_dir, tmp_path / "out", *extra)))
+    generate_class_images(settings, Accelerator(cpu=True), RecordingSanaPipeline)
+    assert seen == [(torch.float16, torch.float32, torch.bfloat16)]
+    assert len(list(class_dir.iterdir())) == 1
+
+
+def test_sana_trains_and_validates_under_fp16_mixed_precision(tiny_sana, tmp_path, instance_dir):
+    """With Gemma-2 in float16 inside validation's autocast, validation failed here (CPU autocast refuses the
+    pipeline's concatenation); bfloat16 outside autocast, the run trains, validates and validates its export."""
+    validation = ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
+    validation += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
+    args = dreambooth_args(tiny_sana, instance_dir, tmp_path / "out", "--max_train_steps", "2", *validation)
+    result = training.main(parse_args([*args, "--mixed_precision", "fp16"]))
+    assert result["global_step"] == 2 and result["transformer"].dtype == torch.float16

@@ -370,6 +370,7 @@ def generate_class_images(settings, accelerator, pipeline_cls) -> None:
                 revision=settings.revision,
                 variant=settings.variant,
             )
+            settings.family.cast_for_generation(pipeline, dtype)  # e.g. SANA: Gemma-2 out of float16
             pipeline.set_progress_bar_config(disable=True)
             pipeline.to(accelerator.device)
             for start in range(0, missing, settings.sample_batch_size):

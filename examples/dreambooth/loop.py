@@ -181,6 +181,7 @@ def save_and_export(settings: Settings, accelerator, models: Models, data: Train
                 variant=settings.variant,
                 dtype=models.weight_dtype,
             )
+            family.cast_for_generation(pipeline, models.weight_dtype)
             pipeline.load_lora_weights(str(output_dir))
             images = log_validation(settings, accelerator, pipeline, [], data.reference, state.global_step, "test")
         stage_sentence = state.monitor.verdict_sentence() if state.monitor is not None else None

@@ -173,7 +173,8 @@ def load_models(settings: Settings, accelerator) -> Models:
     vae_dtype = family.vae_dtype(vae, weight_dtype, separate_vae=bool(settings.pretrained_vae_model_name_or_path))
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
     for model in text_encoders:
-        model.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+        model.requires_grad_(False).to(accelerator.device)
+        family.cast_text_encoder(model, weight_dtype)
     return Models(pipeline_cls, denoiser, text_encoders, tokenizers, vae, noise_scheduler, weight_dtype, vae_dtype)
 
 

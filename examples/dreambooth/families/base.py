@@ -79,6 +79,32 @@ class ModelFamily:
     def vae_dtype(self, vae, weight_dtype: torch.dtype, separate_vae: bool) -> torch.dtype:
         return weight_dtype
 
+    def text_encoder_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the frozen text encoders when the run's frozen weights are in `weight_dtype`."""
+        return weight_dtype
+
+    def cast_text_encoder(self, model, weight_dtype: torch.dtype) -> None:
+        """Casts a frozen text encoder to `text_encoder_dtype(weight_dtype)`; in another dtype than `weight_dtype`,
+        it also runs outside a mixed-precision autocast (validation's), which would run its matmuls in
+        `weight_dtype` anyway."""
+        dtype = self.text_encoder_dtype(weight_dtype)
+        model.to(dtype=dtype)
+        if dtype != weight_dtype:
+            forward = model.forward
+
+            @functools.wraps(forward)
+            def forward_outside_autocast(*args, **kwargs):
+                with torch.autocast(model.device.type, enabled=False):
+                    return forward(*args, **kwargs)
+
+            model.forward = forward_outside_autocast  # as accelerate wraps a prepared model's forward in autocast
+
+    def cast_for_generation(self, pipeline, dtype: torch.dtype) -> None:
+        """Casts the components of a pipeline loaded in `dtype` (class images, the final validation) that the family
+        keeps in other dtypes (its text encoders: `cast_text_encoder`)."""
+        for name in self.text_encoders:
+            self.cast_text_encoder(getattr(pipeline, name), dtype)
+
     def noise_scheduler_class(self):
         raise NotImplementedError
 

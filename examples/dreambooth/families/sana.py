@@ -43,6 +43,17 @@ class Sana(FlowMatchingFamily):
     # the --resolution it trains at.
     pipeline_call_kwargs = {"use_resolution_binning": False}
 
+    def vae_dtype(self, vae, weight_dtype, separate_vae):
+        return torch.float32  # as diffusers' train_dreambooth_lora_sana.py keeps the deep-compression autoencoder
+
+    def text_encoder_dtype(self, weight_dtype):
+        # Gemma-2's activations overflow in float16: diffusers' SANA script and pipeline examples run it in bfloat16.
+        return torch.bfloat16 if weight_dtype == torch.float16 else weight_dtype
+
+    def cast_for_generation(self, pipeline, dtype):
+        super().cast_for_generation(pipeline, dtype)
+        pipeline.vae.to(dtype=self.vae_dtype(pipeline.vae, dtype, separate_vae=False))  # the pipeline casts to it
+
     def encode_images(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         latent = vae.encode(pixels).latent
         return latent, torch.zeros_like(latent)
@@ -69,7 +80,8 @@ class Sana(FlowMatchingFamily):
     def predict(self, denoiser, noisy, timesteps, cond, time_ids=None, guidance_scale=None):
         prediction = denoiser(
             noisy,
-            encoder_hidden_states=cond["encoder_hidden_states"],
+            # As the pipeline casts them: the text encoder may run in another dtype (`text_encoder_dtype`).
+            encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype),
             encoder_attention_mask=cond["mask"],
             timestep=timesteps * getattr(denoiser, "module", denoiser).config.timestep_scale,  # DDP wraps it
             return_dict=False,
