@@ -13,14 +13,20 @@ when its method is asked for: `pip install "bayes-adapter[quant]"`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 
+if TYPE_CHECKING:
+    from diffusers import BitsAndBytesConfig, TorchAoConfig
+
+
 __all__ = [
     "QUANTISATION_METHODS",
     "load_time_quantization_config",
+    "load_time_quantized_layer_names",
     "quantize_linears",
     "quantized_layer_names",
     "linears_to_quantize",
@@ -99,7 +105,7 @@ def load_time_quantization_config(
     method: str,
     module_filter: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None,
     compute_dtype: torch.dtype = torch.float32,
-):
+) -> BitsAndBytesConfig | TorchAoConfig:
     """The diffusers quantisation config that quantises, while `from_pretrained` loads the weights, the Linears that
     `quantize_linears(model, method, module_filter)` would quantise after loading, and only those.
 
@@ -107,7 +113,7 @@ def load_time_quantization_config(
         model: The model's layers, e.g. built from its config on the meta device (no weights are read).
         method: One of `QUANTISATION_METHODS`.
         module_filter: Which Linears, as in `quantize_linears`.
-        compute_dtype: The compute dtype of bitsandbytes' 4-bit layers (pass the `torch_dtype` of the load).
+        compute_dtype: The compute dtype of bitsandbytes' 4-bit layers (pass the `dtype` of the load).
 
     Returns:
         A `diffusers.BitsAndBytesConfig` (diffusers loads it on a GPU only) or a `diffusers.TorchAoConfig` with
@@ -134,6 +140,38 @@ def load_time_quantization_config(
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=others,
     )
+
+
+def load_time_quantized_layer_names(model: nn.Module, quantization_config) -> list[str]:
+    """The layers of `model` that diffusers' quantiser for `quantization_config` would quantise while
+    `from_pretrained` loads the weights, decided as diffusers decides it, on the empty model: nothing is loaded.
+
+    Args:
+        model: The model's layers built from its config on the meta device (a diffusers `ModelMixin`; left as it is).
+        quantization_config: A diffusers quantisation config, e.g. from `load_time_quantization_config`.
+
+    Returns:
+        The names of the layers whose weight diffusers' quantiser would quantise, in `model.named_modules()` order:
+        what `quantized_layer_names` gives for the loaded model.
+    """
+    import copy
+
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    # The quantiser changes the model (bitsandbytes swaps its Linears) and extends the config's list of modules not
+    # to convert: both are copied.
+    model, quantization_config = copy.deepcopy(model), copy.deepcopy(quantization_config)
+    quantizer = DiffusersAutoQuantizer.from_config(quantization_config, pre_quantized=False)  # quantised as it loads
+    keep_in_fp32 = type(model)._keep_in_fp32_modules if getattr(quantizer, "use_keep_in_fp32_modules", False) else None
+    if isinstance(keep_in_fp32, str):
+        keep_in_fp32 = [keep_in_fp32]
+    quantizer.preprocess_model(model=model, device_map=None, keep_in_fp32_modules=list(keep_in_fp32 or []))
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), torch.Tensor)
+        and quantizer.check_if_quantized_param(model, module.weight, f"{name}.weight" if name else "weight", {})
+    ]
 
 
 def quantize_linears(

@@ -27,7 +27,9 @@ import bayes_adapter  # noqa: E402
 from bayes_adapter import BayesLoraConfig, export_lora  # noqa: E402
 from bayes_adapter.bnb import BayesLinear4bit, BayesLinear8bitLt  # noqa: E402
 from bayes_adapter.quantization import (  # noqa: E402
+    linears_to_quantize,
     load_time_quantization_config,
+    load_time_quantized_layer_names,
     quantize_linears,
     quantized_layer_names,
 )
@@ -172,7 +174,7 @@ def test_torchao_model_loaded_with_its_config_merges(tmp_path):
 
     tiny_sd3_pipeline().transformer.save_pretrained(tmp_path / "transformer")
     transformer = SD3Transformer2DModel.from_pretrained(
-        tmp_path / "transformer", quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
+        tmp_path / "transformer", quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), dtype=torch.float32
     )
     train_bayesian(transformer)
     layer = transformer.transformer_blocks[0].attn.to_q
@@ -299,6 +301,9 @@ def test_bitsandbytes_load_time_config_converts_exactly_the_layers_quantize_line
     converted = [name for name, module in replaced.named_modules() if isinstance(module, bnb_class)]
     swapped = quantize_linears(tiny_sd3_pipeline().transformer, method, TARGETS)
     assert len(converted) == 8 and converted == swapped
+    # Worked out by diffusers' own quantiser on the empty model, which it leaves as it is.
+    assert load_time_quantized_layer_names(layers, quantization_config) == converted
+    assert type(layers.transformer_blocks[0].attn.to_q) is nn.Linear
     if method == "bnb_nf4":
         assert quantization_config.bnb_4bit_quant_type == "nf4"
         assert quantization_config.bnb_4bit_compute_dtype == torch.bfloat16
@@ -315,8 +320,9 @@ def test_torchao_load_time_config_quantises_exactly_the_layers_quantize_linears_
         layers = SD3Transformer2DModel.from_config(transformer.config)
     quantization_config = load_time_quantization_config(layers, "torchao_int8", TARGETS)
     loaded = SD3Transformer2DModel.from_pretrained(
-        tmp_path, quantization_config=quantization_config, torch_dtype=torch.float32
+        tmp_path, quantization_config=quantization_config, dtype=torch.float32
     )
+    assert load_time_quantized_layer_names(layers, quantization_config) == quantized_layer_names(loaded)
     swapped = quantize_linears(transformer, "torchao_int8", TARGETS)
     assert len(swapped) == 8 and quantized_layer_names(loaded) == swapped == quantized_layer_names(transformer)
     for name in swapped:  # the same int8 weights, whichever path quantised them
@@ -328,6 +334,25 @@ def test_torchao_load_time_config_quantises_exactly_the_layers_quantize_linears_
     merge_error, adapter_effect = merge_distances(loaded)
     assert isinstance(loaded.transformer_blocks[0].attn.to_q.get_base_layer().weight, TorchAOBaseTensor)
     assert merge_error < 0.1 * adapter_effect
+
+
+def test_load_time_quantized_layer_names_foresees_a_clash_of_diffusers_name_matching(tmp_path):
+    """diffusers' torchao quantiser leaves a Linear alone when the name of a module not to convert is part of its
+    name: targeting only Flux's `single_transformer_blocks.0.attn.to_q` (which contains the untargeted
+    `transformer_blocks.0.attn.to_q`), nothing is quantised while loading; the empty model says so beforehand."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+    from tiny_dit_models import tiny_flux_pipeline
+
+    transformer = tiny_flux_pipeline().transformer
+    transformer.save_pretrained(tmp_path)
+    with init_empty_weights():
+        layers = FluxTransformer2DModel.from_config(transformer.config)
+    targets = ["single_transformer_blocks.0.attn.to_q"]
+    quantization_config = load_time_quantization_config(layers, "torchao_int8", targets)
+    planned = load_time_quantized_layer_names(layers, quantization_config)
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path, quantization_config=quantization_config)
+    assert planned == quantized_layer_names(loaded) == [] != linears_to_quantize(layers, targets)
 
 
 def test_load_time_quantization_config_refuses_an_unknown_method_or_no_match():

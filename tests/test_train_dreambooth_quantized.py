@@ -1,14 +1,16 @@
 """The DreamBooth script's `--quantize_base {nf4,int8}` (Bayesian LoRA over a quantised denoiser) and `--use_dora`, on
 the tiny SD3 pipeline.
 
-On this CPU the int8 choice loads through diffusers' TorchAoConfig and nf4 is quantised after loading; the nf4 load
-through diffusers' BitsAndBytesConfig needs CUDA, so only its choice (`quantisation_path`) is tested here.
+int8 loads through diffusers' TorchAoConfig on any device; nf4 loads through diffusers' BitsAndBytesConfig on CUDA
+and is quantised after loading elsewhere: the training test expects the path `quantisation_path` gives for the
+machine it runs on, so on a GPU it checks the nf4 load-time path.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import types
 
 import pytest
 import torch
@@ -19,10 +21,12 @@ from tiny_models import assert_same_numerics, dreambooth_args
 import bayes_adapter
 import bayes_adapter.quantization
 from bayes_adapter.bnb import BayesLinear4bit
+from bayes_adapter.quantization import quantized_layer_names
 from bayes_adapter.torchao import BayesTorchaoLinear
 from examples.dreambooth import quantized_base, training
 from examples.dreambooth.quantized_base import AFTER_LOADING, LOAD_TIME, load_denoiser, quantisation_path
 from examples.dreambooth.settings import ArgumentsError, parse_args, resolve_model
+from examples.dreambooth.targets import split_targets
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -54,13 +58,15 @@ def test_quantisation_path_uses_diffusers_config_where_it_loads():
         quantisation_path("fp8", "cuda")
 
 
-@pytest.mark.parametrize(
-    "choice, layer_cls, path_logged",
-    [("nf4", BayesLinear4bit, "quantised after loading"), ("int8", BayesTorchaoLinear, "quantised while loading")],
-)
+DEVICE_TYPE = "cuda" if torch.cuda.is_available() else "cpu"  # where the script runs (accelerate's default)
+
+
+@pytest.mark.parametrize("choice, layer_cls", [("nf4", BayesLinear4bit), ("int8", BayesTorchaoLinear)])
 def test_quantize_base_trains_and_the_export_loads_into_the_unquantised_pipeline(
-    tiny_sd3, tmp_path, instance_dir, caplog, choice, layer_cls, path_logged
+    tiny_sd3, tmp_path, instance_dir, caplog, choice, layer_cls
 ):
+    load_time = quantisation_path(choice, DEVICE_TYPE) == LOAD_TIME
+    path_logged = "quantised while loading" if load_time else "quantised after loading"
     out = tmp_path / "out"
     validation = ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
     validation += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
@@ -74,7 +80,7 @@ def test_quantize_base_trains_and_the_export_loads_into_the_unquantised_pipeline
     assert len(logged) == 1  # the path taken, said once
     assert f"--quantize_base {choice}: {len(layers)} Linear layers of the transformer {path_logged}" in logged[0]
     # diffusers marks a model it quantised while loading; the swap after loading leaves no such mark.
-    assert getattr(transformer, "is_quantized", False) == (choice == "int8")
+    assert getattr(transformer, "is_quantized", False) == load_time
     assert bayes_adapter.posterior_std_stats(transformer)["max"] > 0.01  # the stds trained
 
     pipe = DiffusionPipeline.from_pretrained(str(tiny_sd3))
@@ -127,23 +133,123 @@ def test_int8_load_time_and_after_loading_quantise_the_same_layers_alike(
         torch.testing.assert_close(*outputs, rtol=0, atol=1e-2)
 
 
-def test_a_load_time_quantisation_of_other_layers_than_the_targets_is_refused(
-    tiny_sd3, tmp_path, instance_dir, monkeypatch
-):
-    from accelerate import PartialState
+def every_linear_config(*args, **kwargs):
+    """A TorchAoConfig that quantises every Linear, as a clash of diffusers' name matching with the targets would."""
     from diffusers import TorchAoConfig
     from torchao.quantization import Int8WeightOnlyConfig
 
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def record_loads(monkeypatch, events: list) -> None:
+    """Records each component load of the script (and whether it carried a quantisation config) in `events`."""
+    from examples.dreambooth import families
+
+    load_component = families.load_component
+
+    def recording(path, model_index, name, options=None, **load):
+        events.append(("load", name, "quantization_config" in (options or {})))
+        return load_component(path, model_index, name, options, **load)
+
+    monkeypatch.setattr(families, "load_component", recording)
+
+
+def test_a_load_time_clash_found_on_the_empty_model_quantises_after_loading(
+    tiny_sd3, tmp_path, instance_dir, monkeypatch, caplog
+):
+    """A clash is found on the empty denoiser, before the class images are generated and before anything loads; the
+    denoiser then loads unquantised and its targeted Linears (only) are quantised after loading."""
+    from accelerate import PartialState
+
     PartialState()  # the script's logger needs it
-    # A config that quantises every Linear, as a clash of diffusers' name matching with the targets would.
+    events = []
+    monkeypatch.setattr(bayes_adapter.quantization, "load_time_quantization_config", every_linear_config)
+    planned = bayes_adapter.quantization.load_time_quantized_layer_names
     monkeypatch.setattr(
         bayes_adapter.quantization,
-        "load_time_quantization_config",
-        lambda *a, **k: TorchAoConfig(Int8WeightOnlyConfig()),
+        "load_time_quantized_layer_names",
+        lambda *a: events.append("planned on the empty model") or planned(*a),
     )
+    monkeypatch.setattr(
+        training.dreambooth_data, "generate_class_images", lambda *a: events.append("class images generated")
+    )
+    record_loads(monkeypatch, events)
+    extra = ["--quantize_base", "int8", "--with_prior_preservation", "--class_prompt", "a dog"]
+    extra += ["--class_data_dir", str(tmp_path / "class")]
+    settings = resolve_model(parse_args(dreambooth_args(tiny_sd3, instance_dir, tmp_path / "out", *extra)))
+    accelerator = types.SimpleNamespace(mixed_precision="no", device=torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger=quantized_base.__name__):
+        models = training.load_models(settings, accelerator)
+    assert events[:3] == ["planned on the empty model", "class images generated", ("load", "transformer", False)]
+    assert not any(event[2] for event in events if event[0] == "load")  # no load through the clashing config
+    targets = split_targets(settings.family.denoiser_targets(settings))
+    linears = [module for module in models.denoiser.modules() if isinstance(module, torch.nn.Linear)]
+    quantised = quantized_layer_names(models.denoiser)
+    assert 0 < len(quantised) < len(linears)
+    assert quantised == bayes_adapter.quantization.linears_to_quantize(models.denoiser, targets)
+    (logged,) = [record.getMessage() for record in caplog.records if record.name == quantized_base.__name__]
+    assert "quantised after loading" in logged and "would quantise other layers than the targeted Linears" in logged
+
+
+def test_a_real_name_clash_on_flux_is_quantised_after_loading(tiny_flux, tmp_path, instance_dir, caplog):
+    """Targeting only `single_transformer_blocks.0.attn.to_q`: diffusers' TorchAoConfig would leave it alone (the
+    untargeted `transformer_blocks.0.attn.to_q` is part of its name); quantised after loading, it is quantised."""
+    from accelerate import PartialState
+
+    PartialState()  # the script's logger needs it
+    target = "single_transformer_blocks.0.attn.to_q"
+    extra = ["--quantize_base", "int8", "--transformer_target_modules", target, *T5_TOKENS]
+    settings = resolve_model(parse_args(dreambooth_args(tiny_flux, instance_dir, tmp_path / "out", *extra)))
+    with caplog.at_level(logging.INFO, logger=quantized_base.__name__):
+        denoiser = load_denoiser(settings, torch.device("cpu"), torch.float32)
+    assert quantized_layer_names(denoiser) == [target] and not getattr(denoiser, "is_quantized", False)
+    (logged,) = [record.getMessage() for record in caplog.records if record.name == quantized_base.__name__]
+    assert "would quantise other layers than the targeted Linears while loading" in logged and target in logged
+
+
+def test_the_post_load_check_still_refuses_a_load_time_quantisation_of_other_layers(
+    tiny_sd3, tmp_path, instance_dir, monkeypatch
+):
+    """The safety net: were the empty model's answer wrong, the loaded denoiser's quantised layers are checked."""
+    from accelerate import PartialState
+
+    PartialState()  # the script's logger needs it
     argv = dreambooth_args(tiny_sd3, instance_dir, tmp_path / "out", "--quantize_base", "int8")
+    settings = resolve_model(parse_args(argv))
+    targets = split_targets(settings.family.denoiser_targets(settings))
+    monkeypatch.setattr(bayes_adapter.quantization, "load_time_quantization_config", every_linear_config)
+    monkeypatch.setattr(
+        bayes_adapter.quantization,
+        "load_time_quantized_layer_names",
+        lambda model, config: bayes_adapter.quantization.linears_to_quantize(model, targets),
+    )
     with pytest.raises(ArgumentsError, match=r"--quantize_base int8: diffusers' TorchAoConfig quantised other layers"):
-        load_denoiser(resolve_model(parse_args(argv)), torch.device("cpu"), torch.float32)
+        load_denoiser(settings, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("refusal", [ValueError, RuntimeError])
+def test_a_quantiser_refusing_the_load_is_reported_as_a_failed_quantisation(tiny_sd3, monkeypatch, refusal):
+    """Not as missing files of --variant / --revision: the quantiser (here diffusers' torchao one, made to refuse as
+    the bitsandbytes one refuses without a GPU) stopped the load."""
+    from diffusers import TorchAoConfig
+    from diffusers.quantizers.torchao.torchao_quantizer import TorchAoHfQuantizer
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from examples.dreambooth import families
+
+    def refuse(self, *args, **kwargs):
+        raise refusal("No GPU found. A GPU is needed for quantization.")
+
+    monkeypatch.setattr(TorchAoHfQuantizer, "validate_environment", refuse)
+    options = {"quantization_config": TorchAoConfig(Int8WeightOnlyConfig()), "dtype": torch.float32}
+    model_index = families.read_model_index(str(tiny_sd3))
+    with pytest.raises(ArgumentsError) as refused:
+        families.load_component(str(tiny_sd3), model_index, "transformer", options, variant="fp16", revision=None)
+    message = str(refused.value)
+    assert "quantising its transformer (SD3Transformer2DModel) while loading it through diffusers' TorchAoConfig " in (
+        message
+    )
+    assert f"failed ({refusal.__name__}: No GPU found." in message and "--variant" not in message, message
 
 
 def test_quantize_base_without_its_package_is_refused_before_any_work(tiny_sd3, tmp_path, instance_dir, monkeypatch):

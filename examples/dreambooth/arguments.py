@@ -107,8 +107,8 @@ def add_model_arguments(model) -> None:
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, Flux.1, Flux.2, "
-        "Qwen-Image, Z-Image or SANA (told by its model_index.json).",
+        help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, Flux.1, "
+        "Flux.2, Qwen-Image, Z-Image or SANA (told by its model_index.json).",
     )
     model.add_argument(
         "--revision",
@@ -329,9 +329,10 @@ def add_bayesian_arguments(bayes) -> None:
     bayes.add_argument(
         "--use_dora",
         action="store_true",
-        help="DoRA: the low-rank direction Bayesian, the magnitude vector deterministic (BayesLoraConfig(use_dora=True); "
-        "the weight norm of the sampled weight while training, of the mean at export). Needs --estimator weight and "
-        "Linear targets; the export is a DoRA LoRA that diffusers' load_lora_weights loads; no kohya file.",
+        help="DoRA: the low-rank direction Bayesian, the magnitude vector deterministic "
+        "(BayesLoraConfig(use_dora=True); the weight norm of the sampled weight while training, of the mean at "
+        "export). Needs --estimator weight and Linear targets; the export is a DoRA LoRA that diffusers' "
+        "load_lora_weights loads; no kohya file.",
     )
     bayes.add_argument(
         "--sample_at_inference",

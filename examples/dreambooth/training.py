@@ -27,7 +27,7 @@ from .adapters import (
 from .buckets import BucketBatchSampler, bucket_sizes
 from .loop import save_and_export, train
 from .outputs import remove_previous_run
-from .quantized_base import load_denoiser
+from .quantized_base import load_denoiser, plan_quantisation
 from .settings import ArgumentsError, Settings, parse_args, resolve_model
 from .stage_monitor import StageMonitor
 
@@ -153,10 +153,12 @@ def load_models(settings: Settings, accelerator) -> Models:
     family, model_index = settings.family, settings.model_index
     path, load = settings.pretrained_model_name_or_path, {"revision": settings.revision}
     pipeline_cls = getattr(diffusers, family.pipeline_class)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # Where --quantize_base quantises, decided on the empty denoiser before the class images take their time.
+    quantisation = plan_quantisation(settings, accelerator.device.type, weight_dtype)
     if settings.with_prior_preservation:
         dreambooth_data.generate_class_images(settings, accelerator, pipeline_cls)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    denoiser = load_denoiser(settings, accelerator.device, weight_dtype)
+    denoiser = load_denoiser(settings, accelerator.device, weight_dtype, quantisation)
     tokenizers = [
         families.load_component(path, model_index, family.tokenizer_of(name), **load) for name in family.text_encoders
     ]

@@ -176,23 +176,33 @@ def load_component(path: str, model_index: dict, name: str, options: dict | None
     """Loads component `name` with the class `model_index.json` records for it (e.g. CLIPTextModelWithProjection).
 
     `load` holds the loading flags (`revision`, `variant`: named in the error message); `options` more keyword
-    arguments of `from_pretrained` that are not flags (e.g. `quantization_config`, `torch_dtype`).
+    arguments of `from_pretrained` that are not flags (e.g. `quantization_config`, `dtype`).
 
     Raises:
-        `ArgumentsError`: it cannot be loaded; the message names the flags to check.
+        `ArgumentsError`: it cannot be loaded; the message names the flags to check, or says that quantising it (as
+            `options` asked) failed.
     """
     import importlib
 
     library, class_name = model_index[name]
     cls = getattr(importlib.import_module(library), class_name)
+    quantisation = (options or {}).get("quantization_config")
+    # diffusers' quantisers refuse with a ValueError, RuntimeError ("No GPU found") or ImportError.
+    refusals = (ValueError, RuntimeError, ImportError) if quantisation is not None else (ValueError,)
     try:
         return cls.from_pretrained(path, subfolder=name, **load, **(options or {}))
-    except (OSError, ValueError) as error:  # missing files (e.g. of a variant), a bad revision, a broken download
+    except (OSError, *refusals) as error:  # missing files (e.g. of a variant), a bad revision, a broken download
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if quantisation is not None and not isinstance(error, OSError):  # the quantiser refused the load
+            raise ArgumentsError(
+                f"--pretrained_model_name_or_path={path!r}: quantising its {name} ({class_name}) while loading it "
+                f"through diffusers' {type(quantisation).__name__} failed ({reason}); the run without "
+                "--quantize_base loads it unquantised."
+            ) from None
         flags = [f"--{key}={value!r}" for key, value in load.items() if value is not None]
         hint = f"check {', '.join(flags)} (the files they name may not exist)" if flags else "download it again"
         raise ArgumentsError(
-            f"--pretrained_model_name_or_path={path!r}: cannot load its {name} ({class_name}: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); {hint}."
+            f"--pretrained_model_name_or_path={path!r}: cannot load its {name} ({class_name}: {reason}); {hint}."
         ) from None
 
 
