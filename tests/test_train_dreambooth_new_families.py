@@ -192,6 +192,37 @@ def test_sana_prompts_are_conditioned_as_the_pipeline_conditions_them(tiny_sana)
     assert (without_instruction - states[1:]).abs().max() > 1e-3  # the instruction changes the prompt's states
 
 
+def test_sana_passes_the_timestep_as_the_pipeline_passes_it(tiny_sana):
+    """What the transformer receives as `timestep` inside `pipe(...)` at each scheduler timestep, `Sana().predict`
+    passes at the same scheduler timestep: scaled by the transformer's `timestep_scale`, not divided by 1000. The
+    scale is set to 0.25 here, so that leaving it out shows."""
+    from examples.dreambooth.families import Sana
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_sana))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.register_to_config(timestep_scale=0.25)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True
+    )
+    pipeline_image(pipe, use_resolution_binning=False, guidance_scale=1.0)  # no guidance: one call per step
+    hook.remove()
+    scheduler_timesteps = pipe.scheduler.timesteps
+    assert len(seen) == len(scheduler_timesteps) == 2
+    cond = Sana().encode_prompts([pipe.text_encoder], [pipe.tokenizer], ["a photo of sks dog"], "cpu")
+    passed = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: passed.append(kwargs["timestep"].clone()), with_kwargs=True
+    )
+    noisy = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        for t in scheduler_timesteps:
+            Sana().predict(pipe.transformer, noisy, t.expand(1), cond)
+    for in_pipeline, in_training in zip(seen, passed, strict=True):
+        torch.testing.assert_close(in_training, in_pipeline, rtol=0, atol=0)
+    assert passed[0].item() == pytest.approx(0.25 * scheduler_timesteps[0].item())
+
+
 def test_sana_validation_generates_at_the_training_resolution(tiny_sana, tmp_path, instance_dir):
     """SanaPipeline bins the asked size to its aspect-ratio table by default; validation turns that off."""
     from accelerate import Accelerator
