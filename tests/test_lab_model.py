@@ -348,3 +348,28 @@ def test_x0_probe_reports_every_timestep_and_writes_its_json(tmp_path):
     assert all(r[f"x0_error_t{t}"] >= 0 for r in rows for t in x0_probe.TIMESTEPS)
     assert rows[0]["x0_error_t961"] != rows[2]["x0_error_t961"]  # fine-tuning moved the denoiser
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_pretrain_v2_builds_a_wider_denoiser_and_refuses_widths_it_cannot_build(tmp_path):
+    from examples.corruption_stage.study.train import MODEL_DIR
+
+    wider = pretrain.pretrain_v2(
+        str(tmp_path / "w"), n_images=16, unet_steps=1, unet_batch=4, prediction_type="v_prediction",
+        autoencoder_from=MODEL_DIR, pooled_condition=True, unet_channels=(48, 96),
+    )  # fmt: skip
+    loaded = models.load_model(str(tmp_path / "w"))
+    assert loaded.cfg.unet_channels == (48, 96) and loaded.unet.config.block_out_channels == (48, 96)
+    assert (
+        loaded.cfg.pooled_condition
+        and "(48, 96)" in json.loads((tmp_path / "w" / models.CONFIG_FILE).read_text())["how_made"]
+    )
+    assert sum(p.numel() for p in wider.unet.parameters()) > 2 * sum(
+        p.numel() for p in models.load_model(MODEL_DIR).unet.parameters()
+    )
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pretrain.pretrain_v2(str(tmp_path / "x"), n_images=16, unet_steps=1, unet_channels=(40, 80))
+    with pytest.raises(ValueError, match="keeps its widths"):
+        pretrain.pretrain_v2(
+            str(tmp_path / "y"), n_images=16, unet_steps=1, denoiser_from=MODEL_DIR, unet_channels=(64, 128)
+        )
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any training or writing

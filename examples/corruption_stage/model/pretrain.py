@@ -192,6 +192,7 @@ def pretrain_v2(
     autoencoder_from: str | None = None,
     denoiser_from: str | None = None,
     pooled_condition: bool = False,
+    unet_channels: tuple[int, ...] | None = None,
 ) -> LabModel:
     """Lab v2's base model (PLAN_V2.md step 2): pilot 2b's autoencoder, then v1's denoiser recipe on its latents of
         ``data.make_v2_pretraining_set`` (procedural kinds with the cross as a class, and photo crops). The autoencoder
@@ -202,11 +203,18 @@ def pretrain_v2(
         ``prediction_type``: what the denoiser predicts ("v_prediction" for v2b); ``denoiser_from``: a saved v2 model
         whose every part is loaded and whose denoiser is trained ``unet_steps`` more (v2c continues v2b), with its own
         prediction type and a new batch order; ``pooled_condition``: the denoiser also takes the pooled condition in its
-        time embedding (``models.add_pooled_condition`` on a continued denoiser; v2d continues v2c so)."""
+        time embedding (``models.add_pooled_condition`` on a continued denoiser; v2d continues v2c so);
+        ``unet_channels``: a new denoiser's block widths (default v2's (32, 64); PLAN_V3's outcome-C base model)."""
     ae = {**V2_AUTOENCODER, **(autoencoder or {})}
     t0 = time.time()
     threads = torch.get_num_threads()
     new_cfg = dataclasses.replace(V2_CONFIG, prediction_type=prediction_type, pooled_condition=pooled_condition)
+    if unet_channels is not None:
+        if denoiser_from is not None:
+            raise ValueError("unet_channels builds a new denoiser; a continued one (denoiser_from) keeps its widths")
+        if any(c <= 0 or c % 16 for c in unet_channels):  # the UNet's group norms take 16 groups
+            raise ValueError(f"unet_channels must be positive multiples of 16, got {tuple(unet_channels)}")
+        new_cfg = dataclasses.replace(new_cfg, unet_channels=tuple(unet_channels))
     if denoiser_from is not None:
         model = load_model(denoiser_from)
         if not model.cfg.extra_tokens:
@@ -246,7 +254,7 @@ def pretrain_v2(
         "how_made": (
             "python -m examples.corruption_stage pretrain --v2 (examples/corruption_stage/pretrain.py, "
             f"pretrain_v2): AutoencoderKL {V2_CONFIG.ae_channels} as lab v2 pilot 2b ({ae}), one thread; then "
-            f"UNet2DConditionModel ({prediction_type}) {unet_steps} steps batch {unet_batch}"
+            f"UNet2DConditionModel {model.cfg.unet_channels} ({prediction_type}) {unet_steps} steps batch {unet_batch}"
             + (f" continued from {denoiser_from}" if denoiser_from is not None else "")
             + (" with the pooled condition in its time embedding" if model.cfg.pooled_condition else "")
             + " on the latents of "
@@ -303,9 +311,21 @@ def main() -> None:
     p.add_argument(
         "--pooled-condition", action="store_true", help="with --v2: the condition also enters the time embedding"
     )
+    p.add_argument(
+        "--unet-channels", type=int, nargs="+", help="with --v2: a new denoiser's block widths (default 32 64)"
+    )
     a = p.parse_args()
-    if (a.prediction_type != "epsilon" or a.autoencoder_from or a.denoiser_from or a.pooled_condition) and not a.v2:
-        p.error("--prediction-type, --autoencoder-from, --denoiser-from and --pooled-condition need --v2")
+    v2_only = (
+        a.prediction_type != "epsilon",
+        a.autoencoder_from,
+        a.denoiser_from,
+        a.pooled_condition,
+        a.unet_channels,
+    )
+    if any(v2_only) and not a.v2:
+        p.error(
+            "--prediction-type, --autoencoder-from, --denoiser-from, --pooled-condition and --unet-channels need --v2"
+        )
     if a.denoiser_from and (a.autoencoder_from or a.prediction_type != "epsilon"):
         p.error("--denoiser-from takes its autoencoder and prediction type from that model; drop the other two")
     for name in ("n_images", "unet_steps"):
@@ -321,6 +341,7 @@ def main() -> None:
             model = pretrain_v2(
                 a.out, a.n_images, a.unet_steps, seed=a.seed, prediction_type=a.prediction_type,
                 autoencoder_from=a.autoencoder_from, denoiser_from=a.denoiser_from, pooled_condition=a.pooled_condition,
+                unet_channels=tuple(a.unet_channels) if a.unet_channels else None,
             )  # fmt: skip
         except ValueError as error:
             p.error(str(error))
