@@ -313,9 +313,15 @@ def test_pretrain_v2_adds_the_pooled_condition_to_a_continued_denoiser(tmp_path)
     [
         (
             ["--prediction-type", "v_prediction"],
-            "--autoencoder-from, --denoiser-from and --pooled-condition need --v2",
+            "--autoencoder-from, --denoiser-from, --pooled-condition and --unet-channels need --v2",
         ),
-        (["--pooled-condition"], "--pooled-condition need --v2"),
+        (["--pooled-condition"], "--pooled-condition and --unet-channels need --v2"),
+        (["--unet-channels", "64", "128"], "--unet-channels need --v2"),
+        (["--v2", "--unet-channels", "40", "80"], "--unet-channels must be positive multiples of 16"),
+        (
+            ["--v2", "--unet-channels", "64", "128", "--denoiser-from", "x"],
+            "--denoiser-from keeps that model's widths",
+        ),
         (["--v2", "--autoencoder-from", "nowhere"], "--autoencoder-from 'nowhere' holds no lab model"),
         (["--v2", "--denoiser-from", "nowhere"], "--denoiser-from 'nowhere' holds no lab model"),
         (

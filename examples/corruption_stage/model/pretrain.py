@@ -328,6 +328,10 @@ def main() -> None:
         )
     if a.denoiser_from and (a.autoencoder_from or a.prediction_type != "epsilon"):
         p.error("--denoiser-from takes its autoencoder and prediction type from that model; drop the other two")
+    if a.unet_channels and a.denoiser_from:
+        p.error("--unet-channels builds a new denoiser; --denoiser-from keeps that model's widths: drop one of them")
+    if a.unet_channels and any(c <= 0 or c % 16 for c in a.unet_channels):
+        p.error(f"--unet-channels must be positive multiples of 16 (the UNet's group norms), got {a.unet_channels}")
     for name in ("n_images", "unet_steps"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
