@@ -112,6 +112,7 @@ def test_the_paper_recipe_reading_counts_seeds_per_learning_rate(tmp_path):
     judged = study_report.primary(run)
     assert judged["verdict"]["fit_step"] == 100 and judged["verdict"]["first_copy_step"] == 500
     assert judged["gap_ratio"] == 5.0 and judged["records_between_fit_and_copy"] == 3
+    assert judged["max_noise_energy"] == pytest.approx(2.0) and judged["min_fidelity_after_fit"] == pytest.approx(0.5)
     assert "| lora_lr3e-3_seed0 | 7.5 | True | 100 | 500 | 5.0 |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "paper_recipe.png").stat().st_size > 10_000
 
@@ -125,9 +126,12 @@ def test_the_bounded_std_reading_applies_issue_32s_pass_rule(tmp_path):
             _write_run(runs_dir, RunSpec("bayes_default", lr, seed, **spec), [0.0, 0.8, 0.8 + 0.01 * seed, 0.8])
             collapse = [0.0, 0.8, 0.3, 0.8] if lr == 1e-2 else [0.0, 0.8, 0.8 + 0.01 * seed, 0.8]
             _write_run(runs_dir, RunSpec("bayes_paper", lr, seed, **spec), collapse)
-    reading = study_report.write_study_report("bounded_std", str(tmp_path))["reading"]
+    summary = study_report.write_study_report("bounded_std", str(tmp_path))
+    reading = summary["reading"]
     assert reading["rule_a"] is True and reading["rule_b"] is True  # equal means at 3e-3 pass
     assert reading["unbounded_records_after_fit_below_0.5"]["bayes_paper_lr1e-2_seed0"] == 1
+    collapsed = next(r for r in summary["runs"] if r["name"] == "bayes_paper_lr1e-2_seed0")
+    assert study_report.primary(collapsed)["min_fidelity_after_fit"] == pytest.approx(0.3)
     assert reading["comparison"]["1e-2"]["within_2_std"]["final_fidelity"] is True
     assert reading["comparison"]["1e-2"]["arms"]["bayes_paper"]["max_fidelity"]["mean"] == pytest.approx(0.8)
     (runs_dir / "bayes_paper_lr3e-3_seed2.json").unlink()  # one seed short: rule (b) is undecided, not failed

@@ -39,6 +39,8 @@ def judge_file(path: str) -> dict:
         ),
         "max_fidelity": max(r.fidelity for r in records),
         "min_noise_energy": min(r.noise_energy for r in records),
+        "max_noise_energy": max(r.noise_energy for r in records),
+        "min_fidelity_after_fit": min((r.fidelity for r in after_fit), default=None),
         "loss_last_quarter": _mean_loss(r for r in records if r.step > 0.75 * records[-1].step),
         "final_fidelity": records[-1].fidelity,
         "final_copy_rate": records[-1].copy_rate,
