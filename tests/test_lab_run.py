@@ -12,6 +12,7 @@ from bayes_adapter.stage import MonitorRecord, append_monitor_record, read_monit
 from examples.corruption_stage import __main__ as lab
 from examples.corruption_stage.report import study_report
 from examples.corruption_stage.report.run_figure import drawn_panels
+from examples.corruption_stage.study import plan
 from examples.corruption_stage.study.train import RunSpec
 
 
@@ -54,6 +55,15 @@ def test_the_commands_refuse_bad_arguments_before_any_work(tmp_path, capsys, arg
     assert exit_info.value.code == 2, err
     assert message in err and "error:" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_study_whose_base_model_is_not_built_yet_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(plan.STUDY_BASE_MODELS, "paper_recipe_v3w", "base_model_not_built")
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["study", "paper_recipe_v3w", "--list", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "base_model_not_built, which holds no lab model yet" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_the_default_run_writes_records_the_verdict_and_a_figure(tmp_path, capsys):

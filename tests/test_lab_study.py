@@ -59,6 +59,13 @@ def test_the_declared_studies_list_their_runs_in_the_plans_order():
         plan.study_runs("memorise_probe", seeds=(1,))
     with pytest.raises(ValueError, match="--lr applies to study paper_recipe_arms only"):
         plan.study_runs("paper_recipe", lr=6e-3)
+    assert plan.study_runs("paper_recipe_v3w") == plan.study_runs("paper_recipe")  # the same runs on another model
+
+
+def test_each_study_names_the_base_model_it_fine_tunes():
+    assert plan.study_model_dir("paper_recipe") == MODEL_DIR
+    v3w = plan.study_model_dir("paper_recipe_v3w")
+    assert os.path.dirname(v3w) == os.path.dirname(MODEL_DIR) and os.path.basename(v3w) == "base_model_v3w_d"
 
 
 def test_each_arm_builds_its_adapter_config():
@@ -115,6 +122,7 @@ def test_the_driver_skips_finished_runs_and_restarts_unfinished_ones(v2f_model_d
     assert [r.step for r in read_monitor(partial)] == [0, 1, 2]  # restarted from the start
     run = json.loads((tmp_path / f"{spec.name}.json").read_text())
     assert run["command"] == "cmd" and run["spec"]["arm"] == "lora" and run["seconds"] >= 0
+    assert run["base_model"] == "base_model_v2f"
     assert driver.run_study([spec], str(tmp_path), "cmd", workers=1, model_dir=v2f_model_dir) == []
     other = _tiny_spec(seed=1, schedules=((3.0, 1),))
     failing = driver.run_study([other], str(tmp_path), "cmd", workers=1, model_dir=str(tmp_path / "nowhere"))

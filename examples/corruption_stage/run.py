@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 from bayes_adapter.stage import judge, read_monitor, verdict_sentence
 
-from .model.models import load_model
+from .model.models import CONFIG_FILE, load_model
 from .report.run_figure import make_run_figure
 from .report.study_report import rejudge_v2, write_study_report
 from .study.controls import run_controls
 from .study.driver import run_study
-from .study.plan import SEEDS, STUDIES, study_runs
+from .study.plan import SEEDS, STUDIES, study_model_dir, study_runs
 from .study.train import MODEL_DIR, RunSpec, train_run
 
 
@@ -97,13 +97,19 @@ def main(name: str, argv: list[str]) -> dict:
             specs = study_runs(args.study, tuple(args.seeds), args.lr)
         except ValueError as error:
             parser.error(str(error))
+        model_dir = study_model_dir(args.study)
+        if not os.path.isfile(os.path.join(model_dir, CONFIG_FILE)):
+            parser.error(
+                f"study {args.study} fine-tunes {model_dir}, which holds no lab model yet (PLAN_V3.md: pretrain it "
+                "and pass gate 1 first)"
+            )
         out = os.path.join(args.out or os.path.join(RESULTS_DIR, args.study), "runs")
         if args.list:
             for spec in specs:
                 done = os.path.exists(os.path.join(out, f"{spec.name}.json"))
                 print(f"{spec.name}: {'finished' if done else 'to run'}")
             return {}
-        return {"sentences": run_study(specs, out, command.strip(), workers=args.workers)}
+        return {"sentences": run_study(specs, out, command.strip(), workers=args.workers, model_dir=model_dir)}
     study_dir = args.dir or os.path.join(RESULTS_DIR, args.study)
     if args.study == "v2":
         summary = rejudge_v2(study_dir)

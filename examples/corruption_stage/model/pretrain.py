@@ -20,6 +20,7 @@ from .models import CONFIG_FILE, LabModel, LabModelConfig, add_pooled_condition,
 
 
 logger = logging.getLogger("lab.pretrain")
+UNET_RESUME_FILE = "unet_resume.pt"  # pretrain_v2's within-stage checkpoint, removed once the stage is saved
 
 
 def _cosine_lr(opt: torch.optim.Optimizer, total: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
@@ -80,9 +81,43 @@ def encode_all(model: LabModel, images: torch.Tensor, batch: int = 256) -> torch
     return torch.cat([model.vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
 
 
+def _save_resume_state(path: str, state: dict) -> None:
+    """Writes a training checkpoint atomically (a cut-off write leaves the previous one whole)."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_resume_state(path: str, fingerprint: dict) -> dict | None:
+    """The checkpoint at ``path`` if there is one, after checking it belongs to this run (tensors only: nothing
+    executable is unpickled)."""
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"resume checkpoint {path!r} was written by another run ({state.get('fingerprint')}), expected "
+            f"{fingerprint}: delete it to start this run over"
+        )
+    return state
+
+
 def train_unet(
-    model: LabModel, latents: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, lr: float, seed: int
+    model: LabModel,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    resume_path: str | None = None,
+    resume_every: int = 250,
 ) -> dict:
+    """Trains the denoiser (and condition embedding) ``steps`` steps and leaves their EMA in the model.
+
+    ``resume_path``: a checkpoint file written every ``resume_every`` steps; a rerun with the same arguments continues
+    from it with the same weights, optimiser, schedule and batch order, so a cut-off stage loses at most
+    ``resume_every`` steps."""
     g = torch.Generator().manual_seed(seed)
     params = list(model.unet.parameters()) + list(model.cond.parameters())
     model.unet.train().requires_grad_(True)
@@ -91,8 +126,28 @@ def train_unet(
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = _cosine_lr(opt, steps)
-    hist = []
-    bar = tqdm(range(steps), desc="latent unet", mininterval=2.0)
+    hist, start, resumed_at = [], 0, []
+    fingerprint = {
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "latents": list(latents.shape),
+        "parameters": sum(p.numel() for p in params),
+    }
+    state = _load_resume_state(resume_path, fingerprint) if resume_path else None
+    if state is not None:
+        model.unet.load_state_dict(state["unet"])
+        model.cond.load_state_dict(state["cond"])
+        with torch.no_grad():
+            for e, saved in zip(ema, state["ema"]):
+                e.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        g.set_state(state["generator"])
+        hist, start, resumed_at = state["history"], state["step"], [*state["resumed_at"], state["step"]]
+        logger.info("unet resumed at step %d from %s", start, resume_path)
+    bar = tqdm(range(start, steps), desc="latent unet", mininterval=2.0, initial=start, total=steps)
     for step in bar:
         idx = torch.randint(latents.shape[0], (batch,), generator=g)
         tok = labels[idx].clone()
@@ -113,12 +168,28 @@ def train_unet(
             hist.append({"step": step, "loss": loss})
             bar.set_postfix(loss=f"{loss:.4f}")
             logger.info("unet step %d loss %.4f", step, loss)
+        if resume_path and (step + 1) % resume_every == 0 and step + 1 < steps:
+            _save_resume_state(
+                resume_path,
+                {
+                    "fingerprint": fingerprint,
+                    "step": step + 1,
+                    "unet": model.unet.state_dict(),
+                    "cond": model.cond.state_dict(),
+                    "ema": ema,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "generator": g.get_state(),
+                    "history": hist,
+                    "resumed_at": resumed_at,
+                },
+            )
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
     model.unet.eval().requires_grad_(False)
     model.cond.eval().requires_grad_(False)
-    return {"history": hist}
+    return {"history": hist, "resumed_at": resumed_at}
 
 
 def pretrain(
@@ -249,7 +320,12 @@ def pretrain_v2(
         model.latent_scale = float(1.0 / raw.std())
     # a continued denoiser keeps its latent scale and sees a new batch order
     batch_seed = seed + (3 if denoiser_from is not None else 2)
-    un = train_unet(model, raw * model.latent_scale, labels, unet_steps, unet_batch, lr=1e-3, seed=batch_seed)
+    os.makedirs(out_dir, exist_ok=True)
+    resume_path = os.path.join(out_dir, UNET_RESUME_FILE)
+    un = train_unet(
+        model, raw * model.latent_scale, labels, unet_steps, unet_batch, lr=1e-3, seed=batch_seed,
+        resume_path=resume_path,
+    )  # fmt: skip
     extra = {
         "how_made": (
             "python -m examples.corruption_stage pretrain --v2 (examples/corruption_stage/pretrain.py, "
@@ -266,10 +342,13 @@ def pretrain_v2(
         "autoencoder_recipe": ae,
         "final_unet_loss_avg_last10": sum(h["loss"] for h in un["history"][-10:]) / len(un["history"][-10:]),
         "seconds": {"autoencoder": round(t_ae, 1), "total": round(time.time() - t0, 1)},
+        "unet_resumed_at_steps": un["resumed_at"],  # seconds then count only the last process's time
     }
     save_model(model, out_dir, extra)
     with open(f"{out_dir}/pretrain_history.json", "w") as f:
         json.dump({"autoencoder": ae_hist, "unet": un["history"]}, f)
+    if os.path.exists(resume_path):  # the stage is saved whole; a rerun starts it over
+        os.remove(resume_path)
     return model
 
 

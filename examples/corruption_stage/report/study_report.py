@@ -219,6 +219,9 @@ def read_paper_recipe_arms(runs: list[dict], plain_runs: list[dict]) -> dict:
 
 def summary_markdown(study: str, runs: list[dict], reading: dict) -> str:
     lines = [f"# Study `{study}` (PLAN_V3.md): {len(runs)} runs finished", ""]
+    base_models = sorted({run["base_model"] for run in runs if "base_model" in run})
+    if base_models:  # recorded by runs since the v3w study; earlier ones all fine-tuned base_model_v2f
+        lines += [f"Base model: {', '.join(base_models)}", ""]
     lines += [
         "| run | guidance | stage | fit step | first clean copy | gap ratio | best step | max / final fidelity | final copy rate | verdict |"
     ]
@@ -280,7 +283,7 @@ def make_study_figure(runs: list[dict], runs_dir: str, path: str) -> None:
 def write_study_report(study: str, study_dir: str) -> dict:
     runs_dir = os.path.join(study_dir, "runs")
     runs = load_runs(runs_dir)
-    if study == "paper_recipe":
+    if study in ("paper_recipe", "paper_recipe_v3w"):
         reading = read_paper_recipe(runs)
     elif study == "bounded_std":
         reading = read_bounded_std(runs)

@@ -39,7 +39,12 @@ def run_one(spec: RunSpec, out_dir: str, command: str, model_dir: str = MODEL_DI
             os.remove(path)
     start = time.time()
     result = train_run(load_model(model_dir), spec, out_dir)
-    result.update(command=command, seconds=round(time.time() - start, 1), torch_threads=1)
+    result.update(
+        command=command,
+        base_model=os.path.basename(os.path.normpath(model_dir)),
+        seconds=round(time.time() - start, 1),
+        torch_threads=1,
+    )
     tmp = run_file(out_dir, spec) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from .train import RunSpec
+import os
+
+from .train import MODEL_DIR, RunSpec
 
 
 PAPER_LRS = (3e-3, 6e-3, 1.2e-2)
 BOUNDED_STD_LRS = (1e-2, 3e-3)
 SEEDS = (0, 1, 2)
-STUDIES = ("paper_recipe", "bounded_std", "paper_recipe_arms", "memorise_probe")
+STUDIES = ("paper_recipe", "bounded_std", "paper_recipe_arms", "memorise_probe", "paper_recipe_v3w")
+# PLAN_V3's amendment of 7 December, 01:43: study 1 repeated on the wider base model v3w (its last stage)
+STUDY_BASE_MODELS = {"paper_recipe_v3w": "base_model_v3w_d"}
 PAPER_ARMS = ("bayes_paper", "bayes_default", "bayes_kl", "fixed_noise", "lora_dropout", "l2")
 
 
@@ -43,13 +47,18 @@ def bounded_std_run(arm: str, lr: float, seed: int) -> RunSpec:
     return RunSpec(arm=arm, lr=lr, seed=seed, steps=3000, batch=4, schedules=((3.0, 100),))
 
 
+def study_model_dir(study: str) -> str:
+    """The folder of the base model ``study`` fine-tunes (v2f unless the plan names another)."""
+    return os.path.join(os.path.dirname(MODEL_DIR), STUDY_BASE_MODELS.get(study, os.path.basename(MODEL_DIR)))
+
+
 def study_runs(study: str, seeds: tuple[int, ...] = SEEDS, lr: float | None = None) -> list[RunSpec]:
     """The runs of ``study`` for ``seeds``, in the plan's order (``lr``: the arms study's learning rate)."""
     if lr is not None and study != "paper_recipe_arms":
         raise ValueError(f"--lr applies to study paper_recipe_arms only, got --lr {lr:g} for study {study}")
     if study == "memorise_probe" and tuple(seeds) != SEEDS:
         raise ValueError(f"study memorise_probe runs its declared runs (seed 0); --seeds does not apply, got {seeds}")
-    if study == "paper_recipe":
+    if study in ("paper_recipe", "paper_recipe_v3w"):  # the same runs and rule, on another base model
         return [paper_recipe_run("lora", lr, seed) for seed in seeds for lr in PAPER_LRS]
     if study == "bounded_std":
         return [
