@@ -1,5 +1,5 @@
-"""Tiny DiT pipelines (Flux.1, Flux.2, Qwen-Image, Z-Image, SANA, SD3) built from configs in code, with their text
-encoders and tokenizers, so that no test touches the Hub. The UNet pipelines and shared helpers are in
+"""Tiny DiT pipelines (Flux.1, Flux.2 [dev] and [klein], Qwen-Image, Z-Image, SANA, SD3) built from configs in code,
+with their text encoders and tokenizers, so that no test touches the Hub. The UNet pipelines and shared helpers are in
 `tiny_models`."""
 
 from __future__ import annotations
@@ -102,13 +102,41 @@ def tiny_chat_tokenizer():
     return tokenizer
 
 
+def _flux2_transformer_and_vae(text_width: int, guidance_embeds: bool = True):
+    """Flux.2's transformer (`joint_attention_dim` three text-encoder layers wide) and VAE, tiny."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_width,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    return transformer, vae
+
+
 def tiny_flux2_pipeline(seed: int = 0):
     """A whole Flux2Pipeline (32 px images, 16 px latents patchified to 8x8 tokens of 16 channels) with random weights.
 
     The Mistral-3 text encoder has 30 tiny layers, so that the pipeline's default hidden-state layers (10, 20, 30)
     exist; the transformer's `joint_attention_dim` is three times its width.
     """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -128,32 +156,53 @@ def tiny_flux2_pipeline(seed: int = 0):
     text_encoder = Mistral3ForConditionalGeneration(
         Mistral3Config(text_config=text_config, vision_config={**vision_config, "head_dim": 8, "image_size": 32})
     )
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 4 latent channels x a 2x2 patch
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=3 * 16,
-        timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
-    )
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(4, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=2,
-        layers_per_block=1,
-        sample_size=32,
-    )
+    transformer, vae = _flux2_transformer_and_vae(text_width=16)
     return Flux2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tiny_chat_tokenizer(),
         transformer=transformer,
+    )
+
+
+def tiny_qwen3_config(num_hidden_layers: int):
+    """A Qwen3 text config 16 wide (Z-Image's and Flux.2 [klein]'s encoders), for `tiny_chat_tokenizer`'s ids."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+    )
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
+    """A whole Flux2KleinPipeline (Flux.2's tiny transformer without a guidance embedding, and its VAE) with random
+    weights: a Qwen3 causal LM of 27 tiny layers, so that the pipeline's default hidden-state layers (9, 18, 27) exist,
+    and a chat template that, like Qwen3's, adds the assistant's turn and an empty thinking block when asked to."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(tiny_qwen3_config(num_hidden_layers=27))
+    tokenizer = tiny_chat_tokenizer()
+    tokenizer.chat_template += (
+        "{% if add_generation_prompt %}[ASSISTANT]{% if enable_thinking is defined and not enable_thinking %}"
+        "<think></think>{% endif %}{% endif %}"
+    )
+    transformer, vae = _flux2_transformer_and_vae(text_width=16, guidance_embeds=False)
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=is_distilled,
     )
 
 
@@ -237,20 +286,10 @@ def tiny_zimage_pipeline(seed: int = 0):
     """A whole ZImagePipeline (32 px images, 16 px latents patched 2x2) with random weights: a tiny Qwen3 text
     encoder, the DiTs' shifted VAE, a static-shift flow-matching scheduler as Z-Image's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
     torch.manual_seed(seed)
-    text_encoder = Qwen3Model(
-        Qwen3Config(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=128,
-        )
-    )
+    text_encoder = Qwen3Model(tiny_qwen3_config(num_hidden_layers=2))
     transformer = ZImageTransformer2DModel(
         in_channels=4,
         dim=32,

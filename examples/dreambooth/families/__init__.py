@@ -1,5 +1,5 @@
-"""The model families the DreamBooth script trains: SD 1.x/2.x, SDXL, SD3, Flux.1, Flux.2, Qwen-Image, Z-Image and
-SANA.
+"""The model families the DreamBooth script trains: SD 1.x/2.x, SDXL, SD3, Flux.1, Flux.2 ([dev] and
+[klein]), Qwen-Image, Z-Image and SANA.
 
 A family is told by the pipeline's `model_index.json` (`_class_name`), as diffusers' own loaders tell it. It fixes
 which components are loaded (by the classes `model_index.json` names), which text encoders may carry a Bayesian
@@ -28,7 +28,7 @@ from .base import (
     read_model_index,
     to_latents,
 )
-from .flux import Flux, Flux2
+from .flux import Flux, Flux2, Flux2Klein
 from .qwen_image import QwenImage
 from .sana import Sana
 from .stable_diffusion import StableDiffusion, StableDiffusion3, StableDiffusionXL
@@ -41,6 +41,7 @@ __all__ = [
     "FlowMatchingFamily",
     "Flux",
     "Flux2",
+    "Flux2Klein",
     "ModelFamily",
     "NoisedLatents",
     "PromptCache",

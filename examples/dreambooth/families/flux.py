@@ -1,4 +1,5 @@
-"""Flux.1 and Flux.2: flow-matching DiTs over packed 2x2 latent patches, told a guidance scale when distilled."""
+"""Flux.1, Flux.2 [dev] and Flux.2 [klein]: flow-matching DiTs over packed 2x2 latent patches, told a guidance scale
+when guidance-distilled."""
 
 from __future__ import annotations
 
@@ -116,3 +117,30 @@ class Flux2(FlowMatchingFamily):
         )[0]
         # The tokens are in row-major order of the latent grid (`_prepare_latent_ids`): back to (B, C, H, W).
         return tokens.permute(0, 2, 1).reshape(batch, channels, height, width)
+
+
+class Flux2Klein(Flux2):
+    """Flux.2 [klein]: Flux.2's transformer and VAE with a Qwen3 text encoder (its hidden states at layers 9, 18 and 27
+    of the chat-templated prompt, as `Flux2KleinPipeline` reads them; frozen) and no guidance embedding: the pipeline
+    passes the transformer no guidance (the base models use classifier-free guidance, the distilled ones none)."""
+
+    name = "flux2klein"
+    label = "Flux.2 [klein]"
+    pipeline_class = "Flux2KleinPipeline"
+    class_name_prefixes = ("Flux2KleinPipeline",)
+
+    def guidance_scale(self, denoiser, settings) -> float | None:
+        return None  # as `Flux2KleinPipeline`, whatever the transformer's `guidance_embeds`
+
+    def encode_prompts(self, text_encoders, tokenizers, prompts, device, max_sequence_length=None):
+        from diffusers import Flux2KleinPipeline
+
+        # The pipeline's own recipe with its defaults (layers 9, 18, 27), which validation and users' pipe(...) use.
+        states = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            text_encoders[0],
+            tokenizers[0],
+            prompts,
+            device=device,
+            max_sequence_length=max_sequence_length or self.default_max_sequence_length,
+        )
+        return {"encoder_hidden_states": states}
