@@ -93,6 +93,14 @@ def tiny_flux2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_klein(tmp_path_factory):
+    """A tiny Flux.2 [klein] (base, not step-distilled) pipeline saved to a folder (read only)."""
+    import tiny_dit_models
+
+    return _saved_pipeline(tmp_path_factory, "tiny-flux2-klein", tiny_dit_models.tiny_flux2_klein_pipeline)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwenimage(tmp_path_factory):
     """A tiny Qwen-Image pipeline saved to a folder (read only)."""
     import tiny_dit_models

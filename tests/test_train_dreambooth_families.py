@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("FluxPipeline", "flux"),
         ("FluxImg2ImgPipeline", "flux"),
         ("Flux2Pipeline", "flux2"),
-        ("Flux2KleinPipeline", None),
+        ("Flux2KleinPipeline", "flux2klein"),
+        ("Flux2KleinKVPipeline", None),
         ("QwenImagePipeline", "qwenimage"),
         ("QwenImageEditPipeline", None),
         ("ZImagePipeline", "zimage"),  # a Qwen3 text encoder and no guidance embedding: not trained here
