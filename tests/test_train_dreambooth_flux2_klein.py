@@ -5,6 +5,8 @@ the transformer as the pipeline does, and a run's LoRA loads into the vanilla pi
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -153,3 +155,24 @@ def test_klein_trains_validates_and_its_lora_loads_into_the_vanilla_pipeline(tin
     assert not list(bayes_adapter.bayes_layers(pipe.transformer))
     assert_same_numerics(klein_transformer_output(pipe.transformer), trained)
     assert (klein_image(pipe) - before).abs().max() > 1e-3
+
+
+def test_a_step_distilled_klein_trains_and_validates(tiny_flux2_klein, tmp_path, instance_dir):
+    """`is_distilled` in model_index.json only changes how the pipeline guides (no classifier-free guidance): the same
+    family trains it, and validation and the export's test generate with it."""
+    distilled = tmp_path / "klein-distilled"
+    shutil.copytree(tiny_flux2_klein, distilled)
+    index = json.loads((distilled / "model_index.json").read_text(encoding="utf-8"))
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}), encoding="utf-8")
+    assert klein_pipeline(distilled).config.is_distilled
+    out = tmp_path / "out"
+    validation = ["--validation_prompt", PROMPT, "--validation_steps", "1"]
+    validation += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
+    result = training.main(
+        parse_args(dreambooth_args(distilled, instance_dir, out, "--max_train_steps", "1", *validation))
+    )
+    assert result["family"] == "flux2klein" and result["global_step"] == 1
+    assert sorted(path.name for path in (out / "samples").iterdir()) == [
+        "export_step_000001_0.png",
+        "step_000001_0.png",
+    ]

@@ -181,10 +181,11 @@ def tiny_qwen3_config(num_hidden_layers: int):
     )
 
 
-def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
-    """A whole Flux2KleinPipeline (Flux.2's tiny transformer without a guidance embedding, and its VAE) with random
-    weights: a Qwen3 causal LM of 27 tiny layers, so that the pipeline's default hidden-state layers (9, 18, 27) exist,
-    and a chat template that, like Qwen3's, adds the assistant's turn and an empty thinking block when asked to."""
+def tiny_flux2_klein_pipeline(seed: int = 0):
+    """A whole base (not step-distilled) Flux2KleinPipeline with random weights: Flux.2's tiny transformer without a
+    guidance embedding and its VAE, a Qwen3 causal LM of 27 tiny layers, so that the pipeline's default hidden-state
+    layers (9, 18, 27) exist, and a chat template that, like Qwen3's, adds the assistant's turn and an empty thinking
+    block when asked to."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from transformers import Qwen3ForCausalLM
 
@@ -202,7 +203,6 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
-        is_distilled=is_distilled,
     )
 
 

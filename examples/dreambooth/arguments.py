@@ -16,8 +16,8 @@ DEFAULT_TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
 QUANTISATION_METHODS = {"nf4": "bnb_nf4", "int8": "torchao_int8"}
 QUANTISATION_PACKAGES = {"nf4": "bitsandbytes", "int8": "torchao"}
 DESCRIPTION = (
-    "DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5), Flux.1, Flux.2, Qwen-Image, "
-    "Z-Image or SANA with Bayesian LoRA."
+    "DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5), Flux.1, Flux.2 ([dev] or "
+    "[klein]), Qwen-Image, Z-Image or SANA with Bayesian LoRA."
 )
 
 
@@ -108,7 +108,7 @@ def add_model_arguments(model) -> None:
         type=str,
         required=True,
         help="Hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, Flux.1, "
-        "Flux.2, Qwen-Image, Z-Image or SANA (told by its model_index.json).",
+        "Flux.2 [dev] or [klein], Qwen-Image, Z-Image or SANA (told by its model_index.json).",
     )
     model.add_argument(
         "--revision",

@@ -148,7 +148,8 @@ def add_flow_matching_arguments(flow) -> None:
         "--guidance_scale",
         type=float,
         default=3.5,
-        help="The guidance given to a guidance-distilled Flux (Flux.1-dev, Flux.2-dev) while training.",
+        help="The guidance given to a guidance-distilled Flux (Flux.1-dev, Flux.2-dev) while training; Flux.2 [klein] "
+        "has no guidance embedding and, as its pipeline, gets none.",
     )
     flow.add_argument(
         "--precondition_outputs",
