@@ -76,6 +76,9 @@ def build_model_card(
     prompt = instance_prompt or "a photo"
     base = base_model or "<base model id>"
     load_component = {"unet": "unet", "transformer": "transformer"}.get(component, component)
+    # float16 for the UNet models (SD 1.x/2.x, SDXL), bfloat16 for the transformers (SD3, Flux, SANA, Qwen-Image),
+    # as their model cards load them; `dtype` is diffusers' name since `torch_dtype` was deprecated
+    run_dtype = "torch.float16" if component == "unet" else "torch.bfloat16"
     lines = [
         f"# Bayesian LoRA: {repo_id}",
         "",
@@ -93,7 +96,7 @@ def build_model_card(
         "import torch",
         "from diffusers import AutoPipelineForText2Image",
         "",
-        f'pipe = AutoPipelineForText2Image.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe = AutoPipelineForText2Image.from_pretrained("{base}", dtype={run_dtype}).to("cuda")',
         f'pipe.load_lora_weights("{repo_id}")',
         f'image = pipe("{prompt}").images[0]',
         "```",

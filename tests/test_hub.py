@@ -29,7 +29,7 @@ from tiny_models import (
 
 import bayes_adapter
 from bayes_adapter import export_lora, push_to_hub
-from bayes_adapter.hub import HubPushError
+from bayes_adapter.hub import HubPushError, build_model_card
 
 
 def tensor_keys(data: bytes, tmp_path, name: str) -> list[str]:
@@ -95,6 +95,7 @@ def test_push_model_then_load_by_repo_id(hub, tmp_path, monkeypatch, caplog, cap
     assert card.data.instance_prompt == "a photo of sks dog"
     assert card.data.widget == [{"text": "a photo of sks dog", "output": {"url": "images/validation_0.png"}}]
     assert f'pipe.load_lora_weights("{REPO}")' in card.text
+    assert ', dtype=torch.float16).to("cuda")' in card.text and "torch_dtype" not in card.text
     assert 'subfolder="bayesian"' in card.text
     stats = bayes_adapter.posterior_std_stats(model)
     assert f"{stats['mean']:.4g}" in card.text and "| Bayesian factors | AB |" in card.text
@@ -264,3 +265,11 @@ def test_a_token_from_the_environment_is_masked_in_the_error_and_its_chain(hub, 
     while error is not None:
         assert TOKEN not in str(error) and TOKEN not in repr(error.args)
         error = error.__cause__ or error.__context__
+
+
+@pytest.mark.parametrize("component, dtype", [("unet", "torch.float16"), ("transformer", "torch.bfloat16")])
+def test_the_cards_snippet_loads_the_base_in_the_dtype_its_family_runs_in(component, dtype):
+    summary = {"component": component, "r": 4, "lora_alpha": 4, "target_modules": ["to_q"]}
+    card = str(build_model_card(summary, "me/dog", base_model="org/base"))
+    assert f'AutoPipelineForText2Image.from_pretrained("org/base", dtype={dtype}).to("cuda")' in card
+    assert "torch_dtype" not in card

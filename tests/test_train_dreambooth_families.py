@@ -1,4 +1,5 @@
-"""The DreamBooth trainer's structure: model families as classes, read-only settings, no sys.path edits."""
+"""The DreamBooth trainer's structure: model families as classes, read-only settings, no sys.path edits; the dtypes
+a family keeps its frozen components in."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from tiny_models import dreambooth_args
+import torch
+from tiny_models import dreambooth_args, tiny_sdxl_pipeline, tiny_vae
 
 from examples.dreambooth import families
 from examples.dreambooth.settings import Settings, parse_args
@@ -98,3 +100,32 @@ def test_a_family_samples_latents_as_diffusers_latent_dist_sample():
         torch.manual_seed(3)
         theirs = vae.encode(pixels).latent_dist.sample()
     assert bool((std > 0).all()) and torch.equal(ours, theirs)
+
+
+def _decoded_dtype(vae) -> torch.dtype:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        return vae.decode(torch.randn(1, 4, 16, 16, dtype=torch.float16)).sample.dtype
+
+
+def test_a_vae_kept_in_float32_encodes_and_decodes_in_float32_inside_float16_autocast():
+    """SDXL's own VAE overflows in float16; kept in float32, it must not run in float16 under validation's autocast."""
+    sdxl = families.FAMILIES["sdxl"]
+    assert _decoded_dtype(tiny_vae(0)) == torch.float16  # the control: autocast runs a float32 VAE in float16
+    vae = tiny_vae(0)
+    assert vae.config.force_upcast and sdxl.cast_vae(vae, torch.float16, separate_vae=False) == torch.float32
+    assert vae.dtype == torch.float32 and _decoded_dtype(vae) == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        pixels = torch.rand(1, 3, 32, 32, dtype=torch.float16)
+        assert vae.encode(pixels).latent_dist.mean.dtype == torch.float32
+    separate = tiny_vae(0)  # a separate (fp16-safe) VAE runs in the weights' dtype, autocast or not
+    assert sdxl.cast_vae(separate, torch.float16, separate_vae=True) == separate.dtype == torch.float16
+    assert not getattr(separate.decode, "runs_outside_autocast", False)
+
+
+def test_a_pipeline_for_generation_gets_the_vae_dtype_training_uses():
+    pipeline = tiny_sdxl_pipeline().to(dtype=torch.float16)
+    families.FAMILIES["sdxl"].cast_for_generation(pipeline, torch.float16)
+    assert pipeline.vae.dtype == torch.float32 and _decoded_dtype(pipeline.vae) == torch.float32
+    plain = tiny_sdxl_pipeline().to(dtype=torch.float16)  # SD 1.x keeps every component in the weights' dtype
+    families.FAMILIES["sd"].cast_for_generation(plain, torch.float16)
+    assert plain.vae.dtype == torch.float16

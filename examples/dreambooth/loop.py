@@ -175,13 +175,16 @@ def save_and_export(settings: Settings, accelerator, models: Models, data: Train
         export_mean_lora(output_dir, final, models.pipeline_cls, kohya=settings.output_kohya_format)
         images = None
         if settings.validation_prompt:  # the exported file, loaded the way users will load it
+            separate_vae = bool(settings.pretrained_vae_model_name_or_path)
             pipeline = models.pipeline_cls.from_pretrained(
                 settings.pretrained_model_name_or_path,
                 revision=settings.revision,
                 variant=settings.variant,
                 dtype=models.weight_dtype,
+                # the VAE the run trained and validated with (e.g. SDXL's fp16-safe one), as users pass it
+                **({"vae": models.vae} if separate_vae else {}),
             )
-            family.cast_for_generation(pipeline, models.weight_dtype)
+            family.cast_for_generation(pipeline, models.weight_dtype, separate_vae)
             pipeline.load_lora_weights(str(output_dir))
             images = log_validation(settings, accelerator, pipeline, [], data.reference, state.global_step, "test")
         stage_sentence = state.monitor.verdict_sentence() if state.monitor is not None else None

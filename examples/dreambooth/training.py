@@ -172,8 +172,8 @@ def load_models(settings: Settings, accelerator) -> Models:
         vae = families.load_component(path, model_index, "vae", variant=settings.variant, **load)
     noise_scheduler = family.noise_scheduler_class().from_pretrained(path, subfolder="scheduler", **load)
 
-    vae_dtype = family.vae_dtype(vae, weight_dtype, separate_vae=bool(settings.pretrained_vae_model_name_or_path))
-    vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
+    vae.requires_grad_(False).to(accelerator.device)
+    vae_dtype = family.cast_vae(vae, weight_dtype, separate_vae=bool(settings.pretrained_vae_model_name_or_path))
     for model in text_encoders:
         model.requires_grad_(False).to(accelerator.device)
         family.cast_text_encoder(model, weight_dtype)

@@ -15,6 +15,27 @@ from ..errors import ArgumentsError
 FAMILIES: dict[str, ModelFamily] = {}
 
 
+def run_outside_autocast(module: torch.nn.Module, method: str, cast_inputs: bool) -> None:
+    """Replaces `module.<method>` (once) with one that runs with autocast disabled, in the module's own dtype; with
+    `cast_inputs`, floating tensor arguments are first cast to that dtype."""
+    original = getattr(module, method)
+    if getattr(original, "runs_outside_autocast", False):
+        return
+
+    def cast(value):
+        return value.to(module.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    @functools.wraps(original)
+    def outside_autocast(*args, **kwargs):
+        if cast_inputs:
+            args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+        with torch.autocast(module.device.type, enabled=False):
+            return original(*args, **kwargs)
+
+    outside_autocast.runs_outside_autocast = True
+    setattr(module, method, outside_autocast)
+
+
 @dataclass
 class NoisedLatents:
     """One batch's denoiser inputs and what the loss compares its output with."""
@@ -90,20 +111,27 @@ class ModelFamily:
         dtype = self.text_encoder_dtype(weight_dtype)
         model.to(dtype=dtype)
         if dtype != weight_dtype:
-            forward = model.forward
+            # as accelerate wraps a prepared model's forward in autocast
+            run_outside_autocast(model, "forward", cast_inputs=False)
 
-            @functools.wraps(forward)
-            def forward_outside_autocast(*args, **kwargs):
-                with torch.autocast(model.device.type, enabled=False):
-                    return forward(*args, **kwargs)
+    def cast_vae(self, vae, weight_dtype: torch.dtype, separate_vae: bool) -> torch.dtype:
+        """Casts the frozen VAE to `vae_dtype(...)` and returns that dtype; kept in another dtype than `weight_dtype`
+        (SDXL's own VAE and SANA's autoencoder in float32), it also encodes and decodes outside a mixed-precision
+        autocast, which would run its convolutions in `weight_dtype` and overflow where float32 was chosen to avoid
+        it, with floating inputs cast to its dtype as a pipeline outside autocast would need."""
+        dtype = self.vae_dtype(vae, weight_dtype, separate_vae)
+        vae.to(dtype=dtype)
+        if dtype != weight_dtype:
+            for method in ("encode", "decode"):
+                run_outside_autocast(vae, method, cast_inputs=True)
+        return dtype
 
-            model.forward = forward_outside_autocast  # as accelerate wraps a prepared model's forward in autocast
-
-    def cast_for_generation(self, pipeline, dtype: torch.dtype) -> None:
+    def cast_for_generation(self, pipeline, dtype: torch.dtype, separate_vae: bool = False) -> None:
         """Casts the components of a pipeline loaded in `dtype` (class images, the final validation) that the family
-        keeps in other dtypes (its text encoders: `cast_text_encoder`)."""
+        keeps in other dtypes: its text encoders (`cast_text_encoder`) and its VAE (`cast_vae`)."""
         for name in self.text_encoders:
             self.cast_text_encoder(getattr(pipeline, name), dtype)
+        self.cast_vae(pipeline.vae, dtype, separate_vae)
 
     def noise_scheduler_class(self):
         raise NotImplementedError

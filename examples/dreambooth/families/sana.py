@@ -50,10 +50,6 @@ class Sana(FlowMatchingFamily):
         # Gemma-2's activations overflow in float16: diffusers' SANA script and pipeline examples run it in bfloat16.
         return torch.bfloat16 if weight_dtype == torch.float16 else weight_dtype
 
-    def cast_for_generation(self, pipeline, dtype):
-        super().cast_for_generation(pipeline, dtype)
-        pipeline.vae.to(dtype=self.vae_dtype(pipeline.vae, dtype, separate_vae=False))  # the pipeline casts to it
-
     def encode_images(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         latent = vae.encode(pixels).latent
         return latent, torch.zeros_like(latent)
