@@ -12,7 +12,7 @@ from tiny_models import (
 )
 
 from examples.dreambooth import data as dreambooth_data
-from examples.dreambooth import training
+from examples.dreambooth import sources, training
 from examples.dreambooth.settings import parse_args
 
 
@@ -32,9 +32,9 @@ def test_caption_files_repeats_and_caption_dropout(tmp_path):
     images = sorted(p for p in folder.iterdir())
     images[0].with_suffix(".txt").write_text("a photo of sks dog on grass\n")
     args = parse_args(dreambooth_args("no/such/model", folder, tmp_path / "out", "--repeats", "3"))
-    listed = dreambooth_data.list_images(folder, "--instance_data_dir", ".txt")
+    listed = sources.list_images(folder, "--instance_data_dir", ".txt")
     assert listed == images  # the caption file is not taken for an image
-    captions = dreambooth_data.instance_captions(listed, args)
+    captions = sources.instance_captions(listed, args)
     assert captions == ["a photo of sks dog on grass", "a photo of sks dog"]  # the instance prompt is the fallback
     dataset = dreambooth_data.DreamBoothDataset(listed, captions, 32, repeats=args.repeats)
     assert len(dataset) == 6
@@ -44,7 +44,7 @@ def test_caption_files_repeats_and_caption_dropout(tmp_path):
     prompts = [dropped[i % 2]["instance_prompt"] for i in range(200)]
     assert 60 < prompts.count("") < 140
     assert (
-        dreambooth_data.instance_captions(
+        sources.instance_captions(
             listed, parse_args(dreambooth_args("m", folder, tmp_path / "o", "--caption_extension", "none"))
         )
         == ["a photo of sks dog"] * 2
@@ -73,11 +73,11 @@ def test_os_files_in_an_image_folder_are_skipped_with_a_debug_line(tmp_path, cap
         (folder / name).write_bytes(b"\x00not an image")
     (folder / "@eaDir").mkdir()  # Synology's thumbnail folder
     with caplog.at_level(logging.DEBUG, logger="examples.dreambooth.data"):
-        listed = dreambooth_data.list_images(folder, "--instance_data_dir")
+        listed = sources.list_images(folder, "--instance_data_dir")
     assert [p.name for p in listed] == ["0.png", "1.png"]
     skipped = " ".join(record.getMessage() for record in caplog.records if record.levelno == logging.DEBUG)
     assert "Thumbs.db" in skipped and "desktop.ini" in skipped and ".DS_Store" in skipped
     # Any other file that is no image is still refused, naming it.
     (folder / "notes.doc").write_bytes(b"\x00")
     with pytest.raises(ValueError, match=r"--instance_data_dir: '.*notes\.doc' is not a readable image"):
-        dreambooth_data.list_images(folder, "--instance_data_dir")
+        sources.list_images(folder, "--instance_data_dir")

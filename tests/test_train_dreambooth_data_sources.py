@@ -151,7 +151,7 @@ def dataset_args(tiny_sd, folder, out, *extra) -> list[str]:
 
 def test_dataset_name_reads_captions_from_metadata_and_trains(tiny_sd, tmp_path, monkeypatch, fresh_accelerate_state):
     from examples.dreambooth import data as dreambooth_data
-    from examples.dreambooth import training
+    from examples.dreambooth import sources, training
 
     rows = [
         {"file_name": "train/a.png", "caption": "a photo of sks dog on grass"},
@@ -161,7 +161,7 @@ def test_dataset_name_reads_captions_from_metadata_and_trains(tiny_sd, tmp_path,
     folder = imagefolder(tmp_path, rows, {"train/a.png": (40, 40), "train/b.png": (48, 32), "c.png": (32, 32)})
     argv = dataset_args(tiny_sd, folder, tmp_path / "out", "--caption_column", "caption", "--max_train_steps", "2")
     settings = parse_args(argv)
-    images, captions = dreambooth_data.instance_images_and_captions(settings)
+    images, captions = sources.instance_images_and_captions(settings)
     assert [p.name for p in images] == ["a.png", "b.png", "c.png"]
     assert captions == ["a photo of sks dog on grass", "a photo of sks dog in snow", "a photo of sks dog"]
     prompts = []
@@ -201,7 +201,7 @@ def test_dataset_name_and_instance_data_dir_are_one_or_the_other(tiny_sd, tmp_pa
     with pytest.raises(ArgumentsError, match="give one of --instance_data_dir .* and --dataset_name"):
         parse_args(argv)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ArgumentsError, match="has no metadata.jsonl and is not a folder written by datasets"):
+    with pytest.raises(ArgumentsError, match="is a folder with no metadata.jsonl that is not a save_to_disk folder"):
         parse_args(dataset_args(tiny_sd, tmp_path / "empty", tmp_path / "out"))
 
 
@@ -228,13 +228,13 @@ def test_a_saved_dataset_trains_with_its_captions_in_buckets(
     tiny_sd, tmp_path, monkeypatch, fresh_accelerate_state, as_dict
 ):
     from examples.dreambooth import data as dreambooth_data
-    from examples.dreambooth import training
+    from examples.dreambooth import sources, training
 
     captions = ["a photo of sks dog on grass", None, "a photo of sks dog in snow"]
     folder = saved_dataset(tmp_path / "saved", [(48, 32), (40, 40), (48, 32)], captions, as_dict=as_dict)
     extra = ["--aspect_ratio_buckets", "--cache_latents", "--train_batch_size", "2", "--max_train_steps", "2"]
     settings = parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", *extra))
-    images, prompts = dreambooth_data.instance_images_and_captions(settings)
+    images, prompts = sources.instance_images_and_captions(settings)
     assert [image.index for image in images] == [0, 1, 2] and images[0].split == ("train" if as_dict else None)
     assert prompts == ["a photo of sks dog on grass", "a photo of sks dog", "a photo of sks dog in snow"]
     pixels, _ = dreambooth_data.load_image(images[0], (24, 40))
@@ -253,3 +253,73 @@ def test_a_saved_dataset_with_a_wrong_column_is_refused(tiny_sd, tmp_path, flag,
     folder = saved_dataset(tmp_path / "saved", [(32, 32)], ["a photo of sks dog"])
     with pytest.raises(ArgumentsError, match=message):
         parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", *flag))
+
+
+# --- --dataset_name: what datasets.load_dataset loads (a Hub dataset id, or a downloaded Hub dataset) --------------
+
+
+def downloaded_hub_dataset(path, captions: list):
+    """A Hub dataset's folder as `hf download --repo-type dataset` leaves it: a card and data/train-*.parquet."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 40, 3), dtype=np.uint8)) for i in (0, 1)]
+    dataset = datasets.Dataset.from_dict({"picture": images, "prompt": captions}).cast_column(
+        "picture", datasets.Image()
+    )
+    (path / "data").mkdir(parents=True)
+    dataset.to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
+    (path / "README.md").write_text("---\nlicense: mit\n---\n# dogs\n")
+    return path
+
+
+def test_a_downloaded_hub_dataset_loads_with_load_dataset_and_trains(
+    tiny_sd, tmp_path, monkeypatch, fresh_accelerate_state
+):
+    import datasets
+
+    from examples.dreambooth import sources, training
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    folder = downloaded_hub_dataset(tmp_path / "dogs", ["a photo of sks dog on grass", None])
+    extra = ["--image_column", "picture", "--caption_column", "prompt", "--max_train_steps", "2"]
+    settings = parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", *extra))
+    images, prompts = sources.instance_images_and_captions(settings)
+    assert [(image.from_hub, image.split, image.index) for image in images] == [(True, "train", 0), (True, "train", 1)]
+    assert prompts == ["a photo of sks dog on grass", "a photo of sks dog"]
+    assert sources.open_image(images[1]).size == (40, 32)
+    assert training.main(settings)["global_step"] == 2
+
+
+def test_a_hub_dataset_id_reaches_load_dataset_with_its_config_and_the_train_split(tiny_sd, tmp_path, monkeypatch):
+    import datasets
+    from PIL import Image
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        rows = {"image": [Image.new("RGB", (32, 32))], "text": ["a photo of sks dog"]}
+        return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    parse_args(dataset_args(tiny_sd, "someone/sks-dogs", tmp_path / "out", "--dataset_config_name", "v2"))
+    assert calls == [("someone/sks-dogs", "v2", "train")]
+
+
+def test_a_hub_dataset_id_that_cannot_load_is_refused_with_what_datasets_said(tiny_sd, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # CI reaches package registries only
+    message = (
+        r"--dataset_name='someone/no-such-dogs' is not an existing local folder and, as a Hub dataset id, did not "
+        r"load with datasets.load_dataset \(ConnectionError: .*someone/no-such-dogs"
+    )
+    with pytest.raises(ArgumentsError, match=message):
+        parse_args(dataset_args(tiny_sd, "someone/no-such-dogs", tmp_path / "out"))
+    folder = imagefolder(tmp_path, [{"file_name": "c.png", "text": "t"}], {"c.png": (32, 32)})
+    with pytest.raises(
+        ArgumentsError, match="--dataset_config_name='v2' applies to a Hub dataset .* local imagefolder"
+    ):
+        parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", "--dataset_config_name", "v2"))

@@ -152,21 +152,29 @@ def add_data_arguments(data) -> None:
         type=str,
         default=None,
         help="Instead of --instance_data_dir: a local folder, either written by datasets' save_to_disk (a Dataset, or "
-        "a DatasetDict's train split; images in --image_column) or in diffusers' imagefolder convention (a "
-        "metadata.jsonl with one JSON object per image, its file_name and its caption); captions in "
-        "--caption_column, images without one use --instance_prompt. Hub dataset ids are not downloaded.",
+        "a DatasetDict's train split) or in diffusers' imagefolder convention (a metadata.jsonl with one JSON object "
+        "per image, its file_name and its caption); else what datasets.load_dataset loads, as in diffusers' scripts: "
+        "a Hub dataset id (e.g. lambdalabs/naruto-blip-captions, downloaded into the datasets cache) or a downloaded "
+        "Hub dataset's folder, its train split. Images in --image_column, captions in --caption_column; images "
+        "without one use --instance_prompt.",
+    )
+    data.add_argument(
+        "--dataset_config_name",
+        type=str,
+        default=None,
+        help="The config of a --dataset_name loaded by datasets.load_dataset (a Hub dataset with several).",
     )
     data.add_argument(
         "--image_column",
         type=str,
         default="image",
-        help="The column of a save_to_disk dataset holding the images (with --dataset_name).",
+        help="The column holding the images (with a --dataset_name that is not an imagefolder).",
     )
     data.add_argument(
         "--caption_column",
         type=str,
         default="text",
-        help="The column (save_to_disk dataset) or metadata.jsonl key (imagefolder) of each image's caption (with "
+        help="The column (a saved or Hub dataset) or metadata.jsonl key (imagefolder) of each image's caption (with "
         "--dataset_name).",
     )
     data.add_argument(

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
-from .data import open_image
+from .sources import open_image
 
 
 # Wider or taller images are trained at this ratio (their excess cropped): beyond it a side gets too few latents.

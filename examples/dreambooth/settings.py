@@ -11,9 +11,9 @@ from typing import Any
 from . import families, targets
 from .adapters import lora_config
 from .arguments import QUANTISATION_PACKAGES, build_parser, config_error_with_flags
-from .data import caption_suffix, instance_images_and_captions, list_images
 from .errors import ArgumentsError
 from .outputs import check_output_dir
+from .sources import caption_suffix, instance_images_and_captions, list_images
 
 
 class Settings:
@@ -108,7 +108,7 @@ def check_settings(settings: Settings) -> Settings:
     if bool(settings.instance_data_dir) == bool(settings.dataset_name):
         raise ValueError(
             f"give one of --instance_data_dir (a folder of images, with optional caption files) and --dataset_name "
-            f"(a local imagefolder with metadata.jsonl); got --instance_data_dir={settings.instance_data_dir!r} and "
+            f"(a local dataset folder or a Hub dataset id); got --instance_data_dir={settings.instance_data_dir!r} and "
             f"--dataset_name={settings.dataset_name!r}."
         )
     if settings.instance_data_dir:

@@ -16,7 +16,7 @@ import torch
 from accelerate.logging import get_logger
 
 from . import data as dreambooth_data
-from . import families
+from . import families, sources
 from .adapters import (
     add_adapters,
     elbo_kl_weight_for,
@@ -191,10 +191,10 @@ def kl_weight_of(settings: Settings, models: Models) -> float:
 
 def load_data(settings: Settings, accelerator, models: Models) -> TrainingData:
     """The images (checked again here for embedders that skip parse_args), latents and prompts, and the loader."""
-    instance_images, captions = dreambooth_data.instance_images_and_captions(settings)
+    instance_images, captions = sources.instance_images_and_captions(settings)
     class_images = []
     if settings.with_prior_preservation:
-        class_images = dreambooth_data.list_images(Path(settings.class_data_dir), "--class_data_dir")
+        class_images = sources.list_images(Path(settings.class_data_dir), "--class_data_dir")
         class_images = class_images[: settings.num_class_images]
     size = settings.resolution
     if settings.aspect_ratio_buckets:
