@@ -72,7 +72,7 @@ def test_os_files_in_an_image_folder_are_skipped_with_a_debug_line(tmp_path, cap
     for name in ("Thumbs.db", "desktop.ini", ".DS_Store", "._0.png", "ehthumbs.db"):
         (folder / name).write_bytes(b"\x00not an image")
     (folder / "@eaDir").mkdir()  # Synology's thumbnail folder
-    with caplog.at_level(logging.DEBUG, logger="examples.dreambooth.data"):
+    with caplog.at_level(logging.DEBUG, logger="examples.dreambooth.sources"):
         listed = sources.list_images(folder, "--instance_data_dir")
     assert [p.name for p in listed] == ["0.png", "1.png"]
     skipped = " ".join(record.getMessage() for record in caplog.records if record.levelno == logging.DEBUG)

@@ -1,9 +1,9 @@
-"""The DreamBooth data: instance (and class) images with their prompts, loaded, cropped and batched."""
+"""The DreamBooth data: instance and class images loaded, cropped and batched (where the instance images and their
+prompts come from: `sources.py`)."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
 from pathlib import Path
 
@@ -12,9 +12,6 @@ import torch
 from PIL import Image, ImageOps
 
 from .sources import DatasetImage, data_files, open_image
-
-
-logger = logging.getLogger(__name__)
 
 
 def load_image(path: Path | DatasetImage, size: int | tuple[int, int], center_crop: bool = True, flip: bool = False):
