@@ -168,10 +168,13 @@ def save_model(model: LabModel, directory: str, extra: dict | None = None) -> No
     for prefix, module in (("vae", model.vae), ("cond", model.cond), ("unet", model.unet)):
         for k, v in module.state_dict().items():
             tensors[f"{prefix}.{k}"] = v.detach().to(torch.float16).contiguous()
-    save_file(tensors, os.path.join(directory, WEIGHTS_FILE))
+    # each file replaced whole: the config file marks a finished model (a pretraining stage's rerun skips it)
+    save_file(tensors, os.path.join(directory, WEIGHTS_FILE + ".tmp"))
+    os.replace(os.path.join(directory, WEIGHTS_FILE + ".tmp"), os.path.join(directory, WEIGHTS_FILE))
     meta = {"config": asdict(model.cfg), "latent_scale": model.latent_scale, **(extra or {})}
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    with open(os.path.join(directory, CONFIG_FILE + ".tmp"), "w") as f:
         json.dump(meta, f, indent=2)
+    os.replace(os.path.join(directory, CONFIG_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE))
 
 
 def load_model(directory: str) -> LabModel:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -102,6 +103,22 @@ def _load_resume_state(path: str, fingerprint: dict) -> dict | None:
     return state
 
 
+def _run_identity(model: LabModel, latents: torch.Tensor, labels: torch.Tensor, params: list) -> dict:
+    """What a checkpoint must match to be resumed: the model's config, a digest of the starting weights of the
+    denoiser, condition and autoencoder (exact: a seeded init or a saved file), the labels, and the latents' shape.
+    The latents' values are left out: re-encoded on another CPU they may differ in the last bits, and they follow
+    from the autoencoder and the data (``run_note``)."""
+    digest = hashlib.sha256()
+    for p in [*params, *model.vae.parameters()]:
+        digest.update(p.detach().float().numpy().tobytes())
+    return {
+        "config": json.loads(json.dumps(dataclasses.asdict(model.cfg))),
+        "start_weights_sha256": digest.hexdigest(),
+        "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
+        "latents": list(latents.shape),
+    }
+
+
 def train_unet(
     model: LabModel,
     latents: torch.Tensor,
@@ -112,12 +129,14 @@ def train_unet(
     seed: int,
     resume_path: str | None = None,
     resume_every: int = 250,
+    run_note: dict | None = None,
 ) -> dict:
     """Trains the denoiser (and condition embedding) ``steps`` steps and leaves their EMA in the model.
 
     ``resume_path``: a checkpoint file written every ``resume_every`` steps; a rerun with the same arguments continues
     from it with the same weights, optimiser, schedule and batch order, so a cut-off stage loses at most
-    ``resume_every`` steps."""
+    ``resume_every`` steps. A checkpoint of another run (other settings, ``run_note``, starting weights or latents) is
+    refused, naming both."""
     g = torch.Generator().manual_seed(seed)
     params = list(model.unet.parameters()) + list(model.cond.parameters())
     model.unet.train().requires_grad_(True)
@@ -132,8 +151,8 @@ def train_unet(
         "batch": batch,
         "lr": lr,
         "seed": seed,
-        "latents": list(latents.shape),
-        "parameters": sum(p.numel() for p in params),
+        **_run_identity(model, latents, labels, params),
+        **(run_note or {}),
     }
     state = _load_resume_state(resume_path, fingerprint) if resume_path else None
     if state is not None:
@@ -264,6 +283,7 @@ def pretrain_v2(
     denoiser_from: str | None = None,
     pooled_condition: bool = False,
     unet_channels: tuple[int, ...] | None = None,
+    resume_every: int = 250,
 ) -> LabModel:
     """Lab v2's base model (PLAN_V2.md step 2): pilot 2b's autoencoder, then v1's denoiser recipe on its latents of
         ``data.make_v2_pretraining_set`` (procedural kinds with the cross as a class, and photo crops). The autoencoder
@@ -275,7 +295,9 @@ def pretrain_v2(
         whose every part is loaded and whose denoiser is trained ``unet_steps`` more (v2c continues v2b), with its own
         prediction type and a new batch order; ``pooled_condition``: the denoiser also takes the pooled condition in its
         time embedding (``models.add_pooled_condition`` on a continued denoiser; v2d continues v2c so);
-        ``unet_channels``: a new denoiser's block widths (default v2's (32, 64); PLAN_V3's outcome-C base model)."""
+        ``unet_channels``: a new denoiser's block widths (default v2's (32, 64); PLAN_V3's outcome-C base model);
+        ``resume_every``: the denoiser's checkpoint interval (``train_unet``; the autoencoder is trained again by a
+        rerun, which only a stage that trains one does)."""
     ae = {**V2_AUTOENCODER, **(autoencoder or {})}
     t0 = time.time()
     threads = torch.get_num_threads()
@@ -324,7 +346,8 @@ def pretrain_v2(
     resume_path = os.path.join(out_dir, UNET_RESUME_FILE)
     un = train_unet(
         model, raw * model.latent_scale, labels, unet_steps, unet_batch, lr=1e-3, seed=batch_seed,
-        resume_path=resume_path,
+        resume_path=resume_path, resume_every=resume_every,
+        run_note={"denoiser_from": denoiser_from, "autoencoder_from": autoencoder_from, "n_images": n_images},
     )  # fmt: skip
     extra = {
         "how_made": (
