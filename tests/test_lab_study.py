@@ -142,3 +142,26 @@ def test_the_controls_give_their_declared_answers_on_the_lab_model(tmp_path):
     smooth = read_monitor(tmp_path / "negative_smooth.jsonl")
     assert max(r.noise_whiteness for r in smooth if r.noise_energy > 0) < 0.1  # smooth noise is not white
     assert json.loads((tmp_path / "summary.json").read_text())["required_controls_pass"]
+
+
+def test_a_run_file_of_another_base_model_is_not_counted_as_finished(tmp_path):
+    spec = _tiny_spec()
+    assert not driver.is_finished(str(tmp_path), spec)
+    (tmp_path / f"{spec.name}.json").write_text(json.dumps({"spec": {}}))  # written before base_model was recorded
+    assert driver.is_finished(str(tmp_path), spec)  # a v2f run
+    v3w = plan.study_model_dir("paper_recipe_v3w")
+    with pytest.raises(ValueError, match="fine-tuned base_model_v2f, but this study fine-tunes base_model_v3w_d"):
+        driver.is_finished(str(tmp_path), spec, v3w)
+    (tmp_path / f"{spec.name}.json").write_text(json.dumps({"base_model": "base_model_v3w_d"}))
+    assert driver.is_finished(str(tmp_path), spec, v3w)
+
+
+def test_the_v3w_study_waits_for_gate_1_on_its_base_model(tmp_path, monkeypatch):
+    gate = tmp_path / "v3w_gate1.json"
+    monkeypatch.setitem(plan.STUDY_GATES, "paper_recipe_v3w", str(gate))
+    assert plan.gate_refusal("paper_recipe") is None  # v2f passed its gate in lab v2
+    assert "v3w_gate1.json does not exist" in plan.gate_refusal("paper_recipe_v3w")
+    gate.write_text(json.dumps({"gate1_class": {"passed": False, "hits": 5}}))
+    assert "says passed=False" in plan.gate_refusal("paper_recipe_v3w")
+    gate.write_text(json.dumps({"gate1_class": {"passed": True, "hits": 9}}))
+    assert plan.gate_refusal("paper_recipe_v3w") is None

@@ -18,8 +18,8 @@ from .model.models import CONFIG_FILE, load_model
 from .report.run_figure import make_run_figure
 from .report.study_report import rejudge_v2, write_study_report
 from .study.controls import run_controls
-from .study.driver import run_study
-from .study.plan import SEEDS, STUDIES, study_model_dir, study_runs
+from .study.driver import is_finished, run_study
+from .study.plan import SEEDS, STUDIES, gate_refusal, study_model_dir, study_runs
 from .study.train import MODEL_DIR, RunSpec, train_run
 
 
@@ -104,11 +104,17 @@ def main(name: str, argv: list[str]) -> dict:
                 "and pass gate 1 first)"
             )
         out = os.path.join(args.out or os.path.join(RESULTS_DIR, args.study), "runs")
+        try:
+            finished = {spec.name: is_finished(out, spec, model_dir) for spec in specs}
+        except ValueError as error:
+            parser.error(str(error))
         if args.list:
             for spec in specs:
-                done = os.path.exists(os.path.join(out, f"{spec.name}.json"))
-                print(f"{spec.name}: {'finished' if done else 'to run'}")
+                print(f"{spec.name}: {'finished' if finished[spec.name] else 'to run'}")
             return {}
+        refusal = gate_refusal(args.study)
+        if refusal:
+            parser.error(refusal)
         return {"sentences": run_study(specs, out, command.strip(), workers=args.workers, model_dir=model_dir)}
     study_dir = args.dir or os.path.join(RESULTS_DIR, args.study)
     if args.study == "v2":

@@ -25,8 +25,18 @@ def run_file(out_dir: str, spec: RunSpec) -> str:
     return os.path.join(out_dir, f"{spec.name}.json")
 
 
-def is_finished(out_dir: str, spec: RunSpec) -> bool:
-    return os.path.exists(run_file(out_dir, spec))
+def is_finished(out_dir: str, spec: RunSpec, model_dir: str = MODEL_DIR) -> bool:
+    """Whether ``spec`` has its run file in ``out_dir``; one that fine-tuned another base model is refused, so that
+    a study on a new base model never counts another model's runs as its own."""
+    path = run_file(out_dir, spec)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        theirs = json.load(f).get("base_model", os.path.basename(MODEL_DIR))  # runs before the field: v2f
+    mine = os.path.basename(os.path.normpath(model_dir))
+    if theirs != mine:
+        raise ValueError(f"{path} fine-tuned {theirs}, but this study fine-tunes {mine}; give the study its own --out")
+    return True
 
 
 def run_one(spec: RunSpec, out_dir: str, command: str, model_dir: str = MODEL_DIR) -> str:
@@ -61,7 +71,7 @@ def run_study(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     os.makedirs(out_dir, exist_ok=True)
-    todo = [spec for spec in specs if not is_finished(out_dir, spec)]
+    todo = [spec for spec in specs if not is_finished(out_dir, spec, model_dir)]
     skipped = len(specs) - len(todo)
     if skipped:
         print(f"{skipped} of {len(specs)} runs already finished in {out_dir}; skipped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from .train import MODEL_DIR, RunSpec
@@ -11,8 +12,10 @@ PAPER_LRS = (3e-3, 6e-3, 1.2e-2)
 BOUNDED_STD_LRS = (1e-2, 3e-3)
 SEEDS = (0, 1, 2)
 STUDIES = ("paper_recipe", "bounded_std", "paper_recipe_arms", "memorise_probe", "paper_recipe_v3w")
-# PLAN_V3's amendment of 7 December, 01:43: study 1 repeated on the wider base model v3w (its last stage)
+# PLAN_V3's amendment of 7 December, 01:43: study 1 repeated on the wider base model v3w (its last stage), once that
+# model has passed lab v2's gate 1 (the amendment of 03:00 names the file)
 STUDY_BASE_MODELS = {"paper_recipe_v3w": "base_model_v3w_d"}
+STUDY_GATES = {"paper_recipe_v3w": os.path.join("results", "v3w", "v3w_gate1.json")}
 PAPER_ARMS = ("bayes_paper", "bayes_default", "bayes_kl", "fixed_noise", "lora_dropout", "l2")
 
 
@@ -50,6 +53,23 @@ def bounded_std_run(arm: str, lr: float, seed: int) -> RunSpec:
 def study_model_dir(study: str) -> str:
     """The folder of the base model ``study`` fine-tunes (v2f unless the plan names another)."""
     return os.path.join(os.path.dirname(MODEL_DIR), STUDY_BASE_MODELS.get(study, os.path.basename(MODEL_DIR)))
+
+
+def gate_refusal(study: str) -> str | None:
+    """Why ``study`` may not run yet (its base model has not passed its declared gate 1), or None."""
+    if study not in STUDY_GATES:
+        return None
+    lab_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(lab_dir, STUDY_GATES[study])
+    if not os.path.isfile(path):
+        return f"study {study} runs only after gate 1 on its base model; {path} does not exist (PLAN_V3.md)"
+    with open(path) as f:
+        gate1 = json.load(f).get("gate1_class") or {}
+    if gate1.get("passed") is not True:
+        return (
+            f"study {study} runs only after gate 1 on its base model passed; {path} says passed={gate1.get('passed')}"
+        )
+    return None
 
 
 def study_runs(study: str, seeds: tuple[int, ...] = SEEDS, lr: float | None = None) -> list[RunSpec]:
