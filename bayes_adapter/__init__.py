@@ -10,12 +10,7 @@ from ._version import __version__  # noqa: F401  (bayes_adapter.__version__)
 
 _peft_compat.check_peft_version()
 
-from .adapter import (  # noqa: E402
-    BayesianAdapter,
-    load_bayesian_adapter,
-    load_bayesian_weights,
-    save_bayesian_adapter,
-)
+from .adapter import BayesianAdapter  # noqa: E402
 from .bayes import elbo_kl_weight, gaussian_kl, posterior_std, softplus_inverse  # noqa: E402
 from .config import PEFT_TYPE_NAME, BayesLoraConfig  # noqa: E402
 from .export import export_lora  # noqa: E402
@@ -46,6 +41,7 @@ from .sample_measures import (  # noqa: E402
     ssim_matrix,
     structural_fidelity,
 )
+from .save_and_load import load_bayesian_adapter, load_bayesian_weights, save_bayesian_adapter  # noqa: E402
 from .stage import (  # noqa: E402
     MONITOR_SCHEMA,
     Episode,

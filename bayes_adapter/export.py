@@ -14,7 +14,7 @@ formats the ecosystem loads:
 
 Every export also writes `bayes_lora_export.json`: what was exported (component, adapter name, the Bayesian settings and
 posterior-std statistics), for model cards. The output folder is written atomically (`_atomic.atomic_folder`). Reading
-the Bayesian adapter, and saving it whole, is `adapter.py`'s job.
+the Bayesian adapter, and saving it whole, is `save_and_load.py`'s job.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._atomic import atomic_folder, check_not_overlapping, check_output_folder
-from .adapter import PEFT_PREFIX, PEFT_WEIGHTS_NAME, BayesianAdapter, load_bayesian_adapter
+from .adapter import PEFT_PREFIX, PEFT_WEIGHTS_NAME, BayesianAdapter
+from .save_and_load import load_bayesian_adapter
 
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ._atomic import atomic_folder
 from ._images import check_pil_images
-from .adapter import BayesianAdapter, load_bayesian_adapter, write_bayesian_adapter
+from .adapter import BayesianAdapter
 from .export import (
     DEFAULT_FORMATS,
     DIFFUSERS_WEIGHTS_NAME,
@@ -38,6 +38,7 @@ from .export import (
     write_export,
 )
 from .model_card import BAYESIAN_SUBFOLDER, build_model_card
+from .save_and_load import load_bayesian_adapter, write_bayesian_adapter
 
 
 logger = logging.getLogger(__name__)

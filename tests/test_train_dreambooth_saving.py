@@ -42,7 +42,7 @@ def _leftovers(folder: Path) -> list[str]:
 def test_save_bayes_adapters_is_atomic_and_loads_back(tmp_path, monkeypatch):
     from peft import PeftModel, get_peft_model_state_dict
 
-    import bayes_adapter.adapter as adapter_module
+    import bayes_adapter.save_and_load as save_and_load_module
 
     unet, config = _tiny_unet_with_adapter(tmp_path)
     out = tmp_path / "ckpt"
@@ -62,7 +62,7 @@ def test_save_bayes_adapters_is_atomic_and_loads_back(tmp_path, monkeypatch):
     def failing_save_file(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_module, "save_file", failing_save_file)
+    monkeypatch.setattr(save_and_load_module, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         adapters.save_bayes_adapters(out, {"unet": unet})
     after = load_file(str(out / "unet" / "adapter_model.safetensors"))
