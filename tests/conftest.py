@@ -71,57 +71,57 @@ def _saved_pipeline(tmp_path_factory, name: str, build) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
     """A tiny Flux.1 pipeline saved to a folder (read only)."""
-    import tiny_dit_models
+    import tiny_t5_dit_models
 
-    return _saved_pipeline(tmp_path_factory, "tiny-flux", tiny_dit_models.tiny_flux_pipeline)
+    return _saved_pipeline(tmp_path_factory, "tiny-flux", tiny_t5_dit_models.tiny_flux_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     """A tiny SD3 pipeline saved to a folder (read only)."""
-    import tiny_dit_models
+    import tiny_t5_dit_models
 
-    return _saved_pipeline(tmp_path_factory, "tiny-sd3", tiny_dit_models.tiny_sd3_pipeline)
+    return _saved_pipeline(tmp_path_factory, "tiny-sd3", tiny_t5_dit_models.tiny_sd3_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux2(tmp_path_factory):
     """A tiny Flux.2 pipeline saved to a folder (read only)."""
-    import tiny_dit_models
+    import tiny_llm_dit_models
 
-    return _saved_pipeline(tmp_path_factory, "tiny-flux2", tiny_dit_models.tiny_flux2_pipeline)
+    return _saved_pipeline(tmp_path_factory, "tiny-flux2", tiny_llm_dit_models.tiny_flux2_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux2_klein(tmp_path_factory):
     """A tiny Flux.2 [klein] (base, not step-distilled) pipeline saved to a folder (read only)."""
-    import tiny_dit_models
+    import tiny_llm_dit_models
 
-    return _saved_pipeline(tmp_path_factory, "tiny-flux2-klein", tiny_dit_models.tiny_flux2_klein_pipeline)
+    return _saved_pipeline(tmp_path_factory, "tiny-flux2-klein", tiny_llm_dit_models.tiny_flux2_klein_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwenimage(tmp_path_factory):
     """A tiny Qwen-Image pipeline saved to a folder (read only)."""
-    import tiny_dit_models
+    import tiny_llm_dit_models
 
-    return _saved_pipeline(tmp_path_factory, "tiny-qwenimage", tiny_dit_models.tiny_qwenimage_pipeline)
+    return _saved_pipeline(tmp_path_factory, "tiny-qwenimage", tiny_llm_dit_models.tiny_qwenimage_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_zimage(tmp_path_factory):
     """A tiny Z-Image pipeline saved to a folder (read only)."""
-    import tiny_dit_models
+    import tiny_llm_dit_models
 
-    return _saved_pipeline(tmp_path_factory, "tiny-zimage", tiny_dit_models.tiny_zimage_pipeline)
+    return _saved_pipeline(tmp_path_factory, "tiny-zimage", tiny_llm_dit_models.tiny_zimage_pipeline)
 
 
 @pytest.fixture(scope="session")
 def tiny_sana(tmp_path_factory):
     """A tiny SANA pipeline saved to a folder (read only)."""
-    import tiny_dit_models
+    import tiny_llm_dit_models
 
-    return _saved_pipeline(tmp_path_factory, "tiny-sana", tiny_dit_models.tiny_sana_pipeline)
+    return _saved_pipeline(tmp_path_factory, "tiny-sana", tiny_llm_dit_models.tiny_sana_pipeline)
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_dit_models import T5_WIDTH, tiny_sd3_pipeline
 from tiny_models import assert_same_numerics, randomise
+from tiny_t5_dit_models import T5_WIDTH, tiny_sd3_pipeline
 from torch import nn
 
 import bayes_adapter

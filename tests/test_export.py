@@ -14,7 +14,6 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_dit_models import sd3_transformer_inputs, tiny_sd3_transformer
 from tiny_models import (
     assert_same_numerics,
     bayesian_unet,
@@ -28,6 +27,7 @@ from tiny_models import (
     unet_config,
     unet_inputs,
 )
+from tiny_t5_dit_models import sd3_transformer_inputs, tiny_sd3_transformer
 
 import bayes_adapter
 from bayes_adapter import BayesLoraConfig, export_lora

@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import StableDiffusion3Pipeline  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from tiny_dit_models import T5_WIDTH, tiny_sd3_pipeline  # noqa: E402
 from tiny_models import assert_same_numerics  # noqa: E402
+from tiny_t5_dit_models import T5_WIDTH, tiny_sd3_pipeline  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bayes_adapter  # noqa: E402
@@ -342,7 +342,7 @@ def test_load_time_quantized_layer_names_foresees_a_clash_of_diffusers_name_matc
     `transformer_blocks.0.attn.to_q`), nothing is quantised while loading; the empty model says so beforehand."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
-    from tiny_dit_models import tiny_flux_pipeline
+    from tiny_t5_dit_models import tiny_flux_pipeline
 
     transformer = tiny_flux_pipeline().transformer
     transformer.save_pretrained(tmp_path)

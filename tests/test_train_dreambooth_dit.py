@@ -302,7 +302,7 @@ def test_a_t5_tokenizer_without_a_usable_model_max_length(tmp_path, instance_dir
     """A T5 tokenizer saved without a length has transformers' VERY_LARGE_INTEGER as model_max_length: only the CLIP
     tokenizers pad to their model_max_length; T5 is tokenised to --max_sequence_length (frozen encoders, whose
     prompts are encoded once, and trained ones, encoded at each step)."""
-    from tiny_dit_models import tiny_flux_pipeline, tiny_sd3_pipeline
+    from tiny_t5_dit_models import tiny_flux_pipeline, tiny_sd3_pipeline
     from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
     pipe = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline}[family]()

@@ -15,8 +15,8 @@ import types
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from tiny_dit_models import T5_WIDTH
 from tiny_models import assert_same_numerics, dreambooth_args
+from tiny_t5_dit_models import T5_WIDTH
 
 import bayes_adapter
 import bayes_adapter.quantization
