@@ -115,3 +115,42 @@ def test_min_snr_weights_follow_the_formula():
         expected.item(), rel=1e-5
     )
     assert losses.instance_loss(None, scheduler, pred, target, timesteps).item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "mixed_precision, expected", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("no", None)]
+)
+def test_validation_samples_in_the_runs_mixed_precision(mixed_precision, expected):
+    """The autocast dtype is the run's: on CUDA, autocast without one runs in float16 even for a bf16 run (on CPU
+    the default is bfloat16, so the fp16 case fails without it)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from examples.dreambooth.validation import generate
+
+    seen = []
+
+    class RecordingPipeline:
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+        def to(self, device):
+            return self
+
+        def __call__(self, **kwargs):
+            enabled = torch.is_autocast_enabled("cpu")
+            seen.append(torch.get_autocast_dtype("cpu") if enabled else None)
+            return SimpleNamespace(images=np.zeros((1, 8, 8, 3), dtype=np.float32))
+
+    settings = SimpleNamespace(
+        seed=0,
+        num_validation_images=1,
+        family=SimpleNamespace(pipeline_call_kwargs={}),
+        max_sequence_length=None,
+        validation_inference_steps=1,
+        resolution=8,
+    )
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision=mixed_precision)
+    assert generate(settings, accelerator, RecordingPipeline(), "a photo of sks dog").shape == (1, 8, 8, 3)
+    assert seen == [expected]

@@ -26,7 +26,9 @@ def generate(settings, accelerator, pipeline, prompt: str, seeds: Sequence[int] 
     extra = dict(settings.family.pipeline_call_kwargs)
     if settings.max_sequence_length is not None:  # the DiTs' T5 prompt length, as in training
         extra["max_sequence_length"] = settings.max_sequence_length
-    with torch.no_grad(), torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
+    # the run's precision: without a dtype, CUDA autocast would run a bf16 run's validation in float16
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None):
         images = pipeline(
             prompt=[prompt] * num_images,  # a keyword: Flux.2's first argument is an image
             generator=generator,
