@@ -129,3 +129,21 @@ def test_a_pipeline_for_generation_gets_the_vae_dtype_training_uses():
     plain = tiny_sdxl_pipeline().to(dtype=torch.float16)  # SD 1.x keeps every component in the weights' dtype
     families.FAMILIES["sd"].cast_for_generation(plain, torch.float16)
     assert plain.vae.dtype == torch.float16
+
+
+def test_a_vae_kept_out_of_autocast_copies_and_pickles_as_itself():
+    import copy
+    import pickle
+
+    vae = tiny_vae(0)
+    families.FAMILIES["sdxl"].cast_vae(vae, torch.float16, separate_vae=False)
+    latents = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        expected = vae.decode(latents).sample
+        for twin in (copy.deepcopy(vae), pickle.loads(pickle.dumps(vae))):
+            assert getattr(twin.decode, "runs_outside_autocast", False)
+            torch.testing.assert_close(twin.decode(latents).sample, expected)
+            for p in twin.parameters():  # the twin decodes with its own weights, not the original's
+                p.mul_(0.5)
+            assert not torch.allclose(twin.decode(latents).sample, expected)
+            assert _decoded_dtype(twin) == torch.float32

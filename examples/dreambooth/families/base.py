@@ -15,25 +15,36 @@ from ..errors import ArgumentsError
 FAMILIES: dict[str, ModelFamily] = {}
 
 
+class _OutsideAutocast:
+    """`module.<method>` run with autocast disabled, in the module's own dtype (an object, not a closure: a deep copy
+    of the module gets one bound to the copy, and the module still pickles)."""
+
+    runs_outside_autocast = True
+
+    def __init__(self, module: torch.nn.Module, original, cast_inputs: bool):
+        self.module, self.original, self.cast_inputs = module, original, cast_inputs
+
+    def __call__(self, *args, **kwargs):
+        tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
+        if self.cast_inputs:
+            dtype = self.module.dtype
+
+            def cast(value):
+                return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+            args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+        # the inputs' device: with CPU offload the module's weights still sit on the CPU when it is called
+        device = tensors[0].device if tensors else self.module.device
+        with torch.autocast(device.type, enabled=False):
+            return self.original(*args, **kwargs)
+
+
 def run_outside_autocast(module: torch.nn.Module, method: str, cast_inputs: bool) -> None:
     """Replaces `module.<method>` (once) with one that runs with autocast disabled, in the module's own dtype; with
     `cast_inputs`, floating tensor arguments are first cast to that dtype."""
     original = getattr(module, method)
-    if getattr(original, "runs_outside_autocast", False):
-        return
-
-    def cast(value):
-        return value.to(module.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
-
-    @functools.wraps(original)
-    def outside_autocast(*args, **kwargs):
-        if cast_inputs:
-            args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-        with torch.autocast(module.device.type, enabled=False):
-            return original(*args, **kwargs)
-
-    outside_autocast.runs_outside_autocast = True
-    setattr(module, method, outside_autocast)
+    if not getattr(original, "runs_outside_autocast", False):
+        setattr(module, method, _OutsideAutocast(module, original, cast_inputs))
 
 
 @dataclass
