@@ -185,7 +185,7 @@ def test_dataset_name_reads_captions_from_metadata_and_trains(tiny_sd, tmp_path,
         ([{"file_name": "c.png", "text": ""}], [], "--caption_column 'text' holds ''; expected a caption"),
         (
             [{"file_name": "c.png", "prompt": "t"}],
-            [],
+            ["--caption_column", "text"],
             r"--caption_column='text' is in no row .* \['file_name', 'prompt'\]",
         ),
     ],
@@ -284,6 +284,7 @@ def test_a_downloaded_hub_dataset_loads_with_load_dataset_and_trains(
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     folder = downloaded_hub_dataset(tmp_path / "dogs", ["a photo of sks dog on grass", None])
     extra = ["--image_column", "picture", "--caption_column", "prompt", "--max_train_steps", "2"]
+    extra += ["--aspect_ratio_buckets", "--cache_latents"]
     settings = parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", *extra))
     images, prompts = sources.instance_images_and_captions(settings)
     assert [(image.from_hub, image.split, image.index) for image in images] == [(True, "train", 0), (True, "train", 1)]
@@ -323,3 +324,26 @@ def test_a_hub_dataset_id_that_cannot_load_is_refused_with_what_datasets_said(ti
         ArgumentsError, match="--dataset_config_name='v2' applies to a Hub dataset .* local imagefolder"
     ):
         parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", "--dataset_config_name", "v2"))
+
+
+def test_without_caption_column_an_images_only_dataset_uses_the_instance_prompt(tiny_sd, tmp_path, monkeypatch):
+    """As diffusers' DreamBooth scripts (e.g. on diffusers/dog-example): no caption column, the instance prompt;
+    a dataset with a `text` column still gives its captions."""
+    import datasets
+
+    from examples.dreambooth import sources
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    folder = downloaded_hub_dataset(tmp_path / "dogs", ["a photo of sks dog on grass", None])
+    argv = dataset_args(tiny_sd, folder, tmp_path / "out", "--image_column", "picture")
+    assert sources.instance_images_and_captions(parse_args(argv))[1] == ["a photo of sks dog"] * 2
+    saved = saved_dataset(tmp_path / "saved", [(32, 32)], ["a photo of sks dog on grass"])
+    assert sources.instance_images_and_captions(parse_args(dataset_args(tiny_sd, saved, tmp_path / "out")))[1] == [
+        "a photo of sks dog on grass"
+    ]
+    folder = imagefolder(tmp_path / "imgs", [{"file_name": "c.png", "prompt": "t"}], {"c.png": (32, 32)})
+    assert sources.instance_images_and_captions(parse_args(dataset_args(tiny_sd, folder, tmp_path / "out")))[1] == [
+        "a photo of sks dog"
+    ]
+    with pytest.raises(ArgumentsError, match="--dataset_config_name='v2' applies to --dataset_name"):
+        parse_args([*dreambooth_args(tiny_sd, folder, tmp_path / "out"), "--dataset_config_name", "v2"])

@@ -173,9 +173,10 @@ def add_data_arguments(data) -> None:
     data.add_argument(
         "--caption_column",
         type=str,
-        default="text",
+        default=None,
         help="The column (a saved or Hub dataset) or metadata.jsonl key (imagefolder) of each image's caption (with "
-        "--dataset_name).",
+        "--dataset_name). Default: 'text' where the dataset has it, else every image uses --instance_prompt (an "
+        "images-only dataset); a column given here must exist.",
     )
     data.add_argument(
         "--instance_prompt", type=str, required=True, help="Prompt naming the instance, e.g. 'a photo of sks dog'."

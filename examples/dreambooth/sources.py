@@ -65,6 +65,7 @@ def check_image(path: Path, argument: str) -> None:
 
 
 IMAGEFOLDER_METADATA = "metadata.jsonl"
+DEFAULT_CAPTION_COLUMN = "text"  # read where a dataset has it when --caption_column is not given
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,12 @@ def open_image(source: Path | DatasetImage) -> Image.Image:
     return Image.open(source)
 
 
-def imagefolder_images(folder: Path, caption_column: str, default_prompt: str) -> tuple[list[Path], list[str]]:
+def imagefolder_images(folder: Path, caption_column: str | None, default_prompt: str) -> tuple[list[Path], list[str]]:
     """The images of a local imagefolder (diffusers' / datasets' convention): `metadata.jsonl`, one JSON object a
     line with the image's `file_name` (relative to the folder) and its caption in `caption_column`.
 
-    Rows without the caption use `default_prompt` (`--instance_prompt`).
+    Rows without the caption use `default_prompt` (`--instance_prompt`); with `caption_column` None, captions are
+    read from the `text` key where rows have one.
 
     Raises:
         `ValueError` naming `--dataset_name` / `--caption_column`, the file and line, and what was expected.
@@ -137,7 +139,7 @@ def imagefolder_images(folder: Path, caption_column: str, default_prompt: str) -
     if not metadata.is_file():
         raise ValueError(
             f"{argument} has no {IMAGEFOLDER_METADATA} and is not a folder written by datasets' save_to_disk; expected "
-            f'an imagefolder (images and a {IMAGEFOLDER_METADATA} of {{"file_name": ..., "{caption_column}": ...}} '
+            f'an imagefolder (images and a {IMAGEFOLDER_METADATA} of {{"file_name": ..., "{caption_column or DEFAULT_CAPTION_COLUMN}": ...}} '
             "lines) or a saved dataset."
         )
     images, prompts, columns = [], [], set()
@@ -157,14 +159,15 @@ def imagefolder_images(folder: Path, caption_column: str, default_prompt: str) -
             raise ValueError(f"{where}: file_name {row['file_name']!r} is not a file inside the folder.")
         check_image(path, where)
         columns.update(row)
-        caption = row.get(caption_column)
+        key = caption_column or DEFAULT_CAPTION_COLUMN
+        caption = row.get(key)
         if caption is not None and (not isinstance(caption, str) or not caption.strip()):
-            raise ValueError(f"{where}: --caption_column {caption_column!r} holds {caption!r}; expected a caption.")
+            raise ValueError(f"{where}: --caption_column {key!r} holds {caption!r}; expected a caption.")
         images.append(path)
         prompts.append(caption.strip() if caption is not None else default_prompt)
     if not images:
         raise ValueError(f"{argument}: {IMAGEFOLDER_METADATA} lists no image; expected one JSON object per image.")
-    if caption_column not in columns:
+    if caption_column is not None and caption_column not in columns:
         raise ValueError(
             f"--caption_column={caption_column!r} is in no row of {argument}'s {IMAGEFOLDER_METADATA}; its columns: "
             f"{sorted(columns)}."
@@ -173,7 +176,7 @@ def imagefolder_images(folder: Path, caption_column: str, default_prompt: str) -
 
 
 def saved_dataset_images(
-    folder: Path, image_column: str, caption_column: str, default_prompt: str
+    folder: Path, image_column: str, caption_column: str | None, default_prompt: str
 ) -> tuple[list[DatasetImage], list[str]]:
     """The rows of a dataset written by `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict`'s "train" split):
     each image in `image_column` (decoded and checked here), its caption in `caption_column` (None: `default_prompt`).
@@ -194,7 +197,7 @@ def saved_dataset_images(
 
 
 def hub_dataset_images(
-    name: str, config: str | None, image_column: str, caption_column: str, default_prompt: str
+    name: str, config: str | None, image_column: str, caption_column: str | None, default_prompt: str
 ) -> tuple[list[DatasetImage], list[str]]:
     """The train split of what `datasets.load_dataset(name, config)` loads: a Hub dataset id (downloaded into the
     datasets cache), or a Hub dataset's folder downloaded by hand (`hf download --repo-type dataset`, `git clone`).
@@ -222,16 +225,26 @@ def hub_dataset_images(
 
 
 def _dataset_rows(
-    dataset, images: list[DatasetImage], argument: str, image_column: str, caption_column: str, default_prompt: str
+    dataset,
+    images: list[DatasetImage],
+    argument: str,
+    image_column: str,
+    caption_column: str | None,
+    default_prompt: str,
 ) -> tuple[list[DatasetImage], list[str]]:
-    """Checks the columns and every row of a loaded dataset: each image decodes, each caption is text or None."""
+    """Checks the columns and every row of a loaded dataset: each image decodes, each caption is text or None.
+    Without `caption_column`, captions come from a `text` column if there is one, else every image gets
+    `default_prompt` (an images-only dataset such as diffusers/dog-example)."""
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
-        if column not in dataset.column_names:
+        if column is not None and column not in dataset.column_names:
             raise ValueError(f"{flag}={column!r} is not a column of {argument}; its columns: {dataset.column_names}.")
     if not len(dataset):
         raise ValueError(f"{argument} has no rows; expected one row per image.")
+    if caption_column is None and DEFAULT_CAPTION_COLUMN in dataset.column_names:
+        caption_column = DEFAULT_CAPTION_COLUMN
+    captions = dataset[caption_column] if caption_column is not None else [None] * len(dataset)
     prompts = []
-    for image, caption in zip(images, dataset[caption_column], strict=True):
+    for image, caption in zip(images, captions, strict=True):
         try:
             open_image(image).load()
         except ValueError:
