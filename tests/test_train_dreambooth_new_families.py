@@ -285,7 +285,9 @@ def test_sana_class_images_keep_the_autoencoder_in_float32_and_gemma_out_of_floa
 
 def test_sana_trains_and_validates_under_fp16_mixed_precision(tiny_sana, tmp_path, instance_dir):
     """With Gemma-2 in float16 inside validation's autocast, validation failed here (CPU autocast refuses the
-    pipeline's concatenation); bfloat16 outside autocast, the run trains, validates and validates its export."""
+    pipeline's concatenation); in bfloat16, float16 autocast refuses to concatenate its prompt states, so SANA's
+    validation samples outside autocast when Gemma-2 is in another dtype: the run trains, validates and validates
+    its export."""
     validation = ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
     validation += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
     args = dreambooth_args(tiny_sana, instance_dir, tmp_path / "out", "--max_train_steps", "2", *validation)

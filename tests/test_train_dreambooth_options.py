@@ -146,7 +146,7 @@ def test_validation_samples_in_the_runs_mixed_precision(mixed_precision, expecte
     settings = SimpleNamespace(
         seed=0,
         num_validation_images=1,
-        family=SimpleNamespace(pipeline_call_kwargs={}),
+        family=SimpleNamespace(pipeline_call_kwargs={}, validation_autocast=lambda dtype: True),
         max_sequence_length=None,
         validation_inference_steps=1,
         resolution=8,

@@ -28,6 +28,8 @@ def generate(settings, accelerator, pipeline, prompt: str, seeds: Sequence[int] 
         extra["max_sequence_length"] = settings.max_sequence_length
     # the run's precision: without a dtype, CUDA autocast would run a bf16 run's validation in float16
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    if dtype is not None and not settings.family.validation_autocast(dtype):
+        dtype = None
     with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None):
         images = pipeline(
             prompt=[prompt] * num_images,  # a keyword: Flux.2's first argument is an image

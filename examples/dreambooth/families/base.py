@@ -125,6 +125,10 @@ class ModelFamily:
             # as accelerate wraps a prepared model's forward in autocast
             run_outside_autocast(model, "forward", cast_inputs=False)
 
+    def validation_autocast(self, weight_dtype: torch.dtype) -> bool:
+        """Whether validation samples under autocast in the run's precision (`weight_dtype`)."""
+        return True
+
     def cast_vae(self, vae, weight_dtype: torch.dtype, separate_vae: bool) -> torch.dtype:
         """Casts the frozen VAE to `vae_dtype(...)` and returns that dtype; kept in another dtype than `weight_dtype`
         (SDXL's own VAE and SANA's autoencoder in float32), it also encodes and decodes outside a mixed-precision
