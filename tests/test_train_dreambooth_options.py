@@ -10,6 +10,7 @@ import torch
 from tiny_models import (
     dreambooth_args,
     tensorboard_scalars,
+    tiny_vae,
 )
 
 from examples.dreambooth import losses, training
@@ -154,3 +155,30 @@ def test_validation_samples_in_the_runs_mixed_precision(mixed_precision, expecte
     accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision=mixed_precision)
     assert generate(settings, accelerator, RecordingPipeline(), "a photo of sks dog").shape == (1, 8, 8, 3)
     assert seen == [expected]
+
+
+def test_a_separate_vae_encodes_for_training_and_decodes_every_validation(
+    tmp_path, tiny_sd, instance_dir, monkeypatch
+):
+    """--pretrained_vae_model_name_or_path (e.g. SDXL's fp16-safe VAE): the run's VAE, also in the final validation
+    of the exported LoRA, which loads the base pipeline and is given the run's VAE as users pass it."""
+    from examples.dreambooth import loop
+
+    separate = tmp_path / "vae"
+    tiny_vae(seed=7).save_pretrained(str(separate))
+    expected = {k: v.clone() for k, v in tiny_vae(seed=7).state_dict().items()}
+    seen = []
+    log_validation = loop.log_validation
+
+    def recording(settings, accelerator, pipeline, trained, reference, step, tag):
+        state = pipeline.vae.state_dict()
+        seen.append((tag, all(torch.equal(state[k].float(), v) for k, v in expected.items())))
+        return log_validation(settings, accelerator, pipeline, trained, reference, step, tag)
+
+    monkeypatch.setattr(loop, "log_validation", recording)
+    validation = ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
+    validation += ["--num_validation_images", "1", "--validation_inference_steps", "1"]
+    argv = dreambooth_args(tiny_sd, instance_dir, tmp_path / "out", "--max_train_steps", "2", *validation)
+    result = training.main(parse_args([*argv, "--pretrained_vae_model_name_or_path", str(separate)]))
+    assert result["global_step"] == 2
+    assert seen == [("validation", True), ("test", True)]
