@@ -79,6 +79,11 @@ def build_model_card(
     # float16 for the UNet models (SD 1.x/2.x, SDXL), bfloat16 for the transformers (SD3, Flux, SANA, Qwen-Image),
     # as their model cards load them; `dtype` is diffusers' name since `torch_dtype` was deprecated
     run_dtype = "torch.float16" if component == "unet" else "torch.bfloat16"
+    # Several components (a {component: model} push) are stored one subfolder each.
+    components = summary.get("components")
+    # one component: its PEFT files at the root; several: one export/<component>/ folder each
+    peft_subfolder = f', subfolder="export/{component}"' if components else ""
+    peft_where = f"in `export/{component}/`" if components else "at the root"
     lines = [
         f"# Bayesian LoRA: {repo_id}",
         "",
@@ -98,11 +103,11 @@ def build_model_card(
         "",
         f'pipe = AutoPipelineForText2Image.from_pretrained("{base}", dtype={run_dtype}).to("cuda")',
         f'pipe.load_lora_weights("{repo_id}")',
-        f'image = pipe("{prompt}").images[0]',
+        f'image = pipe(prompt="{prompt}").images[0]',  # a keyword: Flux.2's first argument is an image
         "```",
         "",
-        f'With PEFT: `PeftModel.from_pretrained(pipe.{load_component}, "{repo_id}")` (the root\'s '
-        "`adapter_config.json` / `adapter_model.safetensors`).",
+        f'With PEFT: `PeftModel.from_pretrained(pipe.{load_component}, "{repo_id}"{peft_subfolder})` (the '
+        f"`adapter_config.json` / `adapter_model.safetensors` {peft_where}).",
         "",
         "## Bayesian training",
         "",
@@ -132,8 +137,6 @@ def build_model_card(
     stage = summary.get("stage")
     if isinstance(stage, dict) and "stage" in stage:
         lines += stage_card_section(stage)
-    # Several components (a {component: model} push) are stored one subfolder each.
-    components = summary.get("components")
     bayesian_subfolder = f"{BAYESIAN_SUBFOLDER}/{component}" if components else BAYESIAN_SUBFOLDER
     if include_bayesian:
         lines += [
@@ -145,8 +148,9 @@ def build_model_card(
             "import bayes_adapter  # registers the Bayesian LoRA tuner with PEFT",
             "from peft import PeftModel",
             "",
-            f'unet = PeftModel.from_pretrained(unet, "{repo_id}", subfolder="{bayesian_subfolder}", '
-            "is_trainable=True)",
+            "# pipe: the base pipeline, loaded as above (without load_lora_weights)",
+            f'{load_component} = PeftModel.from_pretrained(pipe.{load_component}, "{repo_id}", '
+            f'subfolder="{bayesian_subfolder}", is_trainable=True)',
             "```",
             "",
         ]

@@ -96,6 +96,10 @@ def test_push_model_then_load_by_repo_id(hub, tmp_path, monkeypatch, caplog, cap
     assert card.data.widget == [{"text": "a photo of sks dog", "output": {"url": "images/validation_0.png"}}]
     assert f'pipe.load_lora_weights("{REPO}")' in card.text
     assert ', dtype=torch.float16).to("cuda")' in card.text and "torch_dtype" not in card.text
+    assert 'image = pipe(prompt="a photo of sks dog").images[0]' in card.text  # Flux.2 takes an image first
+    assert (
+        f'unet = PeftModel.from_pretrained(pipe.unet, "{REPO}", subfolder="bayesian", is_trainable=True)' in card.text
+    )
     assert 'subfolder="bayesian"' in card.text
     stats = bayes_adapter.posterior_std_stats(model)
     assert f"{stats['mean']:.4g}" in card.text and "| Bayesian factors | AB |" in card.text
@@ -237,7 +241,11 @@ def test_push_several_components_in_one_diffusers_file(hub, tmp_path, monkeypatc
     assert {"bayesian/text_encoder/adapter_model.safetensors", "export/text_encoder/adapter_config.json"} <= set(
         hub.files
     )
-    assert 'subfolder="bayesian/unet"' in hub.files["README.md"].decode()
+    card = hub.files["README.md"].decode()
+    assert 'subfolder="bayesian/unet"' in card
+    # the PEFT line points at a folder the push wrote (no adapter_config.json sits at the root here)
+    assert "adapter_config.json" not in hub.files and "export/unet/adapter_config.json" in hub.files
+    assert 'PeftModel.from_pretrained(pipe.unet, "someone/sks-dog-bayes-lora", subfolder="export/unet")' in card
     keys = tensor_keys(hub.files["pytorch_lora_weights.safetensors"], tmp_path, "combined")
     assert {key.split(".", 1)[0] for key in keys} == {"unet", "text_encoder"}
 
