@@ -7,7 +7,7 @@ the quantised model; diffusers' bitsandbytes quantiser needs a GPU, its torchao 
 `nn.Linear` layers for bitsandbytes' `Linear4bit` (NF4 / FP4) or `Linear8bitLt`, or quantises their weights with
 torchao's int8 weight-only scheme. A Bayesian (or plain PEFT) LoRA added afterwards dispatches to the quantised
 layer classes (`bayes_adapter.bnb`, `bayes_adapter.torchao`). The library (bitsandbytes or torchao) is imported only
-when its method is asked for: `pip install "bayes-adapter[quant]"`.
+when its method is asked for: `pip install -e ".[quant]"` from the repository.
 """
 
 from __future__ import annotations

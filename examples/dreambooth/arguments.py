@@ -131,7 +131,7 @@ def add_model_arguments(model) -> None:
         default=None,
         choices=sorted(QUANTISATION_METHODS),
         help="Quantise the denoiser's targeted Linear layers before adding the adapter (QLoRA-style; needs "
-        "`pip install bayes-adapter[quant]`): nf4 = bitsandbytes 4-bit NormalFloat, int8 = torchao int8 weight-only. "
+        '`pip install -e ".[quant]"` from the repository): nf4 = bitsandbytes 4-bit NormalFloat, int8 = torchao int8 weight-only. '
         "Quantised while loading through diffusers' BitsAndBytesConfig (nf4, CUDA only) or TorchAoConfig (int8, any "
         "device), otherwise right after loading. "
         "The quantised weights stay frozen, the adapter trains in fp32, and the export is the same plain LoRA, "

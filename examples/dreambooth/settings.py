@@ -202,7 +202,8 @@ def check_settings(settings: Settings) -> Settings:
         if wanted and importlib.util.find_spec(module) is None:
             raise ValueError(
                 f"{flag} needs the {module} package, which is not installed (it is not a dependency of bayes-adapter); "
-                f"pip install it with the constraints file so that it cannot pull another torch, or drop {flag}."
+                f"pip install {module} (pinning your installed torch, e.g. `pip install {module} torch==<yours>`, so "
+                f"that it cannot pull another torch), or drop {flag}."
             )
     if settings.use_dora and settings.output_kohya_format:
         raise ValueError("--output_kohya_format cannot carry a DoRA adapter (--use_dora); drop one of them.")
@@ -211,7 +212,7 @@ def check_settings(settings: Settings) -> Settings:
         if importlib.util.find_spec(package) is None:
             raise ValueError(
                 f"--quantize_base {settings.quantize_base} needs the {package} package, which is not installed; "
-                'pip install "bayes-adapter[quant]" with the constraints file, or drop --quantize_base.'
+                'from the repository, pip install -e ".[quant]" (bitsandbytes and torchao), or drop --quantize_base.'
             )
     if settings.optimizer == "prodigy" and settings.use_8bit_adam:
         raise ValueError("--use_8bit_adam applies to AdamW only; drop it with --optimizer prodigy.")
