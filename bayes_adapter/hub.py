@@ -174,6 +174,15 @@ def _check_push_arguments(repo_id, base_model, instance_prompt, commit_message, 
     _check_repo_id(repo_id)
     for name, value in (("base_model", base_model), ("instance_prompt", instance_prompt)):
         _check_optional_str(name, value)
+    if base_model is not None:  # the Hub refuses a card whose base_model is no model id (e.g. a local path)
+        try:
+            validate_repo_id(base_model)
+        except HFValidationError:
+            raise ValueError(
+                f"base_model={base_model!r} is not a Hub model id; the card's base_model must name one (e.g. "
+                "'stable-diffusion-v1-5/stable-diffusion-v1-5'): give the id a local folder was downloaded from, or "
+                "None"
+            ) from None
     if not isinstance(commit_message, str) or not commit_message.strip():
         raise ValueError(f"commit_message must be a non-empty string, got {commit_message!r}")
     if token is not None and (not isinstance(token, str) or not token):

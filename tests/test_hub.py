@@ -182,6 +182,8 @@ def test_bad_arguments_fail_before_any_request(hub, tmp_path):
         push_to_hub(model, REPO, token=TOKEN, adapter_name="other")
     with pytest.raises(ValueError, match="no PEFT adapter"):
         push_to_hub(tiny_unet(), REPO, token=TOKEN)
+    with pytest.raises(ValueError, match="base_model='/data/sd15' is not a Hub model id"):  # the Hub refuses it
+        push_to_hub(model, REPO, token=TOKEN, base_model="/data/sd15")
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="local_dir"):
         push_to_hub(model, REPO, token=TOKEN, local_dir=tmp_path / "exists")

@@ -238,9 +238,15 @@ def push_to_hub(
     """
     import bayes_adapter
 
+    base_model = settings.pretrained_model_name_or_path
+    if Path(base_model).exists():  # a local folder is no Hub id, which the card's base_model must be
+        logger.warning(
+            f"--pretrained_model_name_or_path {base_model!r} is a local folder: the card names no base model"
+        )
+        base_model = None
     common = dict(
         token=settings.hub_token,
-        base_model=settings.pretrained_model_name_or_path,
+        base_model=base_model,
         instance_prompt=settings.instance_prompt,
         validation_images=to_pil(images) if images is not None and len(images) else None,
         monitor=monitor,
