@@ -258,16 +258,15 @@ def test_a_saved_dataset_with_a_wrong_column_is_refused(tiny_sd, tmp_path, flag,
 # --- --dataset_name: what datasets.load_dataset loads (a Hub dataset id, or a downloaded Hub dataset) --------------
 
 
-def downloaded_hub_dataset(path, captions: list):
+def downloaded_hub_dataset(path, captions: list | None):
     """A Hub dataset's folder as `hf download --repo-type dataset` leaves it: a card and data/train-*.parquet."""
     import datasets
     import numpy as np
     from PIL import Image
 
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 40, 3), dtype=np.uint8)) for i in (0, 1)]
-    dataset = datasets.Dataset.from_dict({"picture": images, "prompt": captions}).cast_column(
-        "picture", datasets.Image()
-    )
+    columns = {"picture": images} if captions is None else {"picture": images, "prompt": captions}
+    dataset = datasets.Dataset.from_dict(columns).cast_column("picture", datasets.Image())
     (path / "data").mkdir(parents=True)
     dataset.to_parquet(str(path / "data" / "train-00000-of-00001.parquet"))
     (path / "README.md").write_text("---\nlicense: mit\n---\n# dogs\n")
@@ -326,17 +325,25 @@ def test_a_hub_dataset_id_that_cannot_load_is_refused_with_what_datasets_said(ti
         parse_args(dataset_args(tiny_sd, folder, tmp_path / "out", "--dataset_config_name", "v2"))
 
 
-def test_without_caption_column_an_images_only_dataset_uses_the_instance_prompt(tiny_sd, tmp_path, monkeypatch):
-    """As diffusers' DreamBooth scripts (e.g. on diffusers/dog-example): no caption column, the instance prompt;
-    a dataset with a `text` column still gives its captions."""
+def test_without_caption_column_an_images_only_dataset_uses_the_instance_prompt(
+    tiny_sd, tmp_path, monkeypatch, caplog
+):
+    """An images-only dataset (as diffusers/dog-example) trains on the instance prompt, as diffusers' DreamBooth
+    scripts do without --caption_column; a dataset with a `text` column gives its captions; the log says which."""
+    import logging
+
     import datasets
 
     from examples.dreambooth import sources
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
-    folder = downloaded_hub_dataset(tmp_path / "dogs", ["a photo of sks dog on grass", None])
-    argv = dataset_args(tiny_sd, folder, tmp_path / "out", "--image_column", "picture")
-    assert sources.instance_images_and_captions(parse_args(argv))[1] == ["a photo of sks dog"] * 2
+    for captions in (None, ["a photo of sks dog on grass", None]):  # images only; captions in another column
+        folder = downloaded_hub_dataset(tmp_path / f"dogs{captions is None}", captions)
+        argv = dataset_args(tiny_sd, folder, tmp_path / "out", "--image_column", "picture")
+        with caplog.at_level(logging.INFO, logger="examples.dreambooth.sources"):
+            assert sources.instance_images_and_captions(parse_args(argv))[1] == ["a photo of sks dog"] * 2
+        assert "no caption column" in caplog.text and "every image uses --instance_prompt" in caplog.text
+        caplog.clear()
     saved = saved_dataset(tmp_path / "saved", [(32, 32)], ["a photo of sks dog on grass"])
     assert sources.instance_images_and_captions(parse_args(dataset_args(tiny_sd, saved, tmp_path / "out")))[1] == [
         "a photo of sks dog on grass"
@@ -345,5 +352,6 @@ def test_without_caption_column_an_images_only_dataset_uses_the_instance_prompt(
     assert sources.instance_images_and_captions(parse_args(dataset_args(tiny_sd, folder, tmp_path / "out")))[1] == [
         "a photo of sks dog"
     ]
-    with pytest.raises(ArgumentsError, match="--dataset_config_name='v2' applies to --dataset_name"):
-        parse_args([*dreambooth_args(tiny_sd, folder, tmp_path / "out"), "--dataset_config_name", "v2"])
+    for flag in ("--dataset_config_name", "--image_column", "--caption_column"):  # with --instance_data_dir
+        with pytest.raises(ArgumentsError, match=f"{flag}='v2' applies to --dataset_name"):
+            parse_args([*dreambooth_args(tiny_sd, folder, tmp_path / "out"), flag, "v2"])

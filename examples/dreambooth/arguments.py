@@ -167,8 +167,8 @@ def add_data_arguments(data) -> None:
     data.add_argument(
         "--image_column",
         type=str,
-        default="image",
-        help="The column holding the images (with a --dataset_name that is not an imagefolder).",
+        default=None,
+        help="The column holding the images (with a --dataset_name that is not an imagefolder; default: image).",
     )
     data.add_argument(
         "--caption_column",

@@ -111,11 +111,13 @@ def check_settings(settings: Settings) -> Settings:
             f"(a local dataset folder or a Hub dataset id); got --instance_data_dir={settings.instance_data_dir!r} and "
             f"--dataset_name={settings.dataset_name!r}."
         )
-    if settings.instance_data_dir and settings.dataset_config_name:
-        raise ValueError(
-            f"--dataset_config_name={settings.dataset_config_name!r} applies to --dataset_name (a Hub dataset); "
-            f"got it with --instance_data_dir={settings.instance_data_dir!r}."
-        )
+    for flag in ("dataset_config_name", "image_column", "caption_column"):
+        value = getattr(settings, flag)
+        if settings.instance_data_dir and value is not None:
+            raise ValueError(
+                f"--{flag}={value!r} applies to --dataset_name; with --instance_data_dir="
+                f"{settings.instance_data_dir!r} captions come from caption files (--caption_extension)."
+            )
     if settings.instance_data_dir:
         instance_dir = Path(settings.instance_data_dir)
         if not instance_dir.is_dir():

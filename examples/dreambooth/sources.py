@@ -66,6 +66,7 @@ def check_image(path: Path, argument: str) -> None:
 
 IMAGEFOLDER_METADATA = "metadata.jsonl"
 DEFAULT_CAPTION_COLUMN = "text"  # read where a dataset has it when --caption_column is not given
+DEFAULT_IMAGE_COLUMN = "image"
 
 
 @dataclass(frozen=True)
@@ -167,12 +168,26 @@ def imagefolder_images(folder: Path, caption_column: str | None, default_prompt:
         prompts.append(caption.strip() if caption is not None else default_prompt)
     if not images:
         raise ValueError(f"{argument}: {IMAGEFOLDER_METADATA} lists no image; expected one JSON object per image.")
+    used = caption_column or (DEFAULT_CAPTION_COLUMN if DEFAULT_CAPTION_COLUMN in columns else None)
+    _log_caption_source(argument, used, sorted(columns))
     if caption_column is not None and caption_column not in columns:
         raise ValueError(
             f"--caption_column={caption_column!r} is in no row of {argument}'s {IMAGEFOLDER_METADATA}; its columns: "
             f"{sorted(columns)}."
         )
     return images, prompts
+
+
+def _log_caption_source(argument: str, column: str | None, columns: list[str]) -> None:
+    """Says where the captions come from: a dataset whose captions sit in an unexpected column otherwise trains on
+    the instance prompt without a word."""
+    if column is None:
+        logger.info(
+            f"{argument}: no caption column (no --caption_column, no {DEFAULT_CAPTION_COLUMN!r} among {columns}): "
+            "every image uses --instance_prompt"
+        )
+    else:
+        logger.info(f"{argument}: captions from {column!r}; images without one use --instance_prompt")
 
 
 def saved_dataset_images(
@@ -242,6 +257,7 @@ def _dataset_rows(
         raise ValueError(f"{argument} has no rows; expected one row per image.")
     if caption_column is None and DEFAULT_CAPTION_COLUMN in dataset.column_names:
         caption_column = DEFAULT_CAPTION_COLUMN
+    _log_caption_source(argument, caption_column, dataset.column_names)
     captions = dataset[caption_column] if caption_column is not None else [None] * len(dataset)
     prompts = []
     for image, caption in zip(images, captions, strict=True):
@@ -279,14 +295,17 @@ def instance_images_and_captions(settings) -> tuple[list[Path | DatasetImage], l
             )
         if local_format == "save_to_disk":
             return saved_dataset_images(
-                folder, settings.image_column, settings.caption_column, settings.instance_prompt
+                folder,
+                settings.image_column or DEFAULT_IMAGE_COLUMN,
+                settings.caption_column,
+                settings.instance_prompt,
             )
         if local_format == "imagefolder":
             return imagefolder_images(folder, settings.caption_column, settings.instance_prompt)
         return hub_dataset_images(
             settings.dataset_name,
             settings.dataset_config_name,
-            settings.image_column,
+            settings.image_column or DEFAULT_IMAGE_COLUMN,
             settings.caption_column,
             settings.instance_prompt,
         )
