@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5) or Flux.1 with Bayesian LoRA.
+"""DreamBooth-style few-shot fine-tuning of Stable Diffusion (1.x, 2.x, XL, 3/3.5), Flux.1, Flux.2, Qwen-Image, Z-Image
+or SANA with Bayesian LoRA.
 
 The structure follows diffusers' `examples/dreambooth/train_dreambooth_lora.py`: instance images and an instance
 prompt, optional prior preservation with class images, accelerate for devices, processes, mixed precision,
@@ -9,7 +10,7 @@ prior, and the final output is the posterior *mean* as a plain LoRA that `pipe.l
 without this package. The whole Bayesian adapter (means and standard deviations) is kept next to it.
 
 The model family is read from the pipeline's `model_index.json` (`_class_name`), not from a flag: SD 1.x/2.x and
-SDXL UNets are trained by noise (or v) prediction, SD3 and Flux transformers by flow matching with the sigmas drawn by
+SDXL UNets are trained by noise (or v) prediction, the transformers (SD3, Flux, ...) by flow matching with the sigmas drawn by
 `--weighting_scheme`, as diffusers' `train_dreambooth_lora_sd3.py` / `_flux.py` do. The trainer lives in the package
 `examples/dreambooth/` beside this script (`dreambooth/families/` holds what differs between the families).
 

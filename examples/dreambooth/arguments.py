@@ -154,7 +154,7 @@ def add_data_arguments(data) -> None:
         help="Instead of --instance_data_dir: a local folder, either written by datasets' save_to_disk (a Dataset, or "
         "a DatasetDict's train split) or in diffusers' imagefolder convention (a metadata.jsonl with one JSON object "
         "per image, its file_name and its caption); else what datasets.load_dataset loads, as in diffusers' scripts: "
-        "a Hub dataset id (e.g. lambdalabs/naruto-blip-captions, downloaded into the datasets cache) or a downloaded "
+        "a Hub dataset id (e.g. diffusers/dog-example, downloaded into the datasets cache) or a downloaded "
         "Hub dataset's folder, its train split. Images in --image_column, captions in --caption_column; images "
         "without one use --instance_prompt.",
     )
@@ -212,7 +212,8 @@ def add_data_arguments(data) -> None:
         "--resolution",
         type=int,
         default=512,
-        help="Training resolution in pixels (divisible by 8, by 16 for Flux); use 1024 for SDXL, SD3 and Flux.",
+        help="Training resolution in pixels (divisible by 8 for SD/SDXL/SD3, 16 for Flux, Flux.2, Qwen-Image and Z-Image, "
+        "32 for SANA); use 1024 for SDXL, SD3 and Flux.",
     )
     data.add_argument(
         "--aspect_ratio_buckets",
