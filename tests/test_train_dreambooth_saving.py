@@ -155,7 +155,7 @@ def test_push_to_hub_calls_the_library_with_accepted_arguments(tmp_path, instanc
 
     monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
     args = parse_args(
-        dreambooth_args("no/such/model", instance_dir, tmp_path, "--push_to_hub", "--hub_model_id", "me/dog")
+        dreambooth_args("no-such/model", instance_dir, tmp_path, "--push_to_hub", "--hub_model_id", "me/dog")
     )
     monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
     unet = tiny_unet()
