@@ -4,7 +4,9 @@
 - `settings`: the options checked before any model loads, resolved into read-only `Settings`; `errors`: the error
   the command line reports with exit status 2.
 - `families/`: what differs between the model families, one class per family.
-- `data`: instance and class images, prompts, batches.
+- `sources`: where the instance images and their prompts come from (a folder with caption files, an imagefolder, a
+  saved or Hub dataset).
+- `data`: instance and class images loaded, cropped and batched; class images generated.
 - `adapters`: the Bayesian LoRA config, checkpoints, the exported mean LoRA; `targets`: the LoRA target names checked
   against the model before any weights load.
 - `outputs`: what a run writes into `--output_dir`, and the guard against mixing with a previous run.

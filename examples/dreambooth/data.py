@@ -131,7 +131,7 @@ def cache_latents(vae, images: list[Path], size, random_flip: bool, device, dtyp
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Saving and loading the Bayesian adapters
+# Class images
 
 
 def generate_class_images(settings, accelerator, pipeline_cls) -> None:
