@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .families import half_precision_dtype
 from .sources import DatasetImage, data_files, open_image
 
 
@@ -145,7 +146,7 @@ def generate_class_images(settings, accelerator, pipeline_cls) -> None:
             precision = settings.prior_generation_precision or (
                 "fp16" if accelerator.device.type == "cuda" else "fp32"
             )
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+            dtype = half_precision_dtype(precision) or torch.float32
             pipeline = pipeline_cls.from_pretrained(
                 settings.pretrained_model_name_or_path,
                 dtype=dtype,

@@ -122,8 +122,9 @@ def open_image(source: Path | DatasetImage) -> Image.Image:
 
 
 def imagefolder_images(folder: Path, caption_column: str | None, default_prompt: str) -> tuple[list[Path], list[str]]:
-    """The images of a local imagefolder (diffusers' / datasets' convention): `metadata.jsonl`, one JSON object a
-    line with the image's `file_name` (relative to the folder) and its caption in `caption_column`.
+    """The images of a local imagefolder (diffusers' / datasets' convention): `metadata.jsonl` (which
+    `instance_images_and_captions` found in `folder`), one JSON object a line with the image's `file_name` (relative
+    to the folder) and its caption in `caption_column`.
 
     Rows without the caption use `default_prompt` (`--instance_prompt`); with `caption_column` None, captions are
     read from the `text` key where rows have one.
@@ -132,17 +133,7 @@ def imagefolder_images(folder: Path, caption_column: str | None, default_prompt:
         `ValueError` naming `--dataset_name` / `--caption_column`, the file and line, and what was expected.
     """
     argument = f"--dataset_name={str(folder)!r}"
-    if not folder.is_dir():
-        raise ValueError(
-            f"{argument} is not an existing folder; expected a local image folder with {IMAGEFOLDER_METADATA}."
-        )
     metadata = folder / IMAGEFOLDER_METADATA
-    if not metadata.is_file():
-        raise ValueError(
-            f"{argument} has no {IMAGEFOLDER_METADATA} and is not a folder written by datasets' save_to_disk; expected "
-            f'an imagefolder (images and a {IMAGEFOLDER_METADATA} of {{"file_name": ..., "{caption_column or DEFAULT_CAPTION_COLUMN}": ...}} '
-            "lines) or a saved dataset."
-        )
     images, prompts, columns = [], [], set()
     root = folder.resolve()
     for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):

@@ -153,7 +153,7 @@ def load_models(settings: Settings, accelerator) -> Models:
     family, model_index = settings.family, settings.model_index
     path, load = settings.pretrained_model_name_or_path, {"revision": settings.revision}
     pipeline_cls = getattr(diffusers, family.pipeline_class)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = families.half_precision_dtype(accelerator.mixed_precision) or torch.float32
     # Where --quantize_base quantises, decided on the empty denoiser before the class images take their time.
     quantisation = plan_quantisation(settings, accelerator.device.type, weight_dtype)
     if settings.with_prior_preservation:

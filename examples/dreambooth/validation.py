@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .families import half_precision_dtype
 from .outputs import save_samples
 
 
@@ -27,7 +28,7 @@ def generate(settings, accelerator, pipeline, prompt: str, seeds: Sequence[int] 
     if settings.max_sequence_length is not None:  # the DiTs' T5 prompt length, as in training
         extra["max_sequence_length"] = settings.max_sequence_length
     # the run's precision: without a dtype, CUDA autocast would run a bf16 run's validation in float16
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    dtype = half_precision_dtype(accelerator.mixed_precision)
     if dtype is not None and not settings.family.validation_autocast(dtype):
         dtype = None
     with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None):

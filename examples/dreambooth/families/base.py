@@ -15,6 +15,12 @@ from ..errors import ArgumentsError
 FAMILIES: dict[str, ModelFamily] = {}
 
 
+def half_precision_dtype(precision: str | None) -> torch.dtype | None:
+    """The dtype of a precision name ("fp16", "bf16", as accelerate's `mixed_precision` and
+    `--prior_generation_precision` spell it); None for full precision ("no", "fp32", None)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+
 class _OutsideAutocast:
     """`module.<method>` run with autocast disabled, in the module's own dtype (an object, not a closure: a deep copy
     of the module gets one bound to the copy, and the module still pickles)."""
@@ -126,8 +132,11 @@ class ModelFamily:
             run_outside_autocast(model, "forward", cast_inputs=False)
 
     def validation_autocast(self, weight_dtype: torch.dtype) -> bool:
-        """Whether validation samples under autocast in the run's precision (`weight_dtype`)."""
-        return True
+        """Whether validation samples under autocast in the run's precision (`weight_dtype`): not when the text
+        encoders run in another dtype (SANA's Gemma-2 in bfloat16 under fp16), whose prompt states the pipeline
+        keeps and concatenates, which float16 autocast refuses for bfloat16 tensors; each component then runs in its
+        own dtype, the trained denoiser under the autocast accelerate gives its forward."""
+        return self.text_encoder_dtype(weight_dtype) == weight_dtype
 
     def cast_vae(self, vae, weight_dtype: torch.dtype, separate_vae: bool) -> torch.dtype:
         """Casts the frozen VAE to `vae_dtype(...)` and returns that dtype; kept in another dtype than `weight_dtype`

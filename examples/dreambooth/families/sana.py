@@ -46,12 +46,6 @@ class Sana(FlowMatchingFamily):
     def vae_dtype(self, vae, weight_dtype, separate_vae):
         return torch.float32  # as diffusers' train_dreambooth_lora_sana.py keeps the deep-compression autoencoder
 
-    def validation_autocast(self, weight_dtype):
-        # The pipeline keeps Gemma-2's prompt states in its dtype and concatenates them, which float16 autocast
-        # refuses for bfloat16 tensors; each component then runs in its own dtype, the trained transformer under
-        # the autocast accelerate gives its forward.
-        return self.text_encoder_dtype(weight_dtype) == weight_dtype
-
     def text_encoder_dtype(self, weight_dtype):
         # Gemma-2's activations overflow in float16: diffusers' SANA script and pipeline examples run it in bfloat16.
         return torch.bfloat16 if weight_dtype == torch.float16 else weight_dtype
