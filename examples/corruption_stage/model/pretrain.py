@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -18,10 +17,17 @@ from tqdm.auto import tqdm
 from . import data
 from .diffusion import diffusion_loss, sample
 from .models import CONFIG_FILE, LabModel, LabModelConfig, add_pooled_condition, load_model, new_model, save_model
+from .resume import (
+    UNET_RESUME_FILE,
+    load_resume_state,
+    restore_training,
+    run_identity,
+    save_resume_state,
+    training_state,
+)
 
 
 logger = logging.getLogger("lab.pretrain")
-UNET_RESUME_FILE = "unet_resume.pt"  # pretrain_v2's within-stage checkpoint, removed once the stage is saved
 
 
 def _cosine_lr(opt: torch.optim.Optimizer, total: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
@@ -82,43 +88,6 @@ def encode_all(model: LabModel, images: torch.Tensor, batch: int = 256) -> torch
     return torch.cat([model.vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
 
 
-def _save_resume_state(path: str, state: dict) -> None:
-    """Writes a training checkpoint atomically (a cut-off write leaves the previous one whole)."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_resume_state(path: str, fingerprint: dict) -> dict | None:
-    """The checkpoint at ``path`` if there is one, after checking it belongs to this run (tensors only: nothing
-    executable is unpickled)."""
-    if not os.path.exists(path):
-        return None
-    state = torch.load(path, weights_only=True)
-    if state.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"resume checkpoint {path!r} was written by another run ({state.get('fingerprint')}), expected "
-            f"{fingerprint}: delete it to start this run over"
-        )
-    return state
-
-
-def _run_identity(model: LabModel, latents: torch.Tensor, labels: torch.Tensor, params: list) -> dict:
-    """What a checkpoint must match to be resumed: the model's config, a digest of the starting weights of the
-    denoiser, condition and autoencoder (exact: a seeded init or a saved file), the labels, and the latents' shape.
-    The latents' values are left out: re-encoded on another CPU they may differ in the last bits, and they follow
-    from the autoencoder and the data (``run_note``)."""
-    digest = hashlib.sha256()
-    for p in [*params, *model.vae.parameters()]:
-        digest.update(p.detach().float().numpy().tobytes())
-    return {
-        "config": json.loads(json.dumps(dataclasses.asdict(model.cfg))),
-        "start_weights_sha256": digest.hexdigest(),
-        "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
-        "latents": list(latents.shape),
-    }
-
-
 def train_unet(
     model: LabModel,
     latents: torch.Tensor,
@@ -151,19 +120,12 @@ def train_unet(
         "batch": batch,
         "lr": lr,
         "seed": seed,
-        **_run_identity(model, latents, labels, params),
+        **run_identity(model, latents, labels, params),
         **(run_note or {}),
     }
-    state = _load_resume_state(resume_path, fingerprint) if resume_path else None
+    state = load_resume_state(resume_path, fingerprint) if resume_path else None
     if state is not None:
-        model.unet.load_state_dict(state["unet"])
-        model.cond.load_state_dict(state["cond"])
-        with torch.no_grad():
-            for e, saved in zip(ema, state["ema"]):
-                e.copy_(saved)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        g.set_state(state["generator"])
+        restore_training(state, model, ema, opt, sched, g)
         hist, start, resumed_at = state["history"], state["step"], [*state["resumed_at"], state["step"]]
         logger.info("unet resumed at step %d from %s", start, resume_path)
     bar = tqdm(range(start, steps), desc="latent unet", mininterval=2.0, initial=start, total=steps)
@@ -188,17 +150,12 @@ def train_unet(
             bar.set_postfix(loss=f"{loss:.4f}")
             logger.info("unet step %d loss %.4f", step, loss)
         if resume_path and (step + 1) % resume_every == 0 and step + 1 < steps:
-            _save_resume_state(
+            save_resume_state(
                 resume_path,
                 {
+                    **training_state(model, ema, opt, sched, g),
                     "fingerprint": fingerprint,
                     "step": step + 1,
-                    "unet": model.unet.state_dict(),
-                    "cond": model.cond.state_dict(),
-                    "ema": ema,
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "generator": g.get_state(),
                     "history": hist,
                     "resumed_at": resumed_at,
                 },
