@@ -9,7 +9,8 @@ are noised (DDPM noise prediction, or flow matching for the DiTs) and what the d
 Adding a family is adding one subclass of `DDPMFamily` or `FlowMatchingFamily` with a `name`: it registers itself.
 
 One module per kind: `base` (the interface, the registry, the DDPM and flow-matching bases, shared helpers),
-`stable_diffusion`, `flux`, `qwen_image`, `z_image`, `sana`. A new family is one class in one of them (or a new module
+`precision` (the dtype of a precision name, methods run outside autocast), `stable_diffusion`, `flux`,
+`qwen_image`, `z_image`, `sana`. A new family is one class in one of them (or a new module
 imported below).
 """
 
@@ -24,12 +25,12 @@ from .base import (
     NoisedLatents,
     PromptCache,
     family_of_class_name,
-    half_precision_dtype,
     load_component,
     read_model_index,
     to_latents,
 )
 from .flux import Flux, Flux2, Flux2Klein
+from .precision import half_precision_dtype
 from .qwen_image import QwenImage
 from .sana import Sana
 from .stable_diffusion import StableDiffusion, StableDiffusion3, StableDiffusionXL
