@@ -44,6 +44,7 @@ def test_the_lab_lists_its_subcommands_and_refuses_an_unknown_one():
         (["run", "--model-dir", "nowhere"], "error: --model-dir 'nowhere'"),
         (["study", "nope"], "invalid choice: 'nope'"),
         (["study", "paper_recipe_arms"], "needs the learning rate study 1's rule chose"),
+        (["study", "paper_recipe_arms_v3w"], "study paper_recipe_arms_v3w needs the learning rate"),
         (["study", "paper_recipe", "--workers", "0"], "--workers must be positive, got 0"),
         (["report", "paper_recipe", "--dir", "nowhere"], "holds no runs/ folder"),
     ],
@@ -58,7 +59,7 @@ def test_the_commands_refuse_bad_arguments_before_any_work(tmp_path, capsys, arg
 
 
 def test_a_study_whose_base_model_is_not_built_yet_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(plan.STUDY_BASE_MODELS, "paper_recipe_v3w", "base_model_not_built")
+    monkeypatch.setitem(plan.STUDY_BASE_MODELS, "paper_recipe_v3w", (("base_model_not_built", "no_gate1.json"),))
     with pytest.raises(SystemExit) as exit_info:
         lab.main(["study", "paper_recipe_v3w", "--list", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 from bayes_adapter import BayesLoraConfig
 from bayes_adapter.stage import read_monitor
 from examples.corruption_stage.model import models
-from examples.corruption_stage.study import arms, controls, driver, plan
+from examples.corruption_stage.study import arms, controls, driver, plan, train
 from examples.corruption_stage.study.train import MODEL_DIR, RunSpec, format_lr, train_run
 
 
@@ -57,15 +57,42 @@ def test_the_declared_studies_list_their_runs_in_the_plans_order():
     assert [s.prior_loss_weight for s in probe] == [1.0, 0.0] and all(s.steps == 4000 for s in probe)
     with pytest.raises(ValueError, match="--seeds does not apply"):
         plan.study_runs("memorise_probe", seeds=(1,))
-    with pytest.raises(ValueError, match="--lr applies to study paper_recipe_arms only"):
+    with pytest.raises(ValueError, match="--lr applies to the studies"):
         plan.study_runs("paper_recipe", lr=6e-3)
     assert plan.study_runs("paper_recipe_v3w") == plan.study_runs("paper_recipe")  # the same runs on another model
+    assert plan.study_runs("paper_recipe_arms_v3w", lr=6e-3) == plan.study_runs("paper_recipe_arms", lr=6e-3)
+    with pytest.raises(ValueError, match="study paper_recipe_arms_v3w needs the learning rate"):
+        plan.study_runs("paper_recipe_arms_v3w")
 
 
-def test_each_study_names_the_base_model_it_fine_tunes():
-    assert plan.study_model_dir("paper_recipe") == MODEL_DIR
-    v3w = plan.study_model_dir("paper_recipe_v3w")
-    assert os.path.dirname(v3w) == os.path.dirname(MODEL_DIR) and os.path.basename(v3w) == "base_model_v3w_d"
+def test_the_v3w_studies_fine_tune_the_first_v3w_stage_that_passed_gate_1(tmp_path, monkeypatch):
+    assert plan.study_model_dir("paper_recipe") == MODEL_DIR and plan.gate_refusal("paper_recipe") is None  # lab v2
+    declared = [model for model, _ in plan.STUDY_BASE_MODELS["paper_recipe_v3w"]]
+    assert declared == ["base_model_v3w_d", "base_model_v3w_e"]  # PLAN_V3: stage d, else one more stage e
+    assert plan.STUDY_BASE_MODELS["paper_recipe_arms_v3w"] == plan.STUDY_BASE_MODELS["paper_recipe_v3w"]
+    d_gate, e_gate = tmp_path / "d_gate1.json", tmp_path / "e_gate1.json"
+    candidates = (("base_model_v3w_d", str(d_gate)), ("base_model_v3w_e", str(e_gate)))
+    monkeypatch.setitem(plan.STUDY_BASE_MODELS, "paper_recipe_v3w", candidates)
+
+    def chosen() -> str:
+        folder = plan.study_model_dir("paper_recipe_v3w")
+        assert os.path.dirname(folder) == os.path.dirname(MODEL_DIR)
+        return os.path.basename(folder)
+
+    def gate(path, passed: bool) -> None:
+        path.write_text(json.dumps({"gate1_class": {"passed": passed, "hits": 9 if passed else 5}}))
+
+    assert chosen() == "base_model_v3w_d" and "d_gate1.json does not exist" in plan.gate_refusal("paper_recipe_v3w")
+    gate(d_gate, False)
+    refusal = plan.gate_refusal("paper_recipe_v3w")
+    assert chosen() == "base_model_v3w_e" and "d_gate1.json says passed=False" in refusal
+    assert "e_gate1.json does not exist" in refusal
+    gate(e_gate, False)
+    assert chosen() == "base_model_v3w_e" and "e_gate1.json says passed=False" in plan.gate_refusal("paper_recipe_v3w")
+    gate(e_gate, True)
+    assert chosen() == "base_model_v3w_e" and plan.gate_refusal("paper_recipe_v3w") is None
+    gate(d_gate, True)
+    assert chosen() == "base_model_v3w_d" and plan.gate_refusal("paper_recipe_v3w") is None
 
 
 def test_each_arm_builds_its_adapter_config():
@@ -98,6 +125,53 @@ def test_a_run_writes_one_record_file_per_guidance_that_the_package_reads(v2f_mo
     bayes = train_run(base, _tiny_spec("bayes_paper", schedules=((3.0, 2),)), str(tmp_path / "b"))
     assert [s["step"] for s in bayes["posterior_std"]] == [0, 2]
     assert bayes["posterior_std"][0]["max"] == pytest.approx(0.01, rel=1e-3)
+
+
+class _CutOff(Exception):
+    pass
+
+
+def test_a_cut_off_run_continues_from_its_checkpoint_to_the_uninterrupted_runs_records(
+    v2f_model_dir, tmp_path, monkeypatch
+):
+    base = models.load_model(v2f_model_dir)
+    spec = _tiny_spec("bayes_paper", steps=5, schedules=((7.5, 1), (3.0, 2)))  # weight noise: the global RNG matters
+    straight_dir, out = str(tmp_path / "straight"), str(tmp_path / "cut")
+    straight = train_run(base, spec, straight_dir)
+    checkpoint = driver.resume_file(out, spec)
+    loss, calls = train.diffusion_loss, []
+
+    def cut_off_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after step 3's records, past the checkpoint of step 2
+            raise _CutOff
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "diffusion_loss", cut_off_at_step_4)
+    with pytest.raises(_CutOff):
+        train_run(base, spec, out, resume_path=checkpoint, resume_every=2)
+    monkeypatch.setattr(train, "diffusion_loss", loss)
+    assert [r.step for r in read_monitor(spec.record_path(out, 7.5))] == [0, 1, 2, 3]
+    other = _tiny_spec("bayes_paper", lr=2e-2, steps=5, schedules=((7.5, 1), (3.0, 2)))
+    with pytest.raises(ValueError, match="resume checkpoint .* was written by another run"):
+        train_run(base, other, out, resume_path=checkpoint, resume_every=2)
+
+    monkeypatch.setattr(driver, "RESUME_EVERY", 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # run_one's 1 thread would reorder float sums
+    driver.run_study([spec], out, "cmd", workers=1, model_dir=v2f_model_dir)  # in a new process it would be the same
+    run = json.loads((tmp_path / "cut" / f"{spec.name}.json").read_text())
+    assert run["resumed_at"] == [2] and straight["resumed_at"] == [] and not os.path.exists(checkpoint)
+    for guidance in (7.5, 3.0):
+        resumed, expected = (read_monitor(spec.record_path(d, guidance)) for d in (out, straight_dir))
+        assert [r.step for r in resumed] == [r.step for r in expected]
+        for got, want in zip(resumed, expected):
+            assert (got.loss is None) == (want.loss is None)  # no loss before the first step
+            for field in ("fidelity", "noise_energy", "noise_whiteness", "loss", "copy_rate"):
+                if getattr(want, field) is not None:
+                    assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-4, abs=1e-6), field
+    assert [s["step"] for s in run["posterior_std"]] == [s["step"] for s in straight["posterior_std"]]
+    assert run["posterior_std"][-1]["max"] == pytest.approx(straight["posterior_std"][-1]["max"], rel=1e-4)
+    assert run["posterior_std"][-1]["max"] != straight["posterior_std"][0]["max"]  # the stds moved: a real check
 
 
 def test_the_full_fine_tuning_arm_trains_every_unet_weight_and_no_adapter(v2f_model_dir, tmp_path):
@@ -149,19 +223,8 @@ def test_a_run_file_of_another_base_model_is_not_counted_as_finished(tmp_path):
     assert not driver.is_finished(str(tmp_path), spec)
     (tmp_path / f"{spec.name}.json").write_text(json.dumps({"spec": {}}))  # written before base_model was recorded
     assert driver.is_finished(str(tmp_path), spec)  # a v2f run
-    v3w = plan.study_model_dir("paper_recipe_v3w")
+    v3w = os.path.join(os.path.dirname(MODEL_DIR), "base_model_v3w_d")
     with pytest.raises(ValueError, match="fine-tuned base_model_v2f, but this study fine-tunes base_model_v3w_d"):
         driver.is_finished(str(tmp_path), spec, v3w)
     (tmp_path / f"{spec.name}.json").write_text(json.dumps({"base_model": "base_model_v3w_d"}))
     assert driver.is_finished(str(tmp_path), spec, v3w)
-
-
-def test_the_v3w_study_waits_for_gate_1_on_its_base_model(tmp_path, monkeypatch):
-    gate = tmp_path / "v3w_gate1.json"
-    monkeypatch.setitem(plan.STUDY_GATES, "paper_recipe_v3w", str(gate))
-    assert plan.gate_refusal("paper_recipe") is None  # v2f passed its gate in lab v2
-    assert "v3w_gate1.json does not exist" in plan.gate_refusal("paper_recipe_v3w")
-    gate.write_text(json.dumps({"gate1_class": {"passed": False, "hits": 5}}))
-    assert "says passed=False" in plan.gate_refusal("paper_recipe_v3w")
-    gate.write_text(json.dumps({"gate1_class": {"passed": True, "hits": 9}}))
-    assert plan.gate_refusal("paper_recipe_v3w") is None

@@ -2,8 +2,8 @@
 
     run        (default) plain LoRA on the v2f base model and the circle subject, judged by the package (~6 min)
     controls   the judge's positive and negative controls on the lab's measured records (PLAN_V3.md step 0)
-    study      a PLAN_V3.md study (paper_recipe, bounded_std, paper_recipe_arms, memorise_probe, paper_recipe_v3w),
-               two runs at a time, resumable
+    study      a PLAN_V3.md study (paper_recipe, bounded_std, paper_recipe_arms, memorise_probe, and studies 1-2 on
+               v3w: paper_recipe_v3w, paper_recipe_arms_v3w), two runs at a time, resumable within a run
     report     a study's verdicts, declared reading, summary and figure, from its run files
     gate       lab v2's reachability gate (PLAN_V2.md)
     reproduce  every lab v2 number in RESULTS.md, in order (~15 h)

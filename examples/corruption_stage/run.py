@@ -62,7 +62,7 @@ def _parser(name: str) -> argparse.ArgumentParser:
     elif name == "study":
         p.add_argument("study", choices=STUDIES)
         p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-        p.add_argument("--lr", type=float, help="paper_recipe_arms: the learning rate study 1's rule chose")
+        p.add_argument("--lr", type=float, help="paper_recipe_arms(_v3w): the learning rate study 1's rule chose")
         p.add_argument("--workers", type=int, default=2, help="runs at once, one thread each (default 2)")
         p.add_argument("--out", help="the study's folder (default results/<study>); runs go to <out>/runs")
         p.add_argument("--list", action="store_true", help="print the runs and whether each is finished, and stop")

@@ -37,6 +37,16 @@ def load_resume_state(path: str, fingerprint: dict) -> dict | None:
     return state
 
 
+def weights_sha256(*modules: torch.nn.Module) -> str:
+    """A digest of the modules' parameters, in order: equal only for the same weights (a seeded init or a saved
+    file)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for p in module.parameters():
+            digest.update(p.detach().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run_identity(model: LabModel, latents: torch.Tensor, labels: torch.Tensor, params: list) -> dict:
     """What a checkpoint must match to be resumed: the model's config, a digest of the starting weights of the
     denoiser, condition and autoencoder (exact: a seeded init or a saved file), the labels, and the latents' shape.

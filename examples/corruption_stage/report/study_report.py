@@ -290,7 +290,8 @@ def write_study_report(study: str, study_dir: str) -> dict:
     elif study == "memorise_probe":
         reading = read_memorise_probe(runs)
     else:
-        plain_dir = os.path.join(os.path.dirname(os.path.abspath(study_dir)), "paper_recipe", "runs")
+        plain_study = study.replace("_arms", "")  # study 1 on the same base model: paper_recipe(_v3w)
+        plain_dir = os.path.join(os.path.dirname(os.path.abspath(study_dir)), plain_study, "runs")
         plain_runs = load_runs(plain_dir) if os.path.isdir(plain_dir) else []
         reading = read_paper_recipe_arms(runs, plain_runs)
     summary = {"study": study, "runs": runs, "reading": reading}

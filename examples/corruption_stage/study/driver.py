@@ -1,5 +1,6 @@
 """Runs a study's runs two (``workers``) at a time, one file per run, so that a study spans sessions: a finished
-run (its ``<run>.json`` exists) is skipped, an unfinished one restarts from the start."""
+run (its ``<run>.json`` exists) is skipped, an unfinished one continues from its last checkpoint
+(``<run>.resume.pt``, every 250 steps) or, without one, restarts from the start."""
 
 from __future__ import annotations
 
@@ -21,8 +22,16 @@ from ..model.models import load_model
 from .train import MODEL_DIR, RunSpec, train_run
 
 
+RESUME_EVERY = 250
+
+
 def run_file(out_dir: str, spec: RunSpec) -> str:
     return os.path.join(out_dir, f"{spec.name}.json")
+
+
+def resume_file(out_dir: str, spec: RunSpec) -> str:
+    """The unfinished run's checkpoint, removed once its run file is written."""
+    return os.path.join(out_dir, f"{spec.name}.resume.pt")
 
 
 def is_finished(out_dir: str, spec: RunSpec, model_dir: str = MODEL_DIR) -> bool:
@@ -40,25 +49,29 @@ def is_finished(out_dir: str, spec: RunSpec, model_dir: str = MODEL_DIR) -> bool
 
 
 def run_one(spec: RunSpec, out_dir: str, command: str, model_dir: str = MODEL_DIR) -> str:
-    """Trains ``spec`` from the start (its partial record files removed first) and writes ``<run>.json`` last;
-    returns the primary records' verdict sentence."""
+    """Trains ``spec`` from its checkpoint, or from the start with its partial record files removed first, and writes
+    ``<run>.json`` last; returns the primary records' verdict sentence."""
     torch.set_num_threads(1)  # one thread per run: two runs share the two cores
-    for guidance, _ in spec.schedules:
-        path = spec.record_path(out_dir, guidance)
-        if os.path.exists(path):
-            os.remove(path)
+    checkpoint = resume_file(out_dir, spec)
+    if not os.path.exists(checkpoint):
+        for guidance, _ in spec.schedules:
+            path = spec.record_path(out_dir, guidance)
+            if os.path.exists(path):
+                os.remove(path)
     start = time.time()
-    result = train_run(load_model(model_dir), spec, out_dir)
+    result = train_run(load_model(model_dir), spec, out_dir, resume_path=checkpoint, resume_every=RESUME_EVERY)
     result.update(
         command=command,
         base_model=os.path.basename(os.path.normpath(model_dir)),
-        seconds=round(time.time() - start, 1),
+        seconds=round(time.time() - start + result.pop("seconds_before_resume"), 1),  # of the steps kept
         torch_threads=1,
     )
     tmp = run_file(out_dir, spec) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, run_file(out_dir, spec))
+    if os.path.exists(checkpoint):
+        os.remove(checkpoint)
     primary = read_monitor(spec.record_path(out_dir, spec.schedules[0][0]))
     return f"{spec.name}: {verdict_sentence(judge(primary))}"
 

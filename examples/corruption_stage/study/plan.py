@@ -11,11 +11,22 @@ from .train import MODEL_DIR, RunSpec
 PAPER_LRS = (3e-3, 6e-3, 1.2e-2)
 BOUNDED_STD_LRS = (1e-2, 3e-3)
 SEEDS = (0, 1, 2)
-STUDIES = ("paper_recipe", "bounded_std", "paper_recipe_arms", "memorise_probe", "paper_recipe_v3w")
-# PLAN_V3's amendment of 7 December, 01:43: study 1 repeated on the wider base model v3w (its last stage), once that
-# model has passed lab v2's gate 1 (the amendment of 03:00 names the file)
-STUDY_BASE_MODELS = {"paper_recipe_v3w": "base_model_v3w_d"}
-STUDY_GATES = {"paper_recipe_v3w": os.path.join("results", "v3w", "v3w_gate1.json")}
+STUDIES = (
+    "paper_recipe",
+    "bounded_std",
+    "paper_recipe_arms",
+    "memorise_probe",
+    "paper_recipe_v3w",
+    "paper_recipe_arms_v3w",
+)
+ARMS_STUDIES = ("paper_recipe_arms", "paper_recipe_arms_v3w")  # study 2, run at the learning rate study 1 chose
+# PLAN_V3's amendments of 7 December, 01:43 and 03:00: studies 1 and 2 repeated on the wider base model v3w, on its
+# stage d once it passed lab v2's gate 1, else on one more stage e once that passed; (model, gate file) in that order
+V3W_BASE_MODELS = (
+    ("base_model_v3w_d", os.path.join("results", "v3w", "v3w_gate1.json")),
+    ("base_model_v3w_e", os.path.join("results", "v3w", "v3w_e_gate1.json")),
+)
+STUDY_BASE_MODELS = {"paper_recipe_v3w": V3W_BASE_MODELS, "paper_recipe_arms_v3w": V3W_BASE_MODELS}
 PAPER_ARMS = ("bayes_paper", "bayes_default", "bayes_kl", "fixed_noise", "lora_dropout", "l2")
 
 
@@ -50,32 +61,52 @@ def bounded_std_run(arm: str, lr: float, seed: int) -> RunSpec:
     return RunSpec(arm=arm, lr=lr, seed=seed, steps=3000, batch=4, schedules=((3.0, 100),))
 
 
+def _gate1_passed(gate_file: str) -> bool | None:
+    """What a gate-1 file (relative to the lab's folder) says: passed True or False, None while it does not exist."""
+    lab_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(lab_dir, gate_file)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return (json.load(f).get("gate1_class") or {}).get("passed") is True
+
+
+def _base_model(study: str) -> tuple[str, str] | None:
+    """The (model, gate file) ``study`` fine-tunes: the first candidate that passed gate 1, else the first whose gate
+    has not failed yet (the next to pretrain or gate), else the last; None for v2f."""
+    candidates = STUDY_BASE_MODELS.get(study)
+    if not candidates:
+        return None
+    states = [_gate1_passed(gate) for _, gate in candidates]
+    for wanted in (True, None):
+        if wanted in states:
+            return candidates[states.index(wanted)]
+    return candidates[-1]
+
+
 def study_model_dir(study: str) -> str:
     """The folder of the base model ``study`` fine-tunes (v2f unless the plan names another)."""
-    return os.path.join(os.path.dirname(MODEL_DIR), STUDY_BASE_MODELS.get(study, os.path.basename(MODEL_DIR)))
+    chosen = _base_model(study)
+    return os.path.join(os.path.dirname(MODEL_DIR), chosen[0] if chosen else os.path.basename(MODEL_DIR))
 
 
 def gate_refusal(study: str) -> str | None:
-    """Why ``study`` may not run yet (its base model has not passed its declared gate 1), or None."""
-    if study not in STUDY_GATES:
+    """Why ``study`` may not run yet (none of its base models has passed its declared gate 1), or None."""
+    candidates = STUDY_BASE_MODELS.get(study)
+    if not candidates:
         return None
-    lab_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(lab_dir, STUDY_GATES[study])
-    if not os.path.isfile(path):
-        return f"study {study} runs only after gate 1 on its base model; {path} does not exist (PLAN_V3.md)"
-    with open(path) as f:
-        gate1 = json.load(f).get("gate1_class") or {}
-    if gate1.get("passed") is not True:
-        return (
-            f"study {study} runs only after gate 1 on its base model passed; {path} says passed={gate1.get('passed')}"
-        )
-    return None
+    states = {model: _gate1_passed(gate) for model, gate in candidates}
+    if True in states.values():
+        return None
+    said = {None: "does not exist", False: "says passed=False"}
+    found = "; ".join(f"{gate} {said[states[model]]}" for model, gate in candidates)
+    return f"study {study} runs only on a base model that passed gate 1 (PLAN_V3.md): {found}"
 
 
 def study_runs(study: str, seeds: tuple[int, ...] = SEEDS, lr: float | None = None) -> list[RunSpec]:
     """The runs of ``study`` for ``seeds``, in the plan's order (``lr``: the arms study's learning rate)."""
-    if lr is not None and study != "paper_recipe_arms":
-        raise ValueError(f"--lr applies to study paper_recipe_arms only, got --lr {lr:g} for study {study}")
+    if lr is not None and study not in ARMS_STUDIES:
+        raise ValueError(f"--lr applies to the studies {ARMS_STUDIES} only, got --lr {lr:g} for study {study}")
     if study == "memorise_probe" and tuple(seeds) != SEEDS:
         raise ValueError(f"study memorise_probe runs its declared runs (seed 0); --seeds does not apply, got {seeds}")
     if study in ("paper_recipe", "paper_recipe_v3w"):  # the same runs and rule, on another base model
@@ -87,9 +118,9 @@ def study_runs(study: str, seeds: tuple[int, ...] = SEEDS, lr: float | None = No
             for lr in BOUNDED_STD_LRS
             for arm in ("bayes_paper", "bayes_default")
         ]
-    if study == "paper_recipe_arms":
+    if study in ARMS_STUDIES:
         if lr is None:
-            raise ValueError("study paper_recipe_arms needs the learning rate study 1's rule chose (--lr)")
+            raise ValueError(f"study {study} needs the learning rate study 1's rule chose (--lr)")
         return [paper_recipe_run(arm, lr, seed) for seed in seeds for arm in PAPER_ARMS]
     if study == "memorise_probe":
         return memorise_probe_runs()

@@ -5,8 +5,10 @@ written as it goes, one JSONL file per guidance scale."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -15,11 +17,12 @@ import torch
 import bayes_adapter
 from bayes_adapter import kl_loss
 from bayes_adapter.sample_measures import measure_samples, structural_fidelity
-from bayes_adapter.stage import MonitorRecord, append_monitor_record
+from bayes_adapter.stage import MonitorRecord, append_monitor_record, drop_records_after
 
 from ..model import data
 from ..model.diffusion import condition_tokens, diffusion_loss, sample
 from ..model.models import LabModel
+from ..model.resume import load_resume_state, save_resume_state, weights_sha256
 from .arms import ARMS, BAYESIAN_ARMS, adapter_config
 
 
@@ -87,10 +90,18 @@ def train_run(
     out_dir: str,
     progress: Callable[[int], None] | None = None,
     keep_samples: int = 0,
+    resume_path: str | None = None,
+    resume_every: int = 250,
 ) -> dict:
     """Fine-tunes one adapter as ``spec`` says, appending a record to each guidance scale's JSONL file in ``out_dir``
     at its steps; returns the run's settings, the ceiling, posterior-std statistics (Bayesian arms) and, with
-    ``keep_samples``, that many samples (uint8) of the first schedule at each of its records."""
+    ``keep_samples``, that many samples (uint8) of the first schedule at each of its records.
+
+    With ``resume_path``, a checkpoint is written there every ``resume_every`` steps (after that step's records), and
+    a run that finds one of its own continues from it, its record files cut back to the checkpoint's step (a study's
+    runs outlast a session); the caller removes the file once the run's result is saved."""
+    if resume_path is not None and (keep_samples or resume_every < 1):
+        raise ValueError(f"resume_path needs keep_samples=0 and resume_every >= 1, got {keep_samples}, {resume_every}")
     size = base.cfg.image_size
     subject = data.make_subject_set(spec.n_images, seed=SUBJECT_SEED, size=size, kind=spec.subject_kind)
     with torch.no_grad():
@@ -164,8 +175,30 @@ def train_run(
         model.unet.train()
 
     os.makedirs(out_dir, exist_ok=True)
-    record_all(0)
-    for step in range(1, spec.steps + 1):
+    fingerprint = {
+        "spec": json.loads(json.dumps(asdict(spec))),
+        "base_weights_sha256": weights_sha256(base.unet, base.cond, base.vae),
+    }
+    resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
+    clock = time.time()
+    resumed_at = [] if resumed is None else [*resumed["resumed_at"], resumed["step"]]
+    if resumed is None:
+        record_all(0)
+        first_step = 1
+    else:
+        model.unet.load_state_dict(resumed["unet"])
+        opt.load_state_dict(resumed["optimizer"])
+        g.set_state(resumed["generator"])
+        torch.set_rng_state(resumed["torch_rng"])  # weight noise and dropout draw from torch's global generator
+        loss_sums = {guidance: list(sums) for guidance, sums in resumed["loss_sums"]}
+        std_stats = resumed["std_stats"]
+        first_step = resumed["step"] + 1
+        for guidance, _ in spec.schedules:
+            drop_records_after(spec.record_path(out_dir, guidance), resumed["step"])
+        if progress is not None:
+            progress(resumed["step"])
+    model.unet.train()  # record_all leaves it so; a resumed run has not recorded yet (weight noise, dropout)
+    for step in range(first_step, spec.steps + 1):
         idx = torch.randint(spec.n_images, (spec.batch,), generator=g)
         loss = diffusion_loss(model, train_latents[idx], tokens, generator=g)
         total = loss
@@ -187,10 +220,28 @@ def train_run(
             sums[0] += value if math.isfinite(value) else float("nan")
             sums[1] += 1
         record_all(step)
+        if resume_path is not None and step % resume_every == 0 and step < spec.steps:
+            save_resume_state(
+                resume_path,
+                {
+                    "fingerprint": fingerprint,
+                    "step": step,
+                    "unet": model.unet.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": g.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "loss_sums": [(guidance, sums) for guidance, sums in loss_sums.items()],
+                    "std_stats": std_stats,
+                    "seconds": (resumed["seconds"] if resumed else 0.0) + time.time() - clock,
+                    "resumed_at": resumed_at,
+                },
+            )
         if progress is not None:
             progress(1)
     out = {"spec": asdict(spec), "name": spec.name, "fidelity_ceiling": ceiling, "kl_weight": kl_w}
     out["posterior_std"] = std_stats
+    out["resumed_at"] = resumed_at
+    out["seconds_before_resume"] = 0.0 if resumed is None else resumed["seconds"]
     if keep_samples:
         out["samples"] = torch.stack(kept)
     return out
