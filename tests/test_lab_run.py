@@ -87,8 +87,11 @@ def test_the_figure_names_a_measure_that_never_moves_instead_of_drawing_it():
     assert dropped == ["noise_whiteness constant at 0.3", "copy_rate constant at 0", "loss not measured"]
 
 
-def _write_run(runs_dir, spec: RunSpec, fidelity: list[float], energy=None, whiteness=None, copies=None):
-    """A finished run: its primary record file (one record per 100 steps) and its run file."""
+def _write_run(
+    runs_dir, spec: RunSpec, fidelity: list[float], energy=None, whiteness=None, copies=None, base_model=None
+):
+    """A finished run: its primary record file (one record per 100 steps) and its run file (``base_model`` recorded
+    as runs since the v3w studies record it)."""
     n = len(fidelity)
     energy, whiteness, copies = energy or [0.01] * n, whiteness or [0.3] * n, copies or [0.0] * n
     guidance = spec.schedules[0][0]
@@ -97,7 +100,8 @@ def _write_run(runs_dir, spec: RunSpec, fidelity: list[float], energy=None, whit
             i * 100, fidelity[i], energy[i], whiteness[i], copy_rate=copies[i], fidelity_ceiling=1.0
         )
         append_monitor_record(spec.record_path(str(runs_dir), guidance), record)
-    (runs_dir / f"{spec.name}.json").write_text(json.dumps({"name": spec.name, "spec": {**spec.__dict__}}))
+    run = {"name": spec.name, "spec": {**spec.__dict__}, **({"base_model": base_model} if base_model else {})}
+    (runs_dir / f"{spec.name}.json").write_text(json.dumps(run))
 
 
 STAGE = dict(
@@ -170,19 +174,31 @@ def test_the_memorise_probe_reading_derives_the_declared_outcome(tmp_path):
     assert study_report.write_study_report("memorise_probe", str(tmp_path))["reading"]["outcome"] == "B"
 
 
-def test_the_arms_reading_compares_each_arm_with_plain_lora_of_study_one(tmp_path):
+@pytest.mark.parametrize(
+    "plain, arms, base_model",
+    [("paper_recipe", "paper_recipe_arms", None), ("paper_recipe_v3w", "paper_recipe_arms_v3w", "base_model_v3w_d")],
+)
+def test_the_arms_reading_compares_each_arm_with_plain_lora_of_study_one(tmp_path, plain, arms, base_model):
     spec = dict(steps=700, batch=1, schedules=((7.5, 100),))
-    for study in ("paper_recipe", "paper_recipe_arms"):
-        (tmp_path / study / "runs").mkdir(parents=True)
+    for study in ("paper_recipe", plain, arms):
+        (tmp_path / study / "runs").mkdir(parents=True, exist_ok=True)
     for seed in range(3):
-        _write_run(tmp_path / "paper_recipe" / "runs", RunSpec("lora", 6e-3, seed, **spec), **STAGE)
-        _write_run(tmp_path / "paper_recipe_arms" / "runs", RunSpec("l2", 6e-3, seed, **spec), [0.0, 0.8, 0.92, 0.93])
+        _write_run(tmp_path / plain / "runs", RunSpec("lora", 6e-3, seed, **spec), **STAGE, base_model=base_model)
+        l2 = RunSpec("l2", 6e-3, seed, **spec)
+        _write_run(tmp_path / arms / "runs", l2, [0.0, 0.8, 0.92, 0.93], base_model=base_model)
         never = [0.0, 0.8, 0.85 if seed == 1 else 0.92, 0.85]  # seed 1 never reaches 0.9 x the ceiling
-        _write_run(tmp_path / "paper_recipe_arms" / "runs", RunSpec("bayes_paper", 6e-3, seed, **spec), never)
-    reading = study_report.write_study_report("paper_recipe_arms", str(tmp_path / "paper_recipe_arms"))["reading"]
+        _write_run(tmp_path / arms / "runs", RunSpec("bayes_paper", 6e-3, seed, **spec), never, base_model=base_model)
+    if plain != "paper_recipe":  # v2f's study 1 beside it is not the one compared with
+        _write_run(tmp_path / "paper_recipe" / "runs", RunSpec("lora", 6e-3, 0, **spec), [0.0, 0.1, 0.1, 0.1])
+    reading = study_report.write_study_report(arms, str(tmp_path / arms))["reading"]
     assert reading["lora"]["seeds_with_stage"] == 3 and reading["lora"]["seeds"] == [0, 1, 2]
     assert reading["l2"]["removes_the_stage"] and reading["l2"]["copies_less_at_matched_fidelity"] is False
     assert reading["l2"]["fidelity_at_best"]["mean"] == pytest.approx(0.93)
     assert not reading["bayes_paper"]["reaches_matched_fidelity"]
     assert reading["bayes_paper"]["copies_less_at_matched_fidelity"] is None
     assert reading["early_stopping"]["fidelity_at_best"]["mean"] == pytest.approx(0.9)  # plain LoRA's best record
+    if base_model:  # plain-LoRA runs of another base model are refused, not compared
+        for path in (tmp_path / plain / "runs").glob("*.json"):
+            path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "base_model"}))
+        with pytest.raises(ValueError, match=r"holds runs of \['base_model_v2f'\], not the base model"):
+            study_report.write_study_report(arms, str(tmp_path / arms))

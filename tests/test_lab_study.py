@@ -83,10 +83,13 @@ def test_the_v3w_studies_fine_tune_the_first_v3w_stage_that_passed_gate_1(tmp_pa
         path.write_text(json.dumps({"gate1_class": {"passed": passed, "hits": 9 if passed else 5}}))
 
     assert chosen() == "base_model_v3w_d" and "d_gate1.json does not exist" in plan.gate_refusal("paper_recipe_v3w")
+    gate(e_gate, True)  # e counts only once d has failed
+    assert chosen() == "base_model_v3w_d" and "for base_model_v3w_d" in plan.gate_refusal("paper_recipe_v3w")
+    e_gate.unlink()
+    d_gate.write_text(json.dumps({"gate1_class": {"hits": 5}}))  # no verdict: quoted, not read as a pass
+    assert "d_gate1.json says passed=None" in plan.gate_refusal("paper_recipe_v3w")
     gate(d_gate, False)
-    refusal = plan.gate_refusal("paper_recipe_v3w")
-    assert chosen() == "base_model_v3w_e" and "d_gate1.json says passed=False" in refusal
-    assert "e_gate1.json does not exist" in refusal
+    assert chosen() == "base_model_v3w_e" and "e_gate1.json does not exist" in plan.gate_refusal("paper_recipe_v3w")
     gate(e_gate, False)
     assert chosen() == "base_model_v3w_e" and "e_gate1.json says passed=False" in plan.gate_refusal("paper_recipe_v3w")
     gate(e_gate, True)
@@ -135,7 +138,8 @@ def test_a_cut_off_run_continues_from_its_checkpoint_to_the_uninterrupted_runs_r
     v2f_model_dir, tmp_path, monkeypatch
 ):
     base = models.load_model(v2f_model_dir)
-    spec = _tiny_spec("bayes_paper", steps=5, schedules=((7.5, 1), (3.0, 2)))  # weight noise: the global RNG matters
+    # weight noise: the global RNG matters; guidance 3 records only at 0 and 5, so the checkpoint holds loss sums
+    spec = _tiny_spec("bayes_paper", steps=5, schedules=((7.5, 1), (3.0, 5)))
     straight_dir, out = str(tmp_path / "straight"), str(tmp_path / "cut")
     straight = train_run(base, spec, straight_dir)
     checkpoint = driver.resume_file(out, spec)
@@ -152,9 +156,14 @@ def test_a_cut_off_run_continues_from_its_checkpoint_to_the_uninterrupted_runs_r
         train_run(base, spec, out, resume_path=checkpoint, resume_every=2)
     monkeypatch.setattr(train, "diffusion_loss", loss)
     assert [r.step for r in read_monitor(spec.record_path(out, 7.5))] == [0, 1, 2, 3]
-    other = _tiny_spec("bayes_paper", lr=2e-2, steps=5, schedules=((7.5, 1), (3.0, 2)))
+    other = _tiny_spec("bayes_paper", lr=2e-2, steps=5, schedules=((7.5, 1), (3.0, 5)))
     with pytest.raises(ValueError, match="resume checkpoint .* was written by another run"):
         train_run(base, other, out, resume_path=checkpoint, resume_every=2)
+    secondary = spec.record_path(out, 3.0)
+    os.rename(secondary, secondary + ".away")
+    with pytest.raises(ValueError, match=r"is at step 2, but .*_g3.jsonl holds records at steps \[\] \(0 of the 1"):
+        train_run(base, spec, out, resume_path=checkpoint, resume_every=2)
+    os.rename(secondary + ".away", secondary)
 
     monkeypatch.setattr(driver, "RESUME_EVERY", 2)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # run_one's 1 thread would reorder float sums

@@ -128,7 +128,10 @@ def main(name: str, argv: list[str]) -> dict:
         return summary
     if not os.path.isdir(os.path.join(study_dir, "runs")):
         parser.error(f"--dir {study_dir!r} holds no runs/ folder (run `study {args.study}` first)")
-    summary = write_study_report(args.study, study_dir)
+    try:
+        summary = write_study_report(args.study, study_dir)
+    except ValueError as error:
+        parser.error(str(error))
     print(open(os.path.join(study_dir, "summary.md")).read())
     return summary
 

@@ -73,7 +73,16 @@ def load_runs(runs_dir: str) -> list[dict]:
         files = {}
         for guidance, _ in spec["schedules"]:
             files[f"{guidance:g}"] = judge_file(os.path.join(runs_dir, f"{run['name']}_g{guidance:g}.jsonl"))
-        runs.append({"name": run["name"], "spec": spec, "seconds": run.get("seconds"), "judged": files})
+        base_model = run.get("base_model", "base_model_v2f")  # runs before the field all fine-tuned v2f
+        runs.append(
+            {
+                "name": run["name"],
+                "spec": spec,
+                "seconds": run.get("seconds"),
+                "base_model": base_model,
+                "judged": files,
+            }
+        )
     return runs
 
 
@@ -219,8 +228,8 @@ def read_paper_recipe_arms(runs: list[dict], plain_runs: list[dict]) -> dict:
 
 def summary_markdown(study: str, runs: list[dict], reading: dict) -> str:
     lines = [f"# Study `{study}` (PLAN_V3.md): {len(runs)} runs finished", ""]
-    base_models = sorted({run["base_model"] for run in runs if "base_model" in run})
-    if base_models:  # recorded by runs since the v3w study; earlier ones all fine-tuned base_model_v2f
+    base_models = sorted({run["base_model"] for run in runs})
+    if base_models:
         lines += [f"Base model: {', '.join(base_models)}", ""]
     lines += [
         "| run | guidance | stage | fit step | first clean copy | gap ratio | best step | max / final fidelity | final copy rate | verdict |"
@@ -293,6 +302,9 @@ def write_study_report(study: str, study_dir: str) -> dict:
         plain_study = study.replace("_arms", "")  # study 1 on the same base model: paper_recipe(_v3w)
         plain_dir = os.path.join(os.path.dirname(os.path.abspath(study_dir)), plain_study, "runs")
         plain_runs = load_runs(plain_dir) if os.path.isdir(plain_dir) else []
+        theirs = {run["base_model"] for run in plain_runs} - {run["base_model"] for run in runs}
+        if runs and theirs:
+            raise ValueError(f"{plain_dir} holds runs of {sorted(theirs)}, not the base model of {study_dir}'s runs")
         reading = read_paper_recipe_arms(runs, plain_runs)
     summary = {"study": study, "runs": runs, "reading": reading}
     with open(os.path.join(study_dir, "summary.json"), "w") as f:

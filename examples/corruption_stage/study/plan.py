@@ -61,27 +61,29 @@ def bounded_std_run(arm: str, lr: float, seed: int) -> RunSpec:
     return RunSpec(arm=arm, lr=lr, seed=seed, steps=3000, batch=4, schedules=((3.0, 100),))
 
 
-def _gate1_passed(gate_file: str) -> bool | None:
-    """What a gate-1 file (relative to the lab's folder) says: passed True or False, None while it does not exist."""
+def _gate1_state(gate_file: str) -> bool | None | str:
+    """What a gate-1 file (relative to the lab's folder) says: ``passed`` True or False; the missing file as None;
+    a file without a verdict as the text the refusal quotes."""
     lab_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(lab_dir, gate_file)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return (json.load(f).get("gate1_class") or {}).get("passed") is True
+        passed = (json.load(f).get("gate1_class") or {}).get("passed")
+    return passed if isinstance(passed, bool) else f"says passed={passed}"
 
 
-def _base_model(study: str) -> tuple[str, str] | None:
-    """The (model, gate file) ``study`` fine-tunes: the first candidate that passed gate 1, else the first whose gate
-    has not failed yet (the next to pretrain or gate), else the last; None for v2f."""
+def _base_model(study: str) -> tuple[str, str, bool | None | str] | None:
+    """The (model, gate file, gate state) ``study`` fine-tunes: the first candidate whose gate 1 has not failed (it
+    passed, or the model still waits to be pretrained or gated), else the last; None for v2f."""
     candidates = STUDY_BASE_MODELS.get(study)
     if not candidates:
         return None
-    states = [_gate1_passed(gate) for _, gate in candidates]
-    for wanted in (True, None):
-        if wanted in states:
-            return candidates[states.index(wanted)]
-    return candidates[-1]
+    for model, gate in candidates:
+        state = _gate1_state(gate)
+        if state is not False:
+            return model, gate, state
+    return model, gate, state
 
 
 def study_model_dir(study: str) -> str:
@@ -91,16 +93,14 @@ def study_model_dir(study: str) -> str:
 
 
 def gate_refusal(study: str) -> str | None:
-    """Why ``study`` may not run yet (none of its base models has passed its declared gate 1), or None."""
-    candidates = STUDY_BASE_MODELS.get(study)
-    if not candidates:
+    """Why ``study`` may not run yet (the base model it would fine-tune has not passed its declared gate 1), or
+    None."""
+    chosen = _base_model(study)
+    if chosen is None or chosen[2] is True:
         return None
-    states = {model: _gate1_passed(gate) for model, gate in candidates}
-    if True in states.values():
-        return None
-    said = {None: "does not exist", False: "says passed=False"}
-    found = "; ".join(f"{gate} {said[states[model]]}" for model, gate in candidates)
-    return f"study {study} runs only on a base model that passed gate 1 (PLAN_V3.md): {found}"
+    model, gate, state = chosen
+    said = {None: "does not exist", False: "says passed=False"}.get(state, state)
+    return f"study {study} runs only on a base model that passed gate 1 (PLAN_V3.md): for {model}, {gate} {said}"
 
 
 def study_runs(study: str, seeds: tuple[int, ...] = SEEDS, lr: float | None = None) -> list[RunSpec]:

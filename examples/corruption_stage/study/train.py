@@ -17,7 +17,7 @@ import torch
 import bayes_adapter
 from bayes_adapter import kl_loss
 from bayes_adapter.sample_measures import measure_samples, structural_fidelity
-from bayes_adapter.stage import MonitorRecord, append_monitor_record, drop_records_after
+from bayes_adapter.stage import MonitorRecord, append_monitor_record, drop_records_after, read_monitor
 
 from ..model import data
 from ..model.diffusion import condition_tokens, diffusion_loss, sample
@@ -84,6 +84,23 @@ def _record_steps(steps: int, every: int) -> set[int]:
     return {0, steps, *range(every, steps + 1, every)}
 
 
+def check_records_reach(
+    out_dir: str, spec: RunSpec, schedules: list[tuple[float, set[int]]], step: int, resume_path: str
+) -> None:
+    """Refuses to resume from the checkpoint of ``step`` unless each record file holds that schedule's records up to
+    it (a file deleted or cut short would leave the judged curve with a hole)."""
+    for guidance, steps in schedules:
+        path = spec.record_path(out_dir, guidance)
+        have = [r.step for r in read_monitor(path) if r.step <= step] if os.path.exists(path) else []
+        want = sorted(s for s in steps if s <= step)
+        if have != want:
+            raise ValueError(
+                f"resume checkpoint {resume_path!r} is at step {step}, but {path} holds records at steps "
+                f"{have[:3]}{'...' if len(have) > 3 else ''} ({len(have)} of the {len(want)} due): delete the "
+                "checkpoint to start this run over"
+            )
+
+
 def train_run(
     base: LabModel,
     spec: RunSpec,
@@ -102,6 +119,14 @@ def train_run(
     runs outlast a session); the caller removes the file once the run's result is saved."""
     if resume_path is not None and (keep_samples or resume_every < 1):
         raise ValueError(f"resume_path needs keep_samples=0 and resume_every >= 1, got {keep_samples}, {resume_every}")
+    schedules = [(guidance, _record_steps(spec.steps, every)) for guidance, every in spec.schedules]
+    fingerprint = {  # checked before any work: a checkpoint of another run stops this one at once
+        "spec": json.loads(json.dumps(asdict(spec))),
+        "base_weights_sha256": weights_sha256(base.unet, base.cond, base.vae),
+    }
+    resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
+    if resumed is not None:
+        check_records_reach(out_dir, spec, schedules, resumed["step"], resume_path)
     size = base.cfg.image_size
     subject = data.make_subject_set(spec.n_images, seed=SUBJECT_SEED, size=size, kind=spec.subject_kind)
     with torch.no_grad():
@@ -135,7 +160,6 @@ def train_run(
         class_tokens = condition_tokens(class_token, spec.batch)
     l2_coef = kl_w / (2 * spec.sigma**2 * spec.n_images)
     bayesian = spec.arm in BAYESIAN_ARMS
-    schedules = [(guidance, _record_steps(spec.steps, every)) for guidance, every in spec.schedules]
     loss_sums = {guidance: [0.0, 0] for guidance, _ in spec.schedules}
     std_stats: list[dict] = []
     kept: list[torch.Tensor] = []
@@ -175,11 +199,6 @@ def train_run(
         model.unet.train()
 
     os.makedirs(out_dir, exist_ok=True)
-    fingerprint = {
-        "spec": json.loads(json.dumps(asdict(spec))),
-        "base_weights_sha256": weights_sha256(base.unet, base.cond, base.vae),
-    }
-    resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
     clock = time.time()
     resumed_at = [] if resumed is None else [*resumed["resumed_at"], resumed["step"]]
     if resumed is None:
