@@ -19,7 +19,11 @@ BASE_TAGS = ("lora", "bayes-lora", "diffusers", "text-to-image")
 # Tags that diffusers' own training scripts give LoRAs of each model family, matched on the base model id.
 _FAMILY_TAGS = (
     ("stable-diffusion-3", ("sd3", "sd3-diffusers")),
+    ("flux.2", ("flux2", "flux2-diffusers")),  # before "flux": FLUX.2-dev, FLUX.2-klein-4B
+    ("flux2", ("flux2", "flux2-diffusers")),
     ("flux", ("flux", "flux-diffusers")),
+    ("qwen-image", ("qwen-image", "qwen-image-diffusers")),
+    ("sana", ("sana", "sana-diffusers")),
     ("xl", ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")),
     ("stable-diffusion", ("stable-diffusion", "stable-diffusion-diffusers")),
 )
