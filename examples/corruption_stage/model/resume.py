@@ -37,14 +37,18 @@ def load_resume_state(path: str, fingerprint: dict) -> dict | None:
     return state
 
 
-def weights_sha256(*modules: torch.nn.Module) -> str:
-    """A digest of the modules' parameters, in order: equal only for the same weights (a seeded init or a saved
+def tensors_sha256(tensors) -> str:
+    """A digest of the tensors' float32 values, in order: equal only for the same weights (a seeded init or a saved
     file)."""
     digest = hashlib.sha256()
-    for module in modules:
-        for p in module.parameters():
-            digest.update(p.detach().float().numpy().tobytes())
+    for p in tensors:
+        digest.update(p.detach().float().numpy().tobytes())
     return digest.hexdigest()
+
+
+def weights_sha256(*modules: torch.nn.Module) -> str:
+    """`tensors_sha256` of the modules' parameters."""
+    return tensors_sha256(p for module in modules for p in module.parameters())
 
 
 def run_identity(model: LabModel, latents: torch.Tensor, labels: torch.Tensor, params: list) -> dict:
@@ -52,12 +56,9 @@ def run_identity(model: LabModel, latents: torch.Tensor, labels: torch.Tensor, p
     denoiser, condition and autoencoder (exact: a seeded init or a saved file), the labels, and the latents' shape.
     The latents' values are left out: re-encoded on another CPU they may differ in the last bits, and they follow
     from the autoencoder and the data (``run_note``)."""
-    digest = hashlib.sha256()
-    for p in [*params, *model.vae.parameters()]:
-        digest.update(p.detach().float().numpy().tobytes())
     return {
         "config": json.loads(json.dumps(dataclasses.asdict(model.cfg))),
-        "start_weights_sha256": digest.hexdigest(),
+        "start_weights_sha256": tensors_sha256([*params, *model.vae.parameters()]),
         "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
         "latents": list(latents.shape),
     }
