@@ -24,6 +24,7 @@ _FAMILY_TAGS = (
     ("flux", ("flux", "flux-diffusers")),
     ("qwen-image", ("qwen-image", "qwen-image-diffusers")),
     ("sana", ("sana", "sana-diffusers")),
+    ("z-image", ("z-image",)),  # diffusers' Z-Image script gives no "-diffusers" twin
     ("xl", ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")),
     ("stable-diffusion", ("stable-diffusion", "stable-diffusion-diffusers")),
 )

@@ -175,13 +175,14 @@ def test_push_export_dir(hub, tmp_path):
         ("Qwen/Qwen-Image", {"qwen-image", "qwen-image-diffusers"}),
         ("Efficient-Large-Model/Sana_600M_1024px_diffusers", {"sana", "sana-diffusers"}),
         ("stabilityai/stable-diffusion-3.5-medium", {"sd3", "sd3-diffusers"}),
+        ("Tongyi-MAI/Z-Image-Turbo", {"z-image"}),
     ],
 )
 def test_the_card_carries_the_tags_diffusers_scripts_give_each_family(base_model, family_tags):
     card = build_model_card({"component": "transformer", "r": 4}, REPO, base_model=base_model)
     tags = set(card.data.tags)
     assert family_tags <= tags and {"lora", "bayes-lora", "diffusers", "text-to-image"} <= tags
-    assert not ({"flux", "flux2", "sd3", "qwen-image", "sana", "stable-diffusion"} - family_tags) & tags
+    assert not ({"flux", "flux2", "sd3", "qwen-image", "sana", "z-image", "stable-diffusion"} - family_tags) & tags
 
 
 @pytest.mark.parametrize("repo_id", ["no spaces/allowed", "a/b/c", "", "user/-bad-", 42])
