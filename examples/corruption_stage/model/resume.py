@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -37,7 +38,7 @@ def load_resume_state(path: str, fingerprint: dict) -> dict | None:
     return state
 
 
-def tensors_sha256(tensors) -> str:
+def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
     """A digest of the tensors' float32 values, in order: equal only for the same weights (a seeded init or a saved
     file)."""
     digest = hashlib.sha256()
